@@ -1,0 +1,69 @@
+"""The ``onnxprune`` command line: one module per subcommand, each with ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..errors import OnnxPruneError, VerificationError
+
+COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="onnxprune",
+        description="Prune ONNX models from any exporter: structured channel pruning that really shrinks "
+                    "tensors, verified in onnxruntime against the masked original.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of usage dumps."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    debug = args.debug or os.environ.get("ONNXPRUNE_DEBUG") == "1"
+    try:
+        rc = args.func(args)
+        return 0 if rc is None else int(rc)
+    except OnnxPruneError as e:
+        if debug:
+            raise
+        print(f"onnxprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except VerificationError as e:
+        if debug:
+            raise
+        print(f"onnxprune {args.command}: verification failed (a bug in onnxprune, please report it): {e}",
+              file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

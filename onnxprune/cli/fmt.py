@@ -1,0 +1,86 @@
+"""Terminal output: tables to stdout, progress and hints to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=False, width=max(100, Console().width))
+err = Console(stderr=True, highlight=False)
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[object]],
+          right: Sequence[int] = ()) -> None:
+    t = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="right" if i in right else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    out.print(t)
+
+
+def progress(iterable, total: int | None = None, description: str = "working"):
+    """Wrap an iterable with a progress bar on stderr (quiet when stderr is not a terminal)."""
+    if not sys.stderr.isatty() or os.environ.get("ONNXPRUNE_NO_PROGRESS"):
+        yield from iterable
+        return
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*cols, console=err, transient=True) as p:
+        task = p.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            p.advance(task)
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, div in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def write_json(path: str | os.PathLike, data: object) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        from ..errors import OnnxPruneError
+        raise OnnxPruneError(f"{parent}: folder for the JSON report does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=_jsonable)
+            fh.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(o):
+    import numpy as np
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,54 @@
+"""Argument groups shared by several subcommands, defined once."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .. import ir
+from ..errors import OnnxPruneError
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="path to an .onnx model (external data next to it is read too)")
+
+
+def add_input_shapes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                        help="concrete shape for an input with symbolic dimensions (repeatable); "
+                             "symbolic dimensions otherwise default to 1")
+
+
+def add_json(parser: argparse.ArgumentParser, what: str = "results") -> None:
+    parser.add_argument("--json", metavar="PATH", help=f"also write the {what} as JSON to PATH")
+
+
+def add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the new .onnx")
+
+
+def input_shapes(args: argparse.Namespace) -> dict[str, list[int]]:
+    return ir.parse_input_shapes(getattr(args, "input_shape", None))
+
+
+def fraction(name: str, value: str, *, low: float = 0.0, high: float = 1.0, high_open: bool = True) -> float:
+    """Parse a number in [low, high) (or [low, high]); bad values become one-line errors."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise OnnxPruneError(f"{name} '{value}': not a number") from None
+    if math.isnan(f) or f < low or (f >= high if high_open else f > high):
+        rng = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise OnnxPruneError(f"{name} {value}: must be in {rng}")
+    return f
+
+
+def name_values(name: str, specs: list[str] | None, **kw) -> dict[str, float]:
+    """``["layer=0.5"]`` -> ``{"layer": 0.5}``."""
+    out = {}
+    for spec in specs or []:
+        key, sep, val = spec.rpartition("=")
+        if not sep or not key:
+            raise OnnxPruneError(f"{name} '{spec}': expected NAME=VALUE")
+        out[key] = fraction(name, val, **kw)
+    return out

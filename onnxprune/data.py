@@ -1,0 +1,148 @@
+"""Data readers behind one protocol: ``batches(batch_size)`` yields feed dicts.
+
+The convention everywhere: an ``.npz`` whose arrays are named after the
+model's inputs (a single-input model may use any one name) plus an optional
+integer array ``labels``. ``random`` gives synthetic inputs from the input
+shapes, and the report says so.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import onnx
+
+from . import ir
+from .errors import OnnxPruneError
+
+
+class DataSource(Protocol):
+    """What every data reader offers."""
+
+    kind: str  # "npz", "images", "random"
+    num_samples: int
+    labels: np.ndarray | None
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        ...
+
+
+@dataclass
+class ArrayData:
+    """In-memory arrays keyed by model input name (from an .npz, or made up)."""
+
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    kind: str = "npz"
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        n = self.num_samples if limit is None else min(limit, self.num_samples)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield {k: v[start:stop] for k, v in self.arrays.items()}
+
+    def label_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray | None]:
+        n = self.num_samples if limit is None else min(limit, self.num_samples)
+        for start in range(0, n, batch_size):
+            yield None if self.labels is None else self.labels[start:min(start + batch_size, n)]
+
+    def split(self, first: int) -> tuple["ArrayData", "ArrayData"]:
+        """The first ``first`` samples and the rest (e.g. fit and held-out calibration batches)."""
+        a = {k: v[:first] for k, v in self.arrays.items()}
+        b = {k: v[first:] for k, v in self.arrays.items()}
+        la = None if self.labels is None else self.labels[:first]
+        lb = None if self.labels is None else self.labels[first:]
+        return (ArrayData(a, la, self.kind, self.source, self.meta),
+                ArrayData(b, lb, self.kind, self.source, self.meta))
+
+
+def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> ArrayData:
+    """Read an .npz following the data convention and check it against the model's inputs."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxPruneError(f"{p}: no such data file")
+    if p.is_dir():
+        raise OnnxPruneError(f"{p}: is a directory; pass an .npz file (image folders need --calib with an images reader)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise OnnxPruneError(f"{p}: not a readable .npz file ({e.__class__.__name__})") from None
+    labels = arrays.pop("labels", None)
+    inputs = ir.graph_inputs(proto)
+    names = [i.name for i in inputs]
+    if len(inputs) == 1 and names[0] not in arrays:
+        if len(arrays) != 1:
+            raise OnnxPruneError(
+                f"{p}: expected one array named '{names[0]}' (the model's input), found {sorted(arrays) or 'none'}")
+        arrays = {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise OnnxPruneError(f"{p}: no array for model input '{missing[0]}' (arrays: {sorted(arrays)})")
+    arrays = {n: arrays[n] for n in names}
+    counts = {len(a) if a.ndim else 0 for a in arrays.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise OnnxPruneError(f"{p}: input arrays must share a non-empty first (batch) dimension")
+    for vi in inputs:
+        a = arrays[vi.name]
+        want = ir.input_dtype(vi)
+        if a.dtype != want:
+            if a.dtype.kind == want.kind or (a.dtype.kind in "iuf" and want.kind == "f"):
+                arrays[vi.name] = a.astype(want)
+            else:
+                raise OnnxPruneError(f"{p}: array '{vi.name}' has dtype {a.dtype}, the model wants {want}")
+        dims = ir.input_dims(vi)
+        if dims and a.ndim != len(dims):
+            raise OnnxPruneError(
+                f"{p}: array '{vi.name}' has shape {list(a.shape)}, the model wants rank {len(dims)} ({dims})")
+        for i, d in enumerate(dims[1:], start=1):
+            fixed = (input_shapes or {}).get(vi.name, [None] * len(dims))[i] if input_shapes else None
+            want_d = d if isinstance(d, int) and d > 0 else fixed
+            if want_d and a.shape[i] != want_d:
+                raise OnnxPruneError(
+                    f"{p}: array '{vi.name}' has shape {list(a.shape)}, the model wants {dims}")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != next(iter(counts)):
+            raise OnnxPruneError(f"{p}: 'labels' must be a 1-D int array with one label per sample")
+        labels = labels.astype(np.int64)
+    return ArrayData(arrays, labels, kind="npz", source=str(p))
+
+
+def random_data(proto: onnx.ModelProto, input_shapes: dict[str, list[int]], num_samples: int = 8,
+                seed: int = 0) -> ArrayData:
+    """Synthetic inputs: standard normal floats, small non-negative ints."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for vi in ir.graph_inputs(proto):
+        shape = list(input_shapes[vi.name])
+        dt = ir.input_dtype(vi)
+        full = [num_samples] + shape[1:] if shape else [num_samples]
+        if dt.kind == "f":
+            arrays[vi.name] = rng.standard_normal(full).astype(dt)
+        elif dt.kind in "iu":
+            arrays[vi.name] = rng.integers(0, 2, size=full).astype(dt)
+        elif dt.kind == "b":
+            arrays[vi.name] = rng.integers(0, 2, size=full).astype(bool)
+        else:
+            raise OnnxPruneError(f"input '{vi.name}' has dtype {dt}; random data cannot be made for it")
+    return ArrayData(arrays, None, kind="random", source="random")
+
+
+def open_data(spec: str | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
+              num_random: int = 8) -> ArrayData | None:
+    """``None`` -> None, ``"random"`` -> synthetic, a path -> .npz."""
+    if spec is None:
+        return None
+    if spec == "random":
+        return random_data(proto, input_shapes, num_random)
+    return load_npz(spec, proto, input_shapes)

@@ -1,0 +1,353 @@
+"""Model I/O and the in-memory graph: the only module that touches onnx and graphsurgeon.
+
+``load`` reads a model (with external data), ``to_graph`` gives an editable
+graphsurgeon graph with every ``Constant`` node's value lifted to a constant
+tensor, ``from_graph`` turns an edited graph back into a model that keeps the
+original's opsets, IR version and metadata, and ``save`` writes atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from .errors import OnnxPruneError
+
+TWO_GB = 2**31
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class Model:
+    """A loaded ONNX model and where it came from."""
+
+    proto: onnx.ModelProto
+    path: Path | None = None
+    file_bytes: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.proto.graph
+
+    @property
+    def opset(self) -> int:
+        for imp in self.proto.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return imp.version
+        return 0
+
+
+def model_size_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    seen = set()
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc and loc not in seen:
+                seen.add(loc)
+                f = path.parent / loc
+                if f.exists():
+                    total += f.stat().st_size
+    return total
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def load(path: str | os.PathLike) -> Model:
+    """Load a model with its external data; user errors become :class:`OnnxPruneError`."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxPruneError(f"{p}: no such file")
+    if p.is_dir():
+        raise OnnxPruneError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(1)
+    except OSError as e:
+        raise OnnxPruneError(f"{p}: cannot read ({e.strerror})") from None
+    if not head:
+        raise OnnxPruneError(f"{p}: file is empty, expected an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        raise OnnxPruneError(f"{p}: not a valid ONNX model (protobuf parse failed; is the file truncated?)") from None
+    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
+        raise OnnxPruneError(f"{p}: not an ONNX model (no graph found)")
+    missing = []
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            if not (p.parent / loc).exists():
+                missing.append(loc)
+    if missing:
+        raise OnnxPruneError(
+            f"{p}: external data file '{sorted(set(missing))[0]}' is missing; keep it next to the model"
+        )
+    try:
+        onnx.load_external_data_for_model(proto, str(p.parent))
+    except Exception as e:  # unreadable or short external data
+        raise OnnxPruneError(f"{p}: cannot read external data ({e})") from None
+    return Model(proto=proto, path=p, file_bytes=model_size_bytes(p))
+
+
+def check(proto: onnx.ModelProto, full: bool = True) -> None:
+    """Run onnx.checker; large models are checked through a temporary file."""
+    if proto.ByteSize() < TWO_GB:
+        onnx.checker.check_model(proto, full_check=full)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            f = os.path.join(d, "m.onnx")
+            onnx.save_model(proto, f, save_as_external_data=True, location="m.data")
+            onnx.checker.check_model(f, full_check=full)
+
+
+def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> int:
+    """Write ``proto`` to ``path`` atomically; models over 2 GB get a ``.data`` file beside them.
+
+    Refuses to overwrite ``source`` (the input model). Returns bytes written.
+    """
+    out = Path(path)
+    if source is not None and out.exists() and os.path.samefile(out, source):
+        raise OnnxPruneError(f"{out}: output path is the input model; choose another -o path")
+    if out.exists() and out.is_dir():
+        raise OnnxPruneError(f"{out}: output path is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise OnnxPruneError(f"{parent}: output folder does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OnnxPruneError(f"{parent}: output folder is not writable")
+    big = proto.ByteSize() >= TWO_GB or _has_external(proto)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp_data = None
+    try:
+        if big:
+            proto = copy.copy(proto)
+            data_name = out.name + ".data"
+            tmp_data = str(parent / (f".{data_name}.tmp"))
+            # external data must be written under its final name, so write it beside a temp name first
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(tmp_data), size_threshold=1024)
+            _relocate_external(tmp, os.path.basename(tmp_data), data_name)
+            os.replace(tmp_data, parent / data_name)
+        else:
+            onnx.save_model(proto, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        for f in (tmp, tmp_data):
+            if f and os.path.exists(f):
+                os.unlink(f)
+        raise
+    return model_size_bytes(out)
+
+
+def _has_external(proto: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph))
+
+
+def _relocate_external(model_file: str, old: str, new: str) -> None:
+    m = onnx.load(model_file, load_external_data=False)
+    for t in _all_tensors(m.graph):
+        for e in t.external_data:
+            if e.key == "location" and e.value == old:
+                e.value = new
+    with open(model_file, "wb") as fh:
+        fh.write(m.SerializeToString())
+
+
+# ---------------------------------------------------------------- graphsurgeon layer
+
+def to_graph(model: Model | onnx.ModelProto) -> gs.Graph:
+    """An editable graph; ``Constant`` nodes (Paddle, TF exports) become constant tensors."""
+    proto = model.proto if isinstance(model, Model) else model
+    graph = gs.import_onnx(proto)
+    lift_constants(graph)
+    return graph
+
+
+def lift_constants(graph: gs.Graph) -> int:
+    """Turn ``Constant`` nodes into constant tensors of the same name; returns how many."""
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "Constant" or len(node.outputs) != 1:
+            continue
+        value = constant_node_value(node)
+        if value is None:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name, np.asarray(value))
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = const
+        for i, t in enumerate(graph.outputs):
+            if t is out:
+                graph.outputs[i] = const
+        node.outputs.clear()
+        n += 1
+    if n:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return n
+
+
+def constant_node_value(node: gs.Node):
+    attrs = node.attrs
+    if "value" in attrs:
+        v = attrs["value"]
+        return v.values if isinstance(v, gs.Constant) else np.asarray(v)
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.array(list(attrs[key]), dtype=dtype)
+    return None
+
+
+def from_graph(graph: gs.Graph, template: Model | onnx.ModelProto) -> onnx.ModelProto:
+    """A model from an edited graph, keeping the template's IR version, opsets and metadata."""
+    tmpl = template.proto if isinstance(template, Model) else template
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+    out = onnx.ModelProto()
+    out.CopyFrom(tmpl) if tmpl.ByteSize() < TWO_GB else _copy_header(tmpl, out)
+    out.graph.CopyFrom(exported.graph)
+    # graph value_info of a structurally changed graph is stale: shapes are re-inferred
+    del out.graph.value_info[:]
+    return out
+
+
+def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, name, getattr(src, name))
+    dst.opset_import.extend(src.opset_import)
+    dst.metadata_props.extend(src.metadata_props)
+    dst.functions.extend(src.functions)
+
+
+# ---------------------------------------------------------------- shapes
+
+_SHAPE_RE = re.compile(r"^(?P<name>.+)=(?P<dims>\d+(?:[x,]\d+)*)$")
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """``["input=1x3x224x224"]`` -> ``{"input": [1, 3, 224, 224]}``."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs or []:
+        m = _SHAPE_RE.match(spec.strip())
+        if not m:
+            raise OnnxPruneError(f"--input-shape '{spec}': expected NAME=DxDxD, e.g. input=1x3x224x224")
+        dims = [int(d) for d in re.split(r"[x,]", m.group("dims"))]
+        if any(d <= 0 for d in dims):
+            raise OnnxPruneError(f"--input-shape '{spec}': dimensions must be positive")
+        shapes[m.group("name")] = dims
+    return shapes
+
+
+def graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs (not initializers listed as inputs, as old exporters do)."""
+    inits = {i.name for i in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in inits]
+
+
+def input_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def resolve_input_shapes(proto: onnx.ModelProto, overrides: dict[str, list[int]] | None = None,
+                         default_dim: int = 1) -> dict[str, list[int]]:
+    """Concrete shapes for every graph input: overrides first, symbolic dims become ``default_dim``."""
+    overrides = dict(overrides or {})
+    inputs = graph_inputs(proto)
+    names = [i.name for i in inputs]
+    unknown = [n for n in overrides if n not in names]
+    if unknown:
+        raise OnnxPruneError(
+            f"--input-shape names '{unknown[0]}', but the model's inputs are: {', '.join(names)}")
+    shapes = {}
+    for vi in inputs:
+        dims = input_dims(vi)
+        if vi.name in overrides:
+            want = overrides[vi.name]
+            if dims and len(want) != len(dims):
+                raise OnnxPruneError(
+                    f"--input-shape {vi.name}: rank {len(want)} given, the model's input has rank {len(dims)}")
+            for w, d in zip(want, dims):
+                if isinstance(d, int) and d > 0 and d != w:
+                    raise OnnxPruneError(
+                        f"--input-shape {vi.name}: dimension {w} conflicts with the model's fixed {d}")
+            shapes[vi.name] = list(want)
+        else:
+            shapes[vi.name] = [d if isinstance(d, int) and d > 0 else default_dim for d in dims]
+    return shapes
+
+
+def with_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose inputs have the given concrete shapes (for analysis only)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for vi in m.graph.input:
+        if vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[vi.name]:
+                dims.add().dim_value = int(d)
+    return m
+
+
+def infer_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor name -> shape after ONNX shape inference (unknown dims are None)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = proto
+    shapes: dict[str, list[int | None]] = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
+    return np_dtype(vi.type.tensor_type.elem_type)
+
+
+def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(t)

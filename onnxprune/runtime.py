@@ -1,0 +1,86 @@
+"""onnxruntime sessions: one place that builds them, runs batches and taps intermediate tensors."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import ir
+from .errors import OnnxPruneError
+
+
+def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: bool = True,
+            sequential: bool = True) -> ort.InferenceSession:
+    """A CPU session for ``proto``; ``optimize=False`` keeps every tensor name intact."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if sequential:
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    try:
+        if proto.ByteSize() < ir.TWO_GB:
+            return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+        with tempfile.TemporaryDirectory() as d:
+            f = os.path.join(d, "m.onnx")
+            onnx.save_model(proto, f, save_as_external_data=True, location="m.data")
+            return ort.InferenceSession(f, so, providers=providers)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise OnnxPruneError(f"onnxruntime cannot load the model: {msg}") from None
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Type of every tensor ONNX shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
+    except Exception:
+        inferred = proto
+    types = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type
+    for init in inferred.graph.initializer:
+        t = onnx.TypeProto()
+        t.tensor_type.elem_type = init.data_type
+        types[init.name] = t
+    return types
+
+
+def with_outputs(proto: onnx.ModelProto, names: Iterable[str], types: dict[str, onnx.TypeProto] | None = None
+                 ) -> onnx.ModelProto:
+    """A copy of ``proto`` that also outputs the named intermediate tensors."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    types = types if types is not None else tensor_types(proto)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n in have:
+            continue
+        vi = m.graph.output.add()
+        vi.name = n
+        if n in types:
+            vi.type.tensor_type.elem_type = types[n].tensor_type.elem_type
+        have.add(n)
+    return m
+
+
+def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str] | None = None
+        ) -> dict[str, np.ndarray]:
+    names = outputs or [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feed)))
+
+
+def run_batches(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]],
+                outputs: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    for feed in batches:
+        yield run(sess, feed, outputs)
