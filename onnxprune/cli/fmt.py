@@ -61,7 +61,11 @@ def write_json(path: str | os.PathLike, data: object) -> None:
     if not parent.is_dir():
         from ..errors import OnnxPruneError
         raise OnnxPruneError(f"{parent}: folder for the JSON report does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        from ..errors import OnnxPruneError
+        raise OnnxPruneError(f"{parent}: cannot write the JSON report there ({e.strerror})") from None
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, default=_jsonable)

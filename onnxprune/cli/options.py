@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 from .. import ir
 from ..errors import OnnxPruneError
@@ -52,3 +54,19 @@ def name_values(name: str, specs: list[str] | None, **kw) -> dict[str, float]:
             raise OnnxPruneError(f"{name} '{spec}': expected NAME=VALUE")
         out[key] = fraction(name, val, **kw)
     return out
+
+
+def json_path(args: argparse.Namespace) -> Path | None:
+    """The ``--json`` path, checked before any work is done: its folder must exist and be writable."""
+    value = getattr(args, "json", None)
+    if not value:
+        return None
+    p = Path(value)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise OnnxPruneError(f"--json {p}: is a directory; give a file path such as {p / 'report.json'}")
+    if not parent.is_dir():
+        raise OnnxPruneError(f"--json {p}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise OnnxPruneError(f"--json {p}: folder {parent} is not writable")
+    return p

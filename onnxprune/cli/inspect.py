@@ -1,0 +1,80 @@
+"""Show what a model is made of: inputs and outputs, every weight layer with its params and MACs, totals.
+
+MACs are exact multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul
+(including MatMuls between two activations, shown with weight "-"), computed
+from concrete shapes: symbolic input dimensions are 1 unless --input-shape
+gives them. Params count every floating-point constant tensor once.
+
+Example:  onnxprune inspect model.onnx --input-shape input=8x3x224x224 --json stats.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import onnx
+from rich.markup import escape
+
+from .. import ir, metrics
+from . import fmt, options
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="params, MACs and layers of a model", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_model(p)
+    options.add_input_shapes(p)
+    options.add_json(p, "summary")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = options.input_shapes(args)
+    json_path = options.json_path(args)
+    model = ir.load(args.model)
+    shapes = ir.resolve_input_shapes(model.proto, overrides)
+    stats = metrics.summarize(model.proto, shapes)
+    stats.file_bytes = model.file_bytes
+    report = describe(model, shapes, stats)
+    show(report)
+    if json_path:
+        fmt.write_json(json_path, report)
+    return 0
+
+
+def _tensor(vi: onnx.ValueInfoProto) -> dict:
+    t = vi.type.tensor_type
+    dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower() if t.elem_type else "unknown"
+    return {"name": vi.name, "dtype": dtype, "shape": ir.input_dims(vi)}
+
+
+def describe(model: ir.Model, shapes: dict[str, list[int]], stats: metrics.ModelStats) -> dict:
+    """Everything ``inspect`` shows, as JSON-ready data."""
+    proto = model.proto
+    inputs = [dict(_tensor(vi), analysed_shape=shapes[vi.name]) for vi in ir.graph_inputs(proto)]
+    producer = " ".join(x for x in (proto.producer_name, proto.producer_version) if x)
+    return {"file": str(model.path), "file_bytes": model.file_bytes, "opset": model.opset,
+            "ir_version": proto.ir_version, "producer": producer,
+            "inputs": inputs, "outputs": [_tensor(vi) for vi in proto.graph.output],
+            **{k: v for k, v in stats.to_dict().items() if k != "file_bytes"}}
+
+
+def _dims(dims: list) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims) if dims else "scalar"
+
+
+def show(r: dict) -> None:
+    out = fmt.out
+    out.print(f"[bold]{escape(r['file'])}[/bold]  {fmt.human_bytes(r['file_bytes'])}  opset {r['opset']}  "
+              f"IR v{r['ir_version']}  producer {r['producer'] or 'unknown'}", markup=True)
+    for i in r["inputs"]:
+        given = "" if i["shape"] == i["analysed_shape"] else f" (analysed as {_dims(i['analysed_shape'])})"
+        out.print(f"input   {i['name']}: {i['dtype']} {_dims(i['shape'])}{given}", markup=False)
+    for o in r["outputs"]:
+        out.print(f"output  {o['name']}: {o['dtype']} {_dims(o['shape'])}", markup=False)
+    rows = [(lay["name"], lay["op"], _dims(lay["weight_shape"]) if lay["weight"] else "-",
+             f"{lay['params']:,}", f"{lay['macs']:,}", _dims(lay["output_shape"])) for lay in r["layers"]]
+    fmt.table(None, ["layer", "op", "weight", "params", "MACs", "output"], rows, right=(3, 4))
+    out.print(f"params {r['params']:,} ({fmt.human_count(r['params'])})   "
+              f"MACs {r['macs']:,} ({fmt.human_count(r['macs'])})   "
+              f"file {r['file_bytes']:,} bytes ({fmt.human_bytes(r['file_bytes'])})", markup=False)
