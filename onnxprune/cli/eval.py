@@ -1,0 +1,103 @@
+"""``onnxprune eval``: accuracy, fidelity to a reference, and size of a model on data.
+
+    onnxprune eval pruned.onnx --data test.npz --reference model.onnx --json eval.json
+
+``--data`` is an .npz named after the model's inputs (optional int ``labels``),
+or ``random`` for synthetic inputs. Accuracy needs labels; fidelity needs
+``--reference``; with neither, only the size statistics are shown.
+
+JSON keys (stable; absent values are null)::
+
+    model                 path of the evaluated model
+    reference             path of the reference model, or null
+    samples               number of samples evaluated
+    accuracy              {"top1", "top5"} fractions in [0, 1] (top5 null with <= 5 classes), or null
+    reference_accuracy    the same for the reference, or null
+    fidelity              {output_name: {"top1_agreement", "cosine", "max_abs", "mean_abs", "rel_error"}}
+                          per model output vs the reference (top1_agreement null when the output is
+                          not class scores), or null
+    params, macs          parameters and multiply-accumulates (symbolic dims = 1 unless --input-shape)
+    file_bytes            model size on disk
+    reference_params, reference_macs, reference_file_bytes   the same for the reference, or null
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import data as data_mod
+from .. import ir, validate
+from ..errors import OnnxPruneError
+from . import fmt, options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, fidelity to a reference, and size of a model on data",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    options.add_model(p)
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="an .npz named after the model's inputs (+ optional int 'labels'), or 'random'")
+    p.add_argument("--reference", metavar="ORIG", help="original model to measure fidelity against")
+    options.add_input_shapes(p)
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per run (default 64)")
+    options.add_json(p, "evaluation")
+    p.set_defaults(func=run)
+
+
+def load_data(spec: str, proto, shapes: dict[str, list[int]], num_random: int = 64) -> data_mod.ArrayData:
+    """``random`` -> synthetic inputs, else an .npz checked against the model's inputs."""
+    if spec == "random":
+        return data_mod.random_data(proto, ir.resolve_input_shapes(proto, shapes), num_random)
+    return data_mod.load_npz(spec, proto, shapes)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise OnnxPruneError(f"--batch-size {args.batch_size}: must be at least 1")
+    shapes = options.input_shapes(args)
+    model = ir.load(args.model)
+    reference = ir.load(args.reference) if args.reference else None
+    if reference is not None:
+        validate.check_same_inputs(model, reference)
+    data = load_data(args.data, model.proto, shapes)
+    report = validate.evaluate(model, data, reference, shapes, batch_size=args.batch_size)
+    if report.accuracy is None and report.fidelity is None:
+        fmt.err.print("no 'labels' in the data and no --reference: accuracy and fidelity cannot be "
+                      "computed; showing size only", soft_wrap=True)
+    print_report(report)
+    if args.json:
+        fmt.write_json(args.json, report.to_json())
+    return 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _num(x: float | None, spec: str = ".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _size(x: int | None) -> str:
+    return "-" if x is None else fmt.human_bytes(x)
+
+
+def print_report(r: validate.EvalReport) -> None:
+    cols = ["", r.model] + ([r.reference] if r.reference else [])
+    both = r.reference is not None
+    rows = []
+    if r.accuracy is not None:
+        ref = r.reference_accuracy or {}
+        rows.append(["top-1", _pct(r.accuracy["top1"])] + ([_pct(ref.get("top1"))] if both else []))
+        rows.append(["top-5", _pct(r.accuracy["top5"])] + ([_pct(ref.get("top5"))] if both else []))
+    rows.append(["params", fmt.human_count(r.params)] + ([fmt.human_count(r.reference_params)] if both else []))
+    rows.append(["MACs", fmt.human_count(r.macs)] + ([fmt.human_count(r.reference_macs)] if both else []))
+    rows.append(["file size", _size(r.file_bytes)] + ([_size(r.reference_file_bytes)] if both else []))
+    fmt.out.print(f"{r.samples} samples from {r.data}", soft_wrap=True)
+    fmt.table(None, cols, rows, right=range(1, len(cols)))
+    if r.fidelity:
+        fmt.table("fidelity vs reference", ["output", "top-1 agreement", "cosine", "max abs", "mean abs",
+                                            "rel error"],
+                  [[name, _pct(f["top1_agreement"]), _num(f["cosine"], ".6f"), _num(f["max_abs"]),
+                    _num(f["mean_abs"]), _num(f["rel_error"])] for name, f in r.fidelity.items()],
+                  right=range(1, 6))
