@@ -85,7 +85,7 @@ def run_error(e: Exception) -> OnnxPruneError:
     return OnnxPruneError(f"onnxruntime cannot run the model on these inputs: {first}")
 
 
-def _stream(runners: list[_Runner], data: ArrayData, batch_size: int
+def _stream(runners: list[_Runner], data: ArrayData, batch_size: int, limit: int | None = None
             ) -> Iterator[tuple[np.ndarray | None, list[dict[str, np.ndarray]]]]:
     """Yield ``(labels, [outputs of each runner])`` per batch, all runners on the same samples."""
     if batch_size < 1:
@@ -98,12 +98,14 @@ def _stream(runners: list[_Runner], data: ArrayData, batch_size: int
     if len(fixed) > 1:
         raise OnnxPruneError(f"the models have different fixed batch sizes {sorted(fixed)}")
     size = next(iter(fixed), batch_size)
-    for feed, labels in zip(data.batches(size), data.label_batches(size)):
+    for feed, labels in zip(data.batches(size, limit), data.label_batches(size, limit)):
         n = len(next(iter(feed.values())))
-        if n < size and fixed:
-            feed = {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in feed.items()}
-        outs = [{k: v[:n] for k, v in r.run(feed).items()} for r in runners]
-        yield labels, outs
+        if n == size or not fixed:
+            yield labels, [r.run(feed) for r in runners]
+            continue
+        # a fixed-batch model gets a full batch (the last sample repeated) and its outputs are trimmed
+        feed = {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in feed.items()}
+        yield labels, [{k: v[:n] for k, v in r.run(feed).items()} for r in runners]
 
 
 def _pair_outputs(cand: list[str], ref: list[str]) -> list[tuple[str, str]]:
@@ -203,7 +205,7 @@ class _Measured:
 
 
 def _measure(candidate: ModelLike, data: ArrayData, reference: ModelLike | None, *, batch_size: int,
-             output: str | None, want_accuracy: bool) -> _Measured:
+             output: str | None, want_accuracy: bool, limit: int | None = None) -> _Measured:
     """One pass over ``data``: accuracy of both models (when wanted) and fidelity (with a reference)."""
     runners = [_Runner(candidate)]
     if reference is not None:
@@ -218,7 +220,7 @@ def _measure(candidate: ModelLike, data: ArrayData, reference: ModelLike | None,
         raise OnnxPruneError("the data has no 'labels' array; accuracy needs one int label per sample")
     acc = [TopK(out), TopK(ref_out or out)] if want_accuracy else []
     agree = {c: Agreement(c) for c, _ in pairs}
-    for labels, outs in _stream(runners, data, batch_size):
+    for labels, outs in _stream(runners, data, batch_size, limit):
         if acc:
             acc[0].update(outs[0][out], labels)
             if reference is not None:
@@ -232,17 +234,20 @@ def _measure(candidate: ModelLike, data: ArrayData, reference: ModelLike | None,
     )
 
 
-def accuracy(model: ModelLike, data: ArrayData, batch_size: int = 64, output: str | None = None) -> dict:
-    """``{"top1", "top5", "n"}`` of ``model``'s output (the first unless named) against ``data.labels``."""
-    return _measure(model, data, None, batch_size=batch_size, output=output, want_accuracy=True).accuracy
+def accuracy(model: ModelLike, data: ArrayData, batch_size: int = 64, output: str | None = None, *,
+             limit: int | None = None) -> dict:
+    """``{"top1", "top5", "n"}`` of ``model``'s output (the first unless named) against ``data.labels``,
+    over the first ``limit`` samples (all by default)."""
+    return _measure(model, data, None, batch_size=batch_size, output=output, want_accuracy=True,
+                    limit=limit).accuracy
 
 
-def fidelity(candidate: ModelLike, reference: ModelLike, data: ArrayData, batch_size: int = 64
-             ) -> dict[str, dict]:
+def fidelity(candidate: ModelLike, reference: ModelLike, data: ArrayData, batch_size: int = 64, *,
+             limit: int | None = None) -> dict[str, dict]:
     """Per candidate output: top-1 agreement (classification-shaped outputs, else None), mean cosine
     similarity per sample, max and mean absolute error, and relative error ‖a-b‖/‖b‖."""
     return _measure(candidate, data, reference, batch_size=batch_size, output=None,
-                    want_accuracy=False).fidelity
+                    want_accuracy=False, limit=limit).fidelity
 
 
 @dataclass
@@ -304,15 +309,17 @@ def size_stats(model: ModelLike, input_shapes: dict[str, list[int]] | None = Non
 
 def evaluate(candidate: ModelLike, data: ArrayData, reference: ModelLike | None = None,
              input_shapes: dict[str, list[int]] | None = None, *, batch_size: int = 64,
-             output: str | None = None) -> EvalReport:
+             output: str | None = None, limit: int | None = None) -> EvalReport:
     """Accuracy (when ``data`` has labels), fidelity (when a reference is given) and size, in one pass.
 
-    ``input_shapes`` fixes symbolic dimensions for counting MACs (they default to 1).
+    ``input_shapes`` fixes symbolic dimensions for counting MACs (they default to 1); ``limit``
+    evaluates the first samples only.
     """
     m = _measure(candidate, data, reference, batch_size=batch_size, output=output,
-                 want_accuracy=data.labels is not None)
+                 want_accuracy=data.labels is not None, limit=limit)
     params, macs, size = size_stats(candidate, input_shapes)
-    report = EvalReport(model=model_name(candidate, "model"), samples=data.num_samples, params=params,
+    samples = data.num_samples if limit is None else min(limit, data.num_samples)
+    report = EvalReport(model=model_name(candidate, "model"), samples=samples, params=params,
                         macs=macs, file_bytes=size, accuracy=m.accuracy, fidelity=m.fidelity,
                         data=data.source or data.kind)
     if reference is not None:

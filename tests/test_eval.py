@@ -46,6 +46,8 @@ def test_accuracy_of_known_classifier():
     x, labels = scores_with_ranks([0, 0, 1, 0, 0, 4, 0, 0])
     acc = validate.accuracy(linear(), ArrayData({"x": x}, labels), batch_size=3)
     assert acc == {"top1": 0.75, "top5": 1.0, "n": 8}
+    first4 = validate.accuracy(linear(), ArrayData({"x": x}, labels), batch_size=3, limit=4)
+    assert first4 == {"top1": 0.75, "top5": 1.0, "n": 4}
 
 
 def test_accuracy_top5_misses_and_nchw11_logits():

@@ -39,6 +39,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    json_out = options.json_path(args)
     shapes = options.input_shapes(args)
     models = {args.model: ir.load(args.model)}
     if args.reference:
@@ -47,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     result = latency.benchmark(models, None, warmup=args.warmup, runs=args.runs, threads=args.threads,
                                batch_size=args.batch_size, input_shapes=shapes)
     print_result(result)
-    if args.json:
-        fmt.write_json(args.json, result.to_json())
+    if json_out:
+        fmt.write_json(json_out, result.to_json())
     return 0
 
 

@@ -54,6 +54,7 @@ def load_data(spec: str, proto, shapes: dict[str, list[int]], num_random: int = 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise OnnxPruneError(f"--batch-size {args.batch_size}: must be at least 1")
+    json_out = options.json_path(args)
     shapes = options.input_shapes(args)
     model = ir.load(args.model)
     reference = ir.load(args.reference) if args.reference else None
@@ -65,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         fmt.err.print("no 'labels' in the data and no --reference: accuracy and fidelity cannot be "
                       "computed; showing size only", soft_wrap=True)
     print_report(report)
-    if args.json:
-        fmt.write_json(args.json, report.to_json())
+    if json_out:
+        fmt.write_json(json_out, report.to_json())
     return 0
 
 
