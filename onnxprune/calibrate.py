@@ -12,7 +12,7 @@ of second-order criteria, least-squares reconstruction and SparseGPT.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -51,9 +51,15 @@ def tap(proto: onnx.ModelProto, tensors: Sequence[str], data: ArrayData, visit: 
         visit(runtime.run(sess, feed, chunk), feed)
 
 
-def conv_attrs(node: onnx.NodeProto, weight_shape: Sequence[int]) -> dict:
-    """Kernel, strides, pads, dilations and group of a Conv node with defaults filled in."""
-    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+def conv_attrs(node: onnx.NodeProto | Mapping, weight_shape: Sequence[int]) -> dict:
+    """Kernel, strides, pads, dilations and group of a Conv node with defaults filled in.
+
+    ``node`` is a NodeProto or a mapping of its attributes (a graphsurgeon ``node.attrs``).
+    """
+    if isinstance(node, Mapping):
+        a = dict(node)
+    else:
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
     k = list(a.get("kernel_shape", weight_shape[2:]))
     nd = len(k)
     pads = list(a.get("pads", [0] * (2 * nd)))
@@ -81,12 +87,13 @@ def _same_pads(in_sizes, k, s, d, upper: bool) -> list[int]:
 
 
 def conv_patches(x: np.ndarray, kernel_shape, strides, pads, dilations, group: int = 1,
-                 auto_pad: str = "NOTSET") -> np.ndarray:
+                 auto_pad: str = "NOTSET", rows: np.ndarray | None = None) -> np.ndarray:
     """im2col of ``x`` [N, C, *spatial] -> [group, N * L, C/group * prod(kernel)].
 
     Columns are ordered (channel, *kernel) like ``W.reshape(Cout, -1)``, so for
     ``Wg = W.reshape(group, Cout/group, -1)`` the Conv output (no bias) of group g
-    is ``patches[g] @ Wg[g].T``.
+    is ``patches[g] @ Wg[g].T``. ``rows`` (flat indices into the N * L output
+    positions, sample-major) keeps only those patches, gathered without building the rest.
     """
     n, c = x.shape[:2]
     nd = x.ndim - 2
@@ -105,6 +112,10 @@ def conv_patches(x: np.ndarray, kernel_shape, strides, pads, dilations, group: i
     view = np.lib.stride_tricks.as_strided(xp, shape=shape, strides=strides_, writeable=False)
     # -> [N, *out, C, *k]
     order = [0] + list(range(2, 2 + nd)) + [1] + list(range(2 + nd, 2 + 2 * nd))
-    cols = view.transpose(order).reshape(n * int(np.prod(out_sizes)), c, int(np.prod(k)))
+    if rows is None:
+        cols = view.transpose(order).reshape(n * int(np.prod(out_sizes)), c, int(np.prod(k)))
+    else:
+        at = np.unravel_index(np.asarray(rows, dtype=np.int64), (n, *out_sizes))
+        cols = view.transpose(order)[at].reshape(len(rows), c, int(np.prod(k)))
     cols = cols.reshape(cols.shape[0], group, (c // group) * int(np.prod(k)))
     return np.ascontiguousarray(cols.transpose(1, 0, 2))
