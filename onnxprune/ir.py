@@ -150,6 +150,7 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
     try:
         if big:
             proto = copy.copy(proto)
+            _inline_external(proto)  # stale external locations would otherwise be written beside the output
             data_name = out.name + ".data"
             tmp_data = str(parent / (f".{data_name}.tmp"))
             # external data must be written under its final name, so write it beside a temp name first
@@ -172,6 +173,14 @@ def _has_external(proto: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph))
 
 
+def _inline_external(proto: onnx.ModelProto) -> None:
+    """Mark tensors whose data is already in memory as internal, so saving decides their location afresh."""
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL and t.HasField("raw_data"):
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+
+
 def _relocate_external(model_file: str, old: str, new: str) -> None:
     m = onnx.load(model_file, load_external_data=False)
     for t in _all_tensors(m.graph):
@@ -189,7 +198,22 @@ def to_graph(model: Model | onnx.ModelProto) -> gs.Graph:
     proto = model.proto if isinstance(model, Model) else model
     graph = gs.import_onnx(proto)
     lift_constants(graph)
+    name_nodes(graph)
     return graph
+
+
+def name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique, deterministic name (exporters leave some empty or repeated)."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            base = f"{node.op}_{i}"
+            name, k = base, 0
+            while name in seen:
+                k += 1
+                name = f"{base}_{k}"
+            node.name = name
+        seen.add(node.name)
 
 
 def lift_constants(graph: gs.Graph) -> int:

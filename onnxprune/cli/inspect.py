@@ -75,6 +75,10 @@ def show(r: dict) -> None:
     rows = [(lay["name"], lay["op"], _dims(lay["weight_shape"]) if lay["weight"] else "-",
              f"{lay['params']:,}", f"{lay['macs']:,}", _dims(lay["output_shape"])) for lay in r["layers"]]
     fmt.table(None, ["layer", "op", "weight", "params", "MACs", "output"], rows, right=(3, 4))
-    out.print(f"params {r['params']:,} ({fmt.human_count(r['params'])})   "
-              f"MACs {r['macs']:,} ({fmt.human_count(r['macs'])})   "
+    out.print(f"params {_count(r['params'])}   MACs {_count(r['macs'])}   "
               f"file {r['file_bytes']:,} bytes ({fmt.human_bytes(r['file_bytes'])})", markup=False)
+
+
+def _count(n: int) -> str:
+    """``12,345 (12.35K)``: exact first, the short form only where it is shorter."""
+    return f"{n:,} ({fmt.human_count(n)})" if n >= 1000 else f"{n:,}"
