@@ -118,24 +118,33 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
     return ArrayData(arrays, labels, kind="npz", source=str(p))
 
 
+def random_feed(proto: onnx.ModelProto, input_shapes: dict[str, list[int]], seed: int = 0
+                ) -> dict[str, np.ndarray]:
+    """One feed with exactly ``input_shapes``: standard normal floats, small non-negative ints."""
+    rng = np.random.default_rng(seed)
+    return {vi.name: _random_array(rng, vi, list(input_shapes[vi.name])) for vi in ir.graph_inputs(proto)}
+
+
 def random_data(proto: onnx.ModelProto, input_shapes: dict[str, list[int]], num_samples: int = 8,
                 seed: int = 0) -> ArrayData:
-    """Synthetic inputs: standard normal floats, small non-negative ints."""
+    """Synthetic samples: the input shapes with the first (batch) dimension set to ``num_samples``."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for vi in ir.graph_inputs(proto):
         shape = list(input_shapes[vi.name])
-        dt = ir.input_dtype(vi)
-        full = [num_samples] + shape[1:] if shape else [num_samples]
-        if dt.kind == "f":
-            arrays[vi.name] = rng.standard_normal(full).astype(dt)
-        elif dt.kind in "iu":
-            arrays[vi.name] = rng.integers(0, 2, size=full).astype(dt)
-        elif dt.kind == "b":
-            arrays[vi.name] = rng.integers(0, 2, size=full).astype(bool)
-        else:
-            raise OnnxPruneError(f"input '{vi.name}' has dtype {dt}; random data cannot be made for it")
+        arrays[vi.name] = _random_array(rng, vi, [num_samples] + shape[1:] if shape else [num_samples])
     return ArrayData(arrays, None, kind="random", source="random")
+
+
+def _random_array(rng: np.random.Generator, vi, full: list[int]) -> np.ndarray:
+    dt = ir.input_dtype(vi)
+    if dt.kind == "f":
+        return rng.standard_normal(full).astype(dt)
+    if dt.kind in "iu":
+        return rng.integers(0, 2, size=full).astype(dt)
+    if dt.kind == "b":
+        return rng.integers(0, 2, size=full).astype(bool)
+    raise OnnxPruneError(f"input '{vi.name}' has dtype {dt}; random data cannot be made for it")
 
 
 def open_data(spec: str | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]],

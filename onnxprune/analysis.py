@@ -1,0 +1,258 @@
+"""Channel-dependency analysis: propagate channel ids through the graph, one rule per op.
+
+The driver visits nodes in topological order and hands each to its rule in
+``rules.RULES``. Ids coupled by a rule are merged (union-find); ids that reach
+a barrier (an op without a rule, a case a rule cannot prove, a subgraph, a
+graph output) are fixed. At the end, ids that were allocated together by one
+layer and every id coupled to them form a group; a group with any fixed id is
+frozen, with the reasons collected on the way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import ir, runtime
+from .errors import OnnxPruneError
+from .data import random_feed
+from .groups import ACTIVATION, Analysis, Barrier, Group, Member
+from .rules import RULES, NodeCtx, Unsupported
+from .rules.base import FIXED, Label, UnionFind
+
+SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Resize": (1, 2, 3),
+                "Pad": (1, 2, 3), "Tile": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "ConstantOfShape": (0,)}
+
+
+@dataclass
+class _Record:
+    tensor: str
+    axis: int
+    ids: np.ndarray
+    kind: str
+    node: str
+    op: str
+    input_index: int
+
+
+@dataclass
+class Options:
+    split_carrier: str = "largest"   # or "outer": prune whole attention heads
+
+
+class _Driver:
+    def __init__(self, graph: gs.Graph, shapes: dict, observed: dict, opset: int, options: Options):
+        self.graph = graph
+        self.shapes = shapes
+        self.observed = observed
+        self.opset = opset
+        self.options = options
+        self.uf = UnionFind()
+        self.labels: dict[str, Label] = {}
+        self.records: list[_Record] = []
+        self.fix_log: list[tuple[np.ndarray, str]] = []
+        self.barriers: list[Barrier] = []
+        self.fixups: list = []
+
+    # -------------------------------------------------- services for NodeCtx
+    def shape_of(self, t: gs.Tensor) -> list[int]:
+        if isinstance(t, gs.Constant):
+            return list(np.shape(t.values))
+        s = self.shapes.get(t.name)
+        if s is None or any(d is None for d in s):
+            raise Unsupported(f"shape of '{t.name}' is unknown")
+        return list(s)
+
+    def observed_value(self, name: str):
+        return self.observed.get(name)
+
+    def set_label(self, t: gs.Tensor, axis: int, ids: np.ndarray, node: gs.Node) -> None:
+        if len(ids) != self.shape_of(t)[axis]:
+            raise Unsupported(f"label of '{t.name}' has {len(ids)} positions, axis {axis} has "
+                              f"{self.shape_of(t)[axis]}")
+        self.labels[t.name] = Label(axis, ids)
+        self.records.append(_Record(t.name, axis, ids, ACTIVATION, node.name, node.op, -1))
+
+    def add_member(self, tensor: str, axis: int, ids: np.ndarray, kind: str, node: gs.Node, idx: int) -> None:
+        self.records.append(_Record(tensor, axis, ids, kind, node.name, node.op, idx))
+
+    def fix(self, ids: np.ndarray, reason: str) -> None:
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        ids = ids[ids != FIXED]
+        if len(ids) == 0:
+            return
+        self.fix_log.append((ids.copy(), reason))
+
+    # -------------------------------------------------- the walk
+    def run(self) -> None:
+        for node in self.graph.nodes:
+            self.visit(node)
+        for t in self.graph.outputs:
+            lab = self.labels.get(t.name)
+            if lab is not None:
+                self.fix(lab.ids, f"graph output '{t.name}' keeps its shape")
+
+    def visit(self, node: gs.Node) -> None:
+        outer = _outer_names(node)
+        for name in outer:
+            lab = self.labels.get(name)
+            if lab is not None:
+                self.fix(lab.ids, f"{node.op} '{node.name}': used inside a subgraph")
+        fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
+        if fn is None:
+            self._barrier(node, "no rule for this op" if not outer else "has subgraphs")
+            return
+        mark = (len(self.records), len(self.fixups))
+        ctx = NodeCtx(self, node)
+        try:
+            fn(ctx)
+        except Unsupported as e:
+            new = self.records[mark[0]:]
+            for r in new:
+                self.fix(r.ids, f"{node.op} '{node.name}': {e}")
+            del self.records[mark[0]:]
+            del self.fixups[mark[1]:]
+            for o in node.outputs:
+                self.labels.pop(o.name, None)
+            self._barrier(node, str(e))
+
+    def _barrier(self, node: gs.Node, reason: str) -> None:
+        touched = False
+        for t in node.inputs:
+            lab = self.labels.get(t.name)
+            if lab is not None:
+                self.fix(lab.ids, f"{node.op} '{node.name}': {reason}")
+                touched = True
+        if touched:
+            self.barriers.append(Barrier(node.name, node.op, reason))
+
+    # -------------------------------------------------- groups
+    def groups(self) -> list[Group]:
+        n = len(self.uf.parent)
+        if n <= 1:
+            return []
+        roots = self.uf.find_all(np.arange(n))
+        comp = _components(self.uf.block, roots)
+        fixed_comp = {int(c) for ids, _ in self.fix_log for c in np.unique(comp[ids])}
+        reasons: dict[int, list[str]] = {}
+        for ids, reason in self.fix_log:
+            for c in set(comp[ids].tolist()):
+                lst = reasons.setdefault(c, [])
+                if reason not in lst and len(lst) < 8:
+                    lst.append(reason)
+        # number each component's classes in order of first appearance
+        chan = np.full(n, -1, dtype=np.int64)
+        count: dict[int, int] = {}
+        for rec in self.records:
+            r = roots[rec.ids]
+            for root in dict.fromkeys(r[r != FIXED].tolist()):
+                if chan[root] < 0:
+                    c = int(comp[root])
+                    chan[root] = count.get(c, 0)
+                    count[c] = chan[root] + 1
+        by_comp: dict[int, Group] = {}
+        for rec in self.records:
+            r = roots[rec.ids]
+            cs = comp[r]
+            live = r != FIXED
+            for c in dict.fromkeys(cs[live].tolist()):
+                g = by_comp.get(c)
+                if g is None:
+                    g = by_comp[c] = Group(id=len(by_comp), size=count[c], frozen=c in fixed_comp,
+                                           reasons=reasons.get(c, []))
+                index = np.where(live & (cs == c), chan[r], -1).astype(np.int64)
+                g.members.append(Member(rec.tensor, rec.axis, index, rec.kind, rec.node, rec.op, rec.input_index))
+        groups = list(by_comp.values())
+        for g in groups:
+            g.label = next((m.node for m in g.members if m.kind == "weight_out"), g.members[0].node)
+            if g.frozen and not g.reasons:
+                g.reasons = ["coupled with fixed channels"]
+        return groups
+
+
+def _components(space: np.ndarray, roots: np.ndarray) -> np.ndarray:
+    """Union allocation spaces that share any class; returns the component of every id."""
+    n = len(roots)
+    parent = np.arange(space.max() + 1)
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    first_space_of_root: dict[int, int] = {}
+    for i in range(n):
+        r = int(roots[i])
+        s = int(space[i])
+        if r in first_space_of_root:
+            a, b = find(first_space_of_root[r]), find(s)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+        else:
+            first_space_of_root[r] = s
+    return np.array([find(int(s)) for s in space], dtype=np.int64)
+
+
+def _outer_names(node: gs.Node) -> set[str]:
+    """Names a node's subgraphs read from the enclosing graph."""
+    names: set[str] = set()
+    for v in node.attrs.values():
+        graphs = v if isinstance(v, list) else [v]
+        for g in graphs:
+            if isinstance(g, gs.Graph):
+                produced = {t.name for n in g.nodes for t in n.outputs} | {t.name for t in g.inputs}
+                for n in g.nodes:
+                    names |= {t.name for t in n.inputs if t.name and t.name not in produced
+                              and not isinstance(t, gs.Constant)}
+                    names |= _outer_names(n) - produced
+    return names
+
+
+# ---------------------------------------------------------------- entry point
+
+def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None):
+    """Concrete shapes (inference, then one onnxruntime run for what it leaves open) and observed shape values."""
+    proto = model.proto if isinstance(model, ir.Model) else model
+    shapes_in = ir.resolve_input_shapes(proto, input_shapes)
+    fixed = ir.with_input_shapes(proto, shapes_in)
+    graph = ir.to_graph(fixed)
+    lifted = ir.from_graph(graph.copy(), fixed)
+    shapes = ir.infer_shapes(lifted)
+    want_values = set()
+    for node in graph.nodes:
+        for i in SHAPE_INPUTS.get(node.op, ()):
+            if i < len(node.inputs) and isinstance(node.inputs[i], gs.Variable) and node.inputs[i].name:
+                want_values.add(node.inputs[i].name)
+    unknown = {t.name for n in graph.nodes for t in n.outputs
+               if t.name and (shapes.get(t.name) is None or any(d is None for d in shapes[t.name]))}
+    observed: dict[str, np.ndarray] = {}
+    need = sorted(want_values | unknown)
+    if need:
+        feed = random_feed(lifted, shapes_in)
+        sess = runtime.session(runtime.with_outputs(lifted, need), optimize=False)
+        vals = runtime.run(sess, feed, need)
+        for name, v in vals.items():
+            shapes[name] = list(v.shape)
+            if name in want_values:
+                observed[name] = v
+    return graph, shapes, observed, shapes_in
+
+
+def analyze(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+            *, split_carrier: str = "largest") -> Analysis:
+    """Find every group of coupled channels in ``model``."""
+    proto = model.proto if isinstance(model, ir.Model) else model
+    graph, shapes, observed, shapes_in = prepare(proto, input_shapes)
+    opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), 0)
+    if split_carrier not in ("largest", "outer"):
+        raise OnnxPruneError(f"split carrier '{split_carrier}': expected largest or outer")
+    d = _Driver(graph, shapes, observed, opset, Options(split_carrier=split_carrier))
+    d.run()
+    groups = d.groups()
+    a = Analysis(groups=groups, barriers=d.barriers, shapes=shapes, input_shapes=shapes_in)
+    a._driver = d  # the rewrite needs labels and fixups
+    a._graph = graph
+    return a

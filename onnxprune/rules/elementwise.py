@@ -1,0 +1,81 @@
+"""Elementwise ops: unary ops pass channels through; broadcasting ops couple or slice."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..groups import PARAM
+from . import rule
+from .base import NodeCtx
+
+UNARY = (
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+    "Gelu", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Softplus", "Softsign", "Mish", "Sin",
+    "Cos", "Floor", "Ceil", "Round", "Sign", "Not", "Identity", "Cast", "CastLike", "ThresholdedRelu",
+    "IsNaN", "IsInf", "Shrink", "Atan", "Tan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh",
+    "Swish", "BitwiseNot",
+)
+
+
+@rule(*UNARY)
+def unary(ctx: NodeCtx) -> None:
+    ctx.passthrough(0, 0)
+
+
+@rule("Clip")
+def clip(ctx: NodeCtx) -> None:
+    for i in (1, 2):
+        if ctx.present(i) and ctx.label(i) is not None:
+            ctx.fix_input(i, "clip bounds carry channels")
+    ctx.passthrough(0, 0)
+
+
+@rule("Dropout")
+def dropout(ctx: NodeCtx) -> None:
+    for out in range(len(ctx.outputs)):
+        ctx.passthrough(0, out)
+
+
+BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Equal", "Greater", "Less",
+          "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "BitwiseAnd", "BitwiseOr", "BitwiseXor",
+          "PRelu", "Where", "BitShift")
+
+
+@rule(*BINARY)
+def broadcast(ctx: NodeCtx) -> None:
+    """Numpy broadcasting: all inputs that span the channel axis are coupled position by position.
+
+    A constant spanning it is sliced; a run-time tensor spanning it without channels freezes them.
+    """
+    out = ctx.outputs[0]
+    ro = ctx.rank(out)
+    idx = [i for i in range(len(ctx.inputs)) if ctx.present(i)]
+    axes = {}
+    for i in idx:
+        lab = ctx.label(i)
+        if lab is not None:
+            axes.setdefault(lab.axis + ro - ctx.rank(i), []).append(i)
+    if not axes:
+        return
+    if len(axes) > 1:
+        for i in idx:
+            ctx.fix_input(i, "inputs carry channels on different axes")
+        return
+    (axis, _), = axes.items()
+    ids = None
+    consts = []
+    for i in idx:
+        ax = axis - (ro - ctx.rank(i))
+        if ax < 0 or ctx.shape(i)[ax] == 1:
+            continue
+        if ctx.label(i) is None and ctx.is_const(i):
+            consts.append((i, ax))
+            continue
+        cur = ctx.ids_on(i, ax)
+        if ids is None:
+            ids = cur
+        else:
+            ctx.union(ids, cur)
+    for i, ax in consts:
+        ctx.member(i, ax, ids, PARAM)
+    ctx.set(0, axis, ids)

@@ -1,0 +1,167 @@
+"""Layers with weights: where channels are born (outputs) and consumed (inputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..groups import PARAM, WEIGHT_IN, WEIGHT_OUT
+from . import rule
+from .base import NodeCtx, Unsupported
+
+
+def _weight(ctx: NodeCtx, i: int) -> np.ndarray:
+    w = ctx.const(i)
+    if w is None:
+        raise Unsupported("weights are computed at run time, not a constant")
+    return w
+
+
+def _grouped(ctx: NodeCtx, in_ids: np.ndarray, groups: int, per_group_out: int) -> np.ndarray:
+    """Grouped conv: a group's inputs and outputs go together, so whole groups are removed."""
+    k = len(in_ids) // groups
+    reps = np.array([ctx.union_within(in_ids[g * k:(g + 1) * k]) for g in range(groups)], dtype=np.int64)
+    return np.repeat(reps, per_group_out)
+
+
+def _bias(ctx: NodeCtx, i: int, out_ids: np.ndarray) -> None:
+    if ctx.present(i):
+        b = ctx.const(i)
+        if b is None:
+            raise Unsupported("bias is computed at run time")
+        if b.ndim >= 1 and b.shape[-1] == len(out_ids) and len(out_ids) > 1:
+            ctx.member(i, b.ndim - 1, out_ids, PARAM)
+
+
+def _channel_input(ctx: NodeCtx) -> np.ndarray:
+    lab = ctx.label(0)
+    if lab is not None and lab.axis != 1:
+        ctx.fix(lab.ids, "channels on a spatial axis of a convolution input")
+    return ctx.ids_on(0, 1)
+
+
+def _group_fixup(ctx: NodeCtx, per_group: int):
+    out = ctx.outputs[0].name
+    node = ctx.node
+
+    def fix(view):
+        view.set_attr(node, "group", view.new_size(out) // per_group)
+    ctx.fixup(fix)
+
+
+@rule("Conv")
+def conv(ctx: NodeCtx) -> None:
+    w = _weight(ctx, 1)
+    groups = int(ctx.attr("group", 1))
+    in_ids = _channel_input(ctx)
+    cout = w.shape[0]
+    if groups == 1:
+        if ctx.label(0) is not None and ctx.label(0).axis == 1:
+            ctx.member(1, 1, in_ids, WEIGHT_IN)
+        out = ctx.new_ids(cout)
+    else:
+        out = _grouped(ctx, in_ids, groups, cout // groups)
+        _group_fixup(ctx, cout // groups)
+    ctx.member(1, 0, out, WEIGHT_OUT)
+    _bias(ctx, 2, out)
+    ctx.set(0, 1, out)
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx: NodeCtx) -> None:
+    w = _weight(ctx, 1)
+    groups = int(ctx.attr("group", 1))
+    in_ids = _channel_input(ctx)
+    per_group_out = w.shape[1]
+    if groups == 1:
+        out = ctx.new_ids(per_group_out)
+        ctx.member(1, 1, out, WEIGHT_OUT)
+    else:
+        out = _grouped(ctx, in_ids, groups, per_group_out)
+        _group_fixup(ctx, per_group_out)
+    if ctx.label(0) is not None and ctx.label(0).axis == 1:
+        ctx.member(1, 0, in_ids, WEIGHT_IN)
+    _bias(ctx, 2, out)
+    ctx.set(0, 1, out)
+
+
+@rule("Gemm")
+def gemm(ctx: NodeCtx) -> None:
+    w = _weight(ctx, 1)
+    trans_a, trans_b = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    k_axis_a = 0 if trans_a else 1
+    k_axis_w, n_axis_w = (1, 0) if trans_b else (0, 1)
+    lab = ctx.label(0)
+    if lab is not None:
+        if lab.axis == k_axis_a:
+            ctx.member(1, k_axis_w, lab.ids, WEIGHT_IN)
+        else:
+            ctx.fix(lab.ids, "channels on the row axis of a Gemm input")
+    out = ctx.new_ids(w.shape[n_axis_w])
+    ctx.member(1, n_axis_w, out, WEIGHT_OUT)
+    _bias(ctx, 2, out)
+    ctx.set(0, 1, out)
+
+
+@rule("MatMul")
+def matmul(ctx: NodeCtx) -> None:
+    a_const, b_const = ctx.is_const(0), ctx.is_const(1)
+    ra, rb = ctx.rank(0), ctx.rank(1)
+    ro = ctx.rank(ctx.outputs[0])
+    if a_const and b_const:
+        return
+    if ra < 2 or rb < 2:
+        for i in (0, 1):
+            ctx.fix_input(i, "1-D MatMul operand")
+        return
+    if b_const:  # x @ W: features on the last axis
+        lab = ctx.label(0)
+        if lab is not None:
+            if lab.axis == ra - 1:
+                ctx.member(1, rb - 2, lab.ids, WEIGHT_IN)
+            else:
+                ctx.fix(lab.ids, "channels on a non-contracted axis of x in x @ W")
+        out = ctx.new_ids(ctx.shape(1)[-1])
+        ctx.member(1, rb - 1, out, WEIGHT_OUT)
+        ctx.set(0, ro - 1, out)
+        return
+    if a_const:  # W @ x: features on the row axis
+        lab = ctx.label(1)
+        if lab is not None:
+            if lab.axis == rb - 2:
+                ctx.member(0, ra - 1, lab.ids, WEIGHT_IN)
+            else:
+                ctx.fix(lab.ids, "channels on a non-contracted axis of x in W @ x")
+        out = ctx.new_ids(ctx.shape(0)[-2])
+        ctx.member(0, ra - 2, out, WEIGHT_OUT)
+        ctx.set(0, ro - 2, out)
+        return
+    _matmul_activations(ctx, ra, rb, ro)
+
+
+def _matmul_activations(ctx: NodeCtx, ra: int, rb: int, ro: int) -> None:
+    """A @ B of two activations (attention): contracted channels pair up, other axes pass through."""
+    la, lb = ctx.label(0), ctx.label(1)
+    sa, sb = ctx.shape(0), ctx.shape(1)
+    if (la is not None and la.axis == ra - 1) or (lb is not None and lb.axis == rb - 2):
+        ctx.union(ctx.ids_on(0, ra - 1), ctx.ids_on(1, rb - 2))
+    targets = {}
+    if la is not None and la.axis != ra - 1:
+        targets.setdefault(ro - 2 if la.axis == ra - 2 else la.axis + ro - ra, []).append((0, la))
+    if lb is not None and lb.axis != rb - 2:
+        targets.setdefault(ro - 1 if lb.axis == rb - 1 else lb.axis + ro - rb, []).append((1, lb))
+    if not targets:
+        return
+    if len(targets) > 1:
+        for _, lab in (x for v in targets.values() for x in v):
+            ctx.fix(lab.ids, "both MatMul operands carry channels on different output axes")
+        return
+    (axis, labs), = targets.items()
+    ids = labs[0][1].ids
+    if len(labs) == 2:
+        ctx.union(labs[0][1].ids, labs[1][1].ids)
+    elif axis < ro - 2:  # a batch axis: the other operand must broadcast along it or be coupled
+        other, r_other, s_other = (1, rb, sb) if labs[0][0] == 0 else (0, ra, sa)
+        ax_other = axis - (ro - r_other)
+        if ax_other >= 0 and s_other[ax_other] != 1:
+            ctx.union(ids, ctx.ids_on(other, ax_other))
+    ctx.set(0, axis, ids)
