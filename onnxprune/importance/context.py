@@ -1,0 +1,127 @@
+"""What a criterion sees besides its group: the model, its constants, and lazily computed statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..data import DataSource
+from ..errors import OnnxPruneError
+from ..groups import Analysis
+from . import stats as _stats
+
+
+@dataclass
+class ScoreContext:
+    """Inputs shared by every criterion call of one scoring run.
+
+    ``data`` is the calibration data (``None``: only weight criteria work). Statistics
+    are computed on the first :meth:`stats` call for everything registered with
+    :meth:`require` so far — ``score_groups`` registers all groups first, so the data
+    is streamed once.
+    """
+
+    proto: onnx.ModelProto
+    analysis: Analysis
+    data: DataSource | None = None
+    batch_size: int = 32
+    progress: Callable | None = None
+    limit: int | None = None          # at most this many calibration samples
+    seed: int = 0                     # for ``random``
+    damp: float = 0.01                # OBS / LASSO: H + damp * mean(diag H) * I
+    bins: int = _stats.DEFAULT_BINS   # entropy histogram bins
+    reduction: str = "mean"           # how member scores combine when a criterion is called directly
+    fallbacks: dict[int, str] = field(default_factory=dict)   # group id -> criterion used instead (report)
+    _values: dict = field(default_factory=dict, init=False, repr=False)
+    _sources: dict | None = field(default=None, init=False, repr=False)
+    _nodes: dict | None = field(default=None, init=False, repr=False)
+    _needs: _stats.Needs = field(default_factory=_stats.Needs, init=False, repr=False)
+    _stats: _stats.CalibrationStats | None = field(default=None, init=False, repr=False)
+    cache: dict = field(default_factory=dict, init=False, repr=False)   # per-criterion memo (e.g. layers)
+
+    # ------------------------------------------------------------ constants and nodes
+    def _index(self) -> None:
+        if self._sources is not None:
+            return
+        g = self.proto.graph
+        self._sources = {t.name: t for t in g.initializer}
+        self._nodes = {}
+        for n in g.node:
+            if n.name:
+                self._nodes.setdefault(n.name, n)
+            if n.op_type == "Constant" and len(n.output) == 1:
+                self._sources.setdefault(n.output[0], n)
+
+    def is_constant(self, name: str) -> bool:
+        self._index()
+        return name in self._sources
+
+    def value(self, name: str) -> np.ndarray:
+        """A constant tensor (initializer or ``Constant`` node output) as an array, cached."""
+        if name in self._values:
+            return self._values[name]
+        self._index()
+        src = self._sources.get(name)
+        if src is None:
+            raise KeyError(f"'{name}' is not a constant of the model")
+        if isinstance(src, onnx.TensorProto):
+            v = numpy_helper.to_array(src)
+        else:
+            v = _constant_node_value(src)
+        self._values[name] = v
+        return v
+
+    def node(self, name: str, tensor: str = "", input_index: int = -1) -> onnx.NodeProto | None:
+        """The node called ``name``; for unnamed nodes, the one using ``tensor`` as input ``input_index``."""
+        self._index()
+        if name and name in self._nodes:
+            return self._nodes[name]
+        if tensor:
+            for n in self.proto.graph.node:
+                if (input_index >= 0 and input_index < len(n.input) and n.input[input_index] == tensor) or (
+                        input_index < 0 and tensor in n.input):
+                    return n
+        return None
+
+    # ------------------------------------------------------------ statistics
+    def require(self, needs: _stats.Needs) -> None:
+        """Register statistics to gather on the next :meth:`stats` call."""
+        self._needs.merge(needs)
+
+    def stats(self) -> _stats.CalibrationStats:
+        """Calibration statistics for everything required so far (one pass over the data)."""
+        if self.data is None:
+            raise OnnxPruneError("this importance criterion needs calibration data; pass --calib DATA.npz "
+                                 "(or --calib random), or use a weight criterion such as l2")
+        missing = self._needs.missing(self._stats)
+        if self._stats is None or missing:
+            got = _stats.collect(self.proto, missing, self.data, batch_size=self.batch_size, limit=self.limit,
+                                 bins=self.bins, progress=self.progress)
+            self._stats = got if self._stats is None else self._stats.merge(got)
+        return self._stats
+
+    def tensor_stats(self, name: str, axis: int, hist: bool = False) -> _stats.TensorStats:
+        """Statistics of one tensor along its channel axis (gathered now if not yet registered)."""
+        key = (name, axis)
+        self.require(_stats.Needs(moments={key}, hist={key} if hist else set()))
+        return self.stats().tensors[key]
+
+    def gram(self, key: str, spec: _stats.GramSpec) -> _stats.GramStats:
+        """The Gram matrix of a consumer layer's input rows (gathered now if not yet registered)."""
+        self.require(_stats.Needs(grams={key: spec}))
+        return self.stats().grams[key]
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_floats"):
+            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.float32)
+        if a.name in ("value_int", "value_ints"):
+            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.int64)
+    raise KeyError(f"Constant node '{node.name}' has no tensor value")

@@ -1,0 +1,240 @@
+"""Calibration statistics for the importance criteria, gathered in one streaming pass.
+
+What a criterion needs is declared as :class:`Needs`: per-position moments of
+some tensors along their channel axis, per-sample histograms for entropy, and
+Gram matrices ``XᵀX`` of consumer-layer inputs (the im2col Gram for Conv, per
+conv group). :func:`collect` streams the data once through ``calibrate.tap``
+and accumulates everything; memory is bounded by the batch size and by the
+size of the statistics themselves, never by the number of samples.
+
+Statistics are kept per *position* of the channel axis, not per group channel:
+the members' ``index`` arrays map positions to channels afterwards, so one
+tensor's statistics serve every group that touches it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .. import calibrate, ir
+from ..data import DataSource
+
+DEFAULT_BINS = 32
+_GRAM_CHUNK_BYTES = 64 << 20      # float64 bytes of im2col rows handled at once
+MAX_OUTPUTS = 64                  # tapped tensors per onnxruntime session (more -> more passes)
+
+
+@dataclass(frozen=True)
+class GramSpec:
+    """How to form the rows whose Gram matrix a consumer layer needs."""
+
+    x: str                        # the layer's data input
+    x_axis: int                   # channel axis of x
+    conv: tuple | None = None     # sorted (key, value) Conv attributes; None for a dense layer
+
+    @property
+    def conv_attrs(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in (self.conv or ())}
+
+
+@dataclass
+class Needs:
+    """Statistics some criteria want: tensor -> channel axis, and Gram key -> spec."""
+
+    moments: set[tuple[str, int]] = field(default_factory=set)
+    hist: set[tuple[str, int]] = field(default_factory=set)
+    grams: dict[str, GramSpec] = field(default_factory=dict)
+
+    def merge(self, other: "Needs") -> "Needs":
+        self.moments |= other.moments
+        self.hist |= other.hist
+        self.grams.update(other.grams)
+        return self
+
+    def missing(self, have: "CalibrationStats | None") -> "Needs":
+        if have is None:
+            return Needs(set(self.moments), set(self.hist), dict(self.grams))
+        return Needs({k for k in self.moments if k not in have.tensors},
+                     {k for k in self.hist if k not in have.tensors or have.tensors[k].hist is None},
+                     {k: v for k, v in self.grams.items() if k not in have.grams})
+
+    def __bool__(self) -> bool:
+        return bool(self.moments or self.hist or self.grams)
+
+
+@dataclass
+class TensorStats:
+    """Running sums per position of one tensor's channel axis."""
+
+    axis: int
+    count: np.ndarray             # elements seen per position
+    abs_sum: np.ndarray
+    sum: np.ndarray
+    sumsq: np.ndarray
+    nonpos: np.ndarray            # elements <= 0 per position
+    samples: int = 0
+    hist: np.ndarray | None = None    # [P, bins] counts of per-sample channel means
+    lo: np.ndarray | None = None      # histogram range per position, fixed from the first batch
+    hi: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, axis: int, positions: int) -> "TensorStats":
+        z = lambda: np.zeros(positions, dtype=np.float64)  # noqa: E731
+        return cls(axis, z(), z(), z(), z(), z())
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / np.maximum(self.count, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / np.maximum(self.count, 1)
+
+    @property
+    def var(self) -> np.ndarray:
+        return np.maximum(self.sumsq / np.maximum(self.count, 1) - self.mean ** 2, 0.0)
+
+    @property
+    def nonpos_fraction(self) -> np.ndarray:
+        return self.nonpos / np.maximum(self.count, 1)
+
+    def entropy(self) -> np.ndarray:
+        """Shannon entropy (nats) of each position's histogram of per-sample means."""
+        if self.hist is None:
+            raise ValueError("histogram was not collected")
+        p = self.hist / np.maximum(self.hist.sum(axis=1, keepdims=True), 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+
+    def add(self, x: np.ndarray, bins: int | None) -> None:
+        x = np.asarray(x)
+        if x.dtype != np.float64:
+            x = x.astype(np.float64)
+        other = tuple(i for i in range(x.ndim) if i != self.axis)
+        self.count += x.size // x.shape[self.axis]
+        self.abs_sum += np.abs(x).sum(axis=other)
+        self.sum += x.sum(axis=other)
+        self.sumsq += (x * x).sum(axis=other)
+        self.nonpos += (x <= 0).sum(axis=other)
+        if bins:
+            self._add_hist(x, bins)
+        self.samples += x.shape[0] if self.axis != 0 and x.ndim > 1 else 1
+
+    def _add_hist(self, x: np.ndarray, bins: int) -> None:
+        means = _sample_means(x, self.axis)                   # [N, P]
+        if self.hist is None:
+            lo, hi = means.min(axis=0), means.max(axis=0)
+            span = hi - lo
+            margin = np.where(span > 0, 0.25 * span, 1e-6 + 1e-3 * np.abs(lo))
+            self.lo, self.hi = lo - margin, hi + margin
+            self.hist = np.zeros((means.shape[1], bins), dtype=np.float64)
+        width = (self.hi - self.lo) / bins
+        b = np.clip(np.floor((means - self.lo) / width), 0, bins - 1).astype(np.int64)
+        flat = (np.arange(means.shape[1]) * bins)[None, :] + b
+        self.hist += np.bincount(flat.ravel(), minlength=self.hist.size).reshape(self.hist.shape)
+
+
+def _sample_means(x: np.ndarray, axis: int) -> np.ndarray:
+    """[N, P]: each sample's mean per position of ``axis`` (batch is axis 0 unless axis is 0)."""
+    if x.ndim == 1 or axis == 0:
+        return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    other = tuple(i for i in range(1, x.ndim) if i != axis)
+    m = x.mean(axis=other) if other else x
+    return m if axis >= 1 else m.T
+
+
+@dataclass
+class GramStats:
+    gram: np.ndarray              # [conv groups, D, D], float64
+    rows: int = 0
+
+
+@dataclass
+class CalibrationStats:
+    """Everything the calibration criteria read; ``source`` is the data kind ("random" is reported)."""
+
+    source: str = ""
+    samples: int = 0
+    tensors: dict[tuple[str, int], TensorStats] = field(default_factory=dict)
+    grams: dict[str, GramStats] = field(default_factory=dict)
+    passes: int = 0               # how many times the data was streamed
+
+    def tensor(self, name: str, axis: int) -> TensorStats:
+        return self.tensors[(name, axis)]
+
+    def merge(self, other: "CalibrationStats") -> "CalibrationStats":
+        self.tensors.update(other.tensors)
+        self.grams.update(other.grams)
+        self.samples = max(self.samples, other.samples)
+        self.source = self.source or other.source
+        self.passes += other.passes
+        return self
+
+
+# ---------------------------------------------------------------- accumulation
+
+def gram_rows(x: np.ndarray, spec: GramSpec):
+    """Yield [groups, R, D] float64 row blocks of a layer input, in bounded chunks."""
+    if spec.conv is None:
+        rows = np.moveaxis(x, spec.x_axis, -1).reshape(-1, x.shape[spec.x_axis])
+        step = max(1, _GRAM_CHUNK_BYTES // (8 * rows.shape[1]))
+        for s in range(0, rows.shape[0], step):
+            yield rows[s:s + step].astype(np.float64)[None]
+        return
+    attrs = spec.conv_attrs
+    per_sample = max(1, int(np.prod(x.shape[1:])) * int(np.prod(attrs["kernel_shape"])))
+    step = max(1, _GRAM_CHUNK_BYTES // (8 * per_sample))
+    for s in range(0, x.shape[0], step):
+        yield calibrate.conv_patches(x[s:s + step].astype(np.float64), **attrs)
+
+
+def _add_gram(store: dict[str, GramStats], key: str, x: np.ndarray, spec: GramSpec) -> None:
+    for p in gram_rows(x, spec):
+        g = np.einsum("grd,gre->gde", p, p) if p.shape[0] > 1 else (p[0].T @ p[0])[None]
+        if key not in store:
+            store[key] = GramStats(np.zeros_like(g))
+        store[key].gram += g
+        store[key].rows += p.shape[1]
+
+
+def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_size: int = 32,
+            limit: int | None = None, bins: int = DEFAULT_BINS,
+            progress: Callable | None = None) -> CalibrationStats:
+    """Stream ``data`` through ``proto`` once and accumulate what ``needs`` asks for."""
+    inputs = {vi.name for vi in ir.graph_inputs(proto)}
+    wanted = {t for t, _ in needs.moments | needs.hist} | {s.x for s in needs.grams.values()}
+    hist_keys = needs.hist
+    by_tensor: dict[str, list[tuple[str, int]]] = {}
+    for key in needs.moments | needs.hist:
+        by_tensor.setdefault(key[0], []).append(key)
+    stats = CalibrationStats(source=getattr(data, "kind", ""))
+
+    tapped = sorted(wanted - inputs)
+    first_chunk = tapped[0] if tapped else None
+
+    def visit(out: dict[str, np.ndarray], feed: dict[str, np.ndarray]) -> None:
+        # with several chunks every batch comes once per chunk: graph inputs are counted in the first only
+        first = first_chunk is None or first_chunk in out
+        values = {**feed, **out} if first else out
+        for name, keys in by_tensor.items():
+            if name not in values:
+                continue
+            x = values[name]
+            for key in keys:
+                if key not in stats.tensors:
+                    stats.tensors[key] = TensorStats.empty(key[1], x.shape[key[1]])
+                stats.tensors[key].add(x, bins if key in hist_keys else None)
+        for key, spec in needs.grams.items():
+            if spec.x in values:
+                _add_gram(stats.grams, key, values[spec.x], spec)
+        if first:
+            stats.samples += len(next(iter(feed.values())))
+
+    calibrate.tap(proto, tapped, data, visit, batch_size=batch_size, limit=limit, max_outputs=MAX_OUTPUTS,
+                  progress=progress, description="calibration statistics")
+    stats.passes = max(1, -(-len(tapped) // MAX_OUTPUTS))
+    return stats

@@ -1,0 +1,403 @@
+"""Importance criteria on hand-made groups with known answers (real graphs, real onnxruntime runs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder
+from onnx import numpy_helper
+
+from onnxprune import runtime
+from onnxprune.data import ArrayData
+from onnxprune.errors import OnnxPruneError
+from onnxprune.groups import ACTIVATION, PARAM, WEIGHT_IN, WEIGHT_OUT, Analysis, Group, Member
+from onnxprune.importance import CRITERIA, ScoreContext, requires_data, score_groups
+from onnxprune.importance.base import combine
+
+LAYERS = ("Conv", "Gemm", "MatMul")
+PASS_THROUGH = ("Relu", "BatchNormalization", "Add", "Identity", "LeakyRelu")
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _out_axis(node) -> int:
+    if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)):
+        return 0
+    return 1
+
+
+def _in_axis(node) -> int:
+    if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)):
+        return 1
+    return 0
+
+
+def chain_group(model: onnx.ModelProto, producer_out: str, gid: int = 0) -> Group:
+    """The group of one layer's output channels, followed through Relu/BN/Flatten to the consuming layers.
+
+    A miniature of the analysis for straight chains: Flatten maps its spatial positions to their channel.
+    """
+    nodes = list(model.graph.node)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    shapes = _shapes(model)
+    prod = next(n for n in nodes if producer_out in n.output)
+    axis = _out_axis(prod)
+    size = inits[prod.input[1]].shape[axis]
+    idx = np.arange(size)
+    members = [Member(prod.input[1], axis, idx, WEIGHT_OUT, prod.name, prod.op_type, 1)]
+    if prod.op_type == "Conv" and len(prod.input) > 2:
+        members.append(Member(prod.input[2], 0, idx, PARAM, prod.name, prod.op_type, 2))
+    frontier = [(producer_out, 1 if prod.op_type in ("Conv", "Gemm") else len(shapes[producer_out]) - 1, idx, prod)]
+    while frontier:
+        t, ax, index, src = frontier.pop()
+        members.append(Member(t, ax, index, ACTIVATION, src.name, src.op_type))
+        for c in nodes:
+            if t not in c.input:
+                continue
+            if c.op_type in LAYERS and c.input[0] == t:
+                members.append(Member(c.input[1], _in_axis(c), index, WEIGHT_IN, c.name, c.op_type, 1))
+            elif c.op_type == "BatchNormalization":
+                members += [Member(c.input[i], 0, index, PARAM, c.name, c.op_type, i) for i in range(1, 5)]
+                frontier.append((c.output[0], ax, index, c))
+            elif c.op_type in PASS_THROUGH:
+                frontier.append((c.output[0], ax, index, c))
+            elif c.op_type == "Flatten":
+                per = int(np.prod(shapes[t][2:]))
+                frontier.append((c.output[0], 1, np.repeat(index, per), c))
+            elif c.op_type == "Add" and c.input[1] in inits:   # MatMul bias
+                frontier.append((c.output[0], ax, index, c))
+    return Group(gid, size, members, label=prod.name)
+
+
+def _shapes(model):
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        out[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return out
+
+
+def analysis_of(model, groups) -> Analysis:
+    return Analysis(groups, [], _shapes(model), {})
+
+
+def set_init(model, name, value) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+            return
+    raise KeyError(name)
+
+
+def init(model, name) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name).copy()
+
+
+def ctx_for(model, groups, data=None, **kw) -> ScoreContext:
+    return ScoreContext(model, analysis_of(model, groups), data=data, **kw)
+
+
+def rand_data(shape, n=48, seed=1, name="x") -> ArrayData:
+    return ArrayData({name: np.random.default_rng(seed).standard_normal([n, *shape[1:]]).astype(np.float32)})
+
+
+# ---------------------------------------------------------------- graphs
+
+def conv_chain(dead: int | None = None, zero: int | None = None):
+    """x -> Conv(6) -> Relu -> Conv(5); channel ``dead`` never fires, channel ``zero`` has all-zero weights."""
+    g = GraphBuilder("x", [1, 3, 8, 8], seed=3, dynamic_batch=True)
+    h = g.conv("x", 6, k=3)
+    r = g.relu(h)
+    g.output(g.conv(r, 5, k=3))
+    m = g.build()
+    conv1, conv2 = [n for n in m.graph.node if n.op_type == "Conv"]
+    if dead is not None:
+        w, b = init(m, conv1.input[1]), init(m, conv1.input[2])
+        w[dead], b[dead] = 0.0, -1.0
+        set_init(m, conv1.input[1], w)
+        set_init(m, conv1.input[2], b)
+    if zero is not None:
+        w, b, w2 = init(m, conv1.input[1]), init(m, conv1.input[2]), init(m, conv2.input[1])
+        w[zero], b[zero], w2[:, zero] = 0.0, 0.0, 0.0
+        for name, v in ((conv1.input[1], w), (conv1.input[2], b), (conv2.input[1], w2)):
+            set_init(m, name, v)
+    return m, h
+
+
+def mlp(hidden=6, nin=8, nout=4, relu=True, seed=5):
+    """x[N, nin] -> MatMul(hidden) + b [-> Relu] -> MatMul(nout) + b; returns (model, MatMul output, consumer input)."""
+    g = GraphBuilder("x", [1, nin], seed=seed, dynamic_batch=True)
+    h = g.matmul("x", hidden)
+    r = g.relu(h) if relu else h
+    g.output(g.matmul(r, nout))
+    m = g.build()
+    mm = next(n for n in m.graph.node if n.op_type == "MatMul")
+    return m, mm.output[0], r
+
+
+# ---------------------------------------------------------------- weight criteria
+
+@pytest.mark.parametrize("crit", ["l1", "l2", "lamp", "fpgm"])
+def test_all_zero_channel_ranks_last_for_weight_criteria(crit):
+    m, h = conv_chain(zero=4)
+    grp = chain_group(m, h)
+    s = score_groups([grp], ctx_for(m, [grp]), crit)[grp.id]
+    assert s.shape == (6,) and s.dtype == np.float64
+    assert int(np.argmin(s)) == 4
+    assert np.all(np.delete(s, 4) > s[4])
+
+
+def test_l1_l2_sum_all_coupled_weights_then_normalise():
+    m, h = conv_chain()
+    grp = chain_group(m, h)
+    conv1, conv2 = [n for n in m.graph.node if n.op_type == "Conv"]
+    w1, w2 = init(m, conv1.input[1]).astype(np.float64), init(m, conv2.input[1]).astype(np.float64)
+    out_l1, in_l1 = np.abs(w1).sum(axis=(1, 2, 3)), np.abs(w2).sum(axis=(0, 2, 3))
+    want = (out_l1 / out_l1.mean() + in_l1 / in_l1.mean()) / 2
+    np.testing.assert_allclose(score_groups([grp], ctx_for(m, [grp]), "l1")[grp.id], want, rtol=1e-12)
+    out_l2, in_l2 = np.sqrt((w1 ** 2).sum(axis=(1, 2, 3))), np.sqrt((w2 ** 2).sum(axis=(0, 2, 3)))
+    got = score_groups([grp], ctx_for(m, [grp]), "l2", reduction="max")[grp.id]
+    np.testing.assert_allclose(got, np.maximum(out_l2 / out_l2.mean(), in_l2 / in_l2.mean()), rtol=1e-12)
+
+
+def test_group_reduction_mean_sum_max():
+    # one producer, two consumers -> three weight members with known normalised scores
+    g = GraphBuilder("x", [1, 3, 6, 6], seed=7, dynamic_batch=True)
+    h = g.conv("x", 4, k=1)
+    r = g.relu(h)
+    g.output(g.conv(r, 3, k=1))
+    g.output(g.conv(r, 2, k=1))
+    m = g.build()
+    grp = chain_group(m, h)
+    assert len(grp.of_kind(WEIGHT_IN)) == 2
+    per = []
+    for mem in grp.of_kind(WEIGHT_OUT, WEIGHT_IN):
+        w = np.moveaxis(init(m, mem.tensor).astype(np.float64), mem.axis, 0).reshape(4, -1)
+        s = np.abs(w).sum(axis=1)
+        per.append(s / s.mean())
+    per = np.stack(per)
+    for red, fn in (("mean", np.mean), ("sum", np.sum), ("max", np.max)):
+        got = score_groups([grp], ctx_for(m, [grp]), "l1", reduction=red)[grp.id]
+        np.testing.assert_allclose(got, fn(per, axis=0), rtol=1e-12)
+    with pytest.raises(OnnxPruneError, match="group-reduction"):
+        score_groups([grp], ctx_for(m, [grp]), "l1", reduction="median")
+
+
+def test_lamp_normalisation_known_values():
+    from onnxprune.importance.base import normalize_lamp
+    s = np.array([4.0, 1.0, 0.0, 3.0, 2.0])
+    # sorted ascending 0,1,2,3,4: each over the sum of itself and everything larger
+    np.testing.assert_allclose(normalize_lamp(s), [4 / 4, 1 / 10, 0, 3 / 7, 2 / 9])
+
+
+def test_fpgm_ranks_the_geometric_median_last_even_with_the_largest_norm():
+    g = GraphBuilder("x", [1, 2, 4, 4], seed=2, dynamic_batch=True)
+    h = g.conv("x", 5, k=1, bias=False)
+    g.output(g.conv(g.relu(h), 3, k=1))
+    m = g.build()
+    conv1, conv2 = [n for n in m.graph.node if n.op_type == "Conv"]
+    c, v, u = np.array([5.0, 5.0]), np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    filters = np.stack([c + v, c - v, c + u, c - u, c])           # channel 4 is the centre of the others
+    set_init(m, conv1.input[1], filters.reshape(5, 2, 1, 1))
+    set_init(m, conv2.input[1], np.ones((3, 5, 1, 1)))            # identical columns: no preference
+    grp = chain_group(m, h)
+    fp = score_groups([grp], ctx_for(m, [grp]), "fpgm")[grp.id]
+    assert int(np.argmin(fp)) == 4
+    l2 = score_groups([grp], ctx_for(m, [grp]), "l2")[grp.id]
+    assert int(np.argmin(l2)) != 4
+
+
+def test_bn_scale_ranks_tiny_gamma_last_and_explains_missing_bn():
+    g = GraphBuilder("x", [1, 3, 6, 6], seed=4, dynamic_batch=True)
+    h = g.conv("x", 5, k=3)
+    g.output(g.conv(g.relu(g.bn(h)), 2, k=3))
+    m = g.build()
+    bn = next(n for n in m.graph.node if n.op_type == "BatchNormalization")
+    gamma = init(m, bn.input[1])
+    gamma[1] = 1e-4
+    set_init(m, bn.input[1], gamma)
+    grp = chain_group(m, h)
+    s = score_groups([grp], ctx_for(m, [grp]), "bn-scale")[grp.id]
+    assert int(np.argmin(s)) == 1
+    np.testing.assert_allclose(s, np.abs(gamma) / np.abs(gamma).mean(), rtol=1e-6)
+
+    m2, h2 = conv_chain()
+    grp2 = chain_group(m2, h2)
+    with pytest.raises(OnnxPruneError, match="no BatchNormalization.*--criterion l2"):
+        score_groups([grp2], ctx_for(m2, [grp2]), "bn-scale")
+
+
+def test_random_is_seeded_and_reproducible():
+    m, h = conv_chain()
+    a, b = chain_group(m, h, gid=0), chain_group(m, h, gid=1)
+    r1 = score_groups([a, b], ctx_for(m, [a, b], seed=3), "random")
+    r2 = score_groups([b, a], ctx_for(m, [a, b], seed=3), "random")
+    r3 = score_groups([a, b], ctx_for(m, [a, b], seed=4), "random")
+    np.testing.assert_array_equal(r1[0], r2[0])
+    np.testing.assert_array_equal(r1[1], r2[1])
+    assert not np.array_equal(r1[0], r1[1]) and not np.array_equal(r1[0], r3[0])
+    assert np.all((r1[0] >= 0) & (r1[0] < 1))
+
+
+# ---------------------------------------------------------------- calibration criteria
+
+CALIB = ["act-mean", "apoz", "wanda", "fluctuation", "obs", "entropy", "lasso"]
+
+
+@pytest.mark.parametrize("crit", CALIB)
+def test_dead_channel_ranks_last_for_calibration_criteria(crit):
+    m, h = conv_chain(dead=2)
+    grp = chain_group(m, h)
+    ctx = ctx_for(m, [grp], data=rand_data([1, 3, 8, 8], n=24), batch_size=10)
+    s = score_groups([grp], ctx, crit)[grp.id]
+    assert s.shape == (6,) and np.all(np.isfinite(s))
+    assert int(np.argmin(s)) == 2, s
+    assert np.all(np.delete(s, 2) > s[2] + 1e-9), s
+    assert ctx.fallbacks == {}
+    assert requires_data(crit)
+
+
+def test_calibration_criterion_without_data_is_a_user_error():
+    m, h = conv_chain()
+    grp = chain_group(m, h)
+    with pytest.raises(OnnxPruneError, match="needs calibration data"):
+        score_groups([grp], ctx_for(m, [grp]), "wanda")
+    with pytest.raises(OnnxPruneError, match="unknown importance criterion 'magnitude'"):
+        score_groups([grp], ctx_for(m, [grp]), "magnitude")
+    assert not requires_data("l2") and not requires_data("random")
+
+
+def test_wanda_and_fluctuation_known_values_on_a_linear_layer():
+    m, h, hin = mlp(relu=False)
+    grp = chain_group(m, h)
+    data = rand_data([1, 8], n=40)
+    ctx = ctx_for(m, [grp], data=data, batch_size=16)
+    hidden = _tensor(m, hin, data)
+    w2 = init(m, [n for n in m.graph.node if n.op_type == "MatMul"][1].input[1]).astype(np.float64)
+    wanda = np.abs(w2).sum(axis=1) * np.sqrt((hidden ** 2).sum(axis=0))
+    flap = hidden.var(axis=0) * (w2 ** 2).sum(axis=1)
+    np.testing.assert_allclose(CRITERIA["wanda"].members(grp, ctx)[0], wanda, rtol=1e-6)
+    np.testing.assert_allclose(CRITERIA["fluctuation"].members(grp, ctx)[0], flap, rtol=1e-5)
+
+
+def _tensor(model, name, data) -> np.ndarray:
+    sess = runtime.session(runtime.with_outputs(model, [name]), optimize=False)
+    return np.concatenate([runtime.run(sess, f, [name])[name] for f in data.batches(64)]).astype(np.float64)
+
+
+def test_apoz_falls_back_to_act_mean_without_a_relu():
+    m, h, _ = mlp(relu=False)
+    grp = chain_group(m, h)
+    ctx = ctx_for(m, [grp], data=rand_data([1, 8]))
+    got = score_groups([grp], ctx, "apoz")[grp.id]
+    assert ctx.fallbacks == {grp.id: "act-mean"}
+    np.testing.assert_allclose(got, score_groups([grp], ctx_for(m, [grp], data=rand_data([1, 8])), "act-mean")[0])
+
+
+def test_lasso_recovers_a_planted_sparse_set():
+    m, h, _ = mlp(hidden=6, nin=8, nout=3, relu=True, seed=11)
+    mm = [n for n in m.graph.node if n.op_type == "MatMul"]
+    w1, w2 = init(m, mm[0].input[1]), init(m, mm[1].input[1])
+    w1[:, [0, 2, 3, 5]] *= 4.0                                    # the others fire harder...
+    rng = np.random.default_rng(0)
+    w2[[0, 2, 3, 5]] = 0.02 * rng.standard_normal((4, 3))         # ...but the output barely uses them
+    w2[[1, 4]] = rng.standard_normal((2, 3))
+    set_init(m, mm[0].input[1], w1)
+    set_init(m, mm[1].input[1], w2)
+    grp = chain_group(m, h)
+    ctx = ctx_for(m, [grp], data=rand_data([1, 8], n=64))
+    s = score_groups([grp], ctx, "lasso")[grp.id]
+    assert set(np.argsort(s)[-2:].tolist()) == {1, 4}
+    assert set(np.argsort(score_groups([grp], ctx, "act-mean")[grp.id])[-2:].tolist()) != {1, 4}
+
+
+def _obs_compensated(w: np.ndarray, hinv: np.ndarray, cols: list[int]) -> np.ndarray:
+    """W (as [out, D]) after removing columns ``cols`` with the OBS update of the remaining ones."""
+    ws = w[:, cols]
+    delta = -ws @ np.linalg.solve(hinv[np.ix_(cols, cols)], hinv[cols, :])
+    out = w + delta
+    out[:, cols] = 0.0
+    return out
+
+
+def test_obs_error_equals_the_output_change_measured_in_onnxruntime():
+    m, h, hin = mlp(hidden=6, nin=8, nout=4, relu=False)
+    grp = chain_group(m, h)
+    data = rand_data([1, 8], n=64)
+    ctx = ctx_for(m, [grp], data=data, damp=0.0)
+    err = CRITERIA["obs"].members(grp, ctx)[0]
+    hidden = _tensor(m, hin, data)
+    hinv = np.linalg.inv(hidden.T @ hidden)
+    w2name = [n for n in m.graph.node if n.op_type == "MatMul"][1].input[1]
+    w2 = init(m, w2name).astype(np.float64)
+    y = _tensor(m, m.graph.output[0].name, data)
+    for s in range(6):
+        m2 = onnx.ModelProto()
+        m2.CopyFrom(m)
+        set_init(m2, w2name, _obs_compensated(w2.T, hinv, [s]).T)
+        real = ((_tensor(m2, m.graph.output[0].name, data) - y) ** 2).sum()
+        np.testing.assert_allclose(err[s], real, rtol=2e-3)
+        naive = (hidden[:, s:s + 1] @ w2[s:s + 1]) ** 2
+        assert err[s] <= naive.sum() * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_obs_on_conv_uses_the_im2col_gram(group):
+    g = GraphBuilder("x", [1, 3, 6, 6], seed=9, dynamic_batch=True)
+    h = g.conv("x", 4, k=1)
+    out = g.conv(h, 4, k=3, group=group, bias=False)
+    g.output(out)
+    m = g.build()
+    grp = chain_group(m, h)
+    data = rand_data([1, 3, 6, 6], n=40)
+    ctx = ctx_for(m, [grp], data=data, damp=0.0)
+    err = CRITERIA["obs"].members(grp, ctx)[0]
+    from onnxprune.calibrate import conv_patches
+    conv2 = [n for n in m.graph.node if n.op_type == "Conv"][1]
+    w = init(m, conv2.input[1]).astype(np.float64)              # [4, 4/group, 3, 3]
+    p = conv_patches(_tensor(m, h, data), [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], group)
+    y = _tensor(m, out, data)
+    cin_g = 4 // group
+    for s in range(4):
+        gi, j = divmod(s, cin_g)
+        hinv = np.linalg.inv(p[gi].T @ p[gi])
+        wg = w.reshape(group, 4 // group, -1)[gi]
+        new = w.reshape(group, 4 // group, -1).copy()
+        new[gi] = _obs_compensated(wg, hinv, list(range(j * 9, j * 9 + 9)))
+        m2 = onnx.ModelProto()
+        m2.CopyFrom(m)
+        set_init(m2, conv2.input[1], new.reshape(w.shape))
+        real = ((_tensor(m2, out, data) - y) ** 2).sum()
+        np.testing.assert_allclose(err[s], real, rtol=2e-3)
+
+
+def test_flatten_positions_are_summed_into_their_channel():
+    g = GraphBuilder("x", [1, 2, 4, 4], seed=6, dynamic_batch=True)
+    h = g.conv("x", 3, k=3)
+    r = g.maxpool(g.relu(h))                                      # -> [N, 3, 2, 2]
+    g.output(g.gemm(g.flatten(g.relu(g.conv(r, 3, k=1))), 5))
+    m = g.build()
+    conv2 = [n for n in m.graph.node if n.op_type == "Conv"][1]
+    grp = chain_group(m, conv2.output[0])
+    fl = next(mem for mem in grp.members if mem.kind == WEIGHT_IN)
+    assert fl.op == "Gemm" and len(fl.index) == 12
+    gemm_w = init(m, fl.tensor).astype(np.float64)               # [5, 12], transB
+    want_in = np.abs(gemm_w).sum(axis=0).reshape(3, 4).sum(axis=1)
+    w2 = init(m, conv2.input[1]).astype(np.float64)
+    want_out = np.abs(w2).sum(axis=(1, 2, 3))
+    got = score_groups([grp], ctx_for(m, [grp]), "l1", reduction="sum")[grp.id]
+    np.testing.assert_allclose(got, want_in / want_in.mean() + want_out / want_out.mean(), rtol=1e-12)
+    ctx = ctx_for(m, [grp], data=rand_data([1, 2, 4, 4], n=30))
+    for crit in ("obs", "wanda", "lasso", "entropy", "fluctuation"):
+        s = score_groups([grp], ctx, crit)[grp.id]
+        assert s.shape == (3,) and np.all(np.isfinite(s)) and np.all(s >= 0), crit
+
+
+def test_combine_without_members_gives_zeros():
+    np.testing.assert_array_equal(combine([], 3, "mean", "mean"), np.zeros(3))
