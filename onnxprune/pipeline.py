@@ -1,0 +1,173 @@
+"""The prune pipeline: load -> analyze -> score -> plan -> rewrite -> verify -> (reconstruct) -> measure.
+
+``prune()`` is the Python API behind ``onnxprune prune``; each step lives in
+its own module and this file only wires them together and times them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import ir, metrics, rewrite, verify as verify_mod
+from .analysis import analyze
+from .data import ArrayData, open_data, random_feed
+from .errors import OnnxPruneError, VerificationError
+from .groups import Analysis
+from .plan import Plan, Policy, make_plan
+
+
+@dataclass
+class PruneResult:
+    proto: onnx.ModelProto
+    original: ir.Model
+    analysis: Analysis
+    plan: Plan
+    rewrite: rewrite.RewriteResult
+    verification: verify_mod.Verification | None
+    before: metrics.ModelStats
+    after: metrics.ModelStats
+    criterion: str
+    data_source: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def report(self) -> dict:
+        """The JSON report (stable keys, see README)."""
+        a = self.analysis
+        pruned_ids = {gid for gid, r in self.plan.removed.items() if len(r)}
+        return {
+            "model": str(self.original.path) if self.original.path else None,
+            "criterion": self.criterion,
+            "importance_data": self.data_source,
+            "params_before": self.before.params, "params_after": self.after.params,
+            "macs_before": self.before.macs, "macs_after": self.after.macs,
+            "file_bytes_before": self.original.file_bytes,
+            "groups_found": len(a.groups),
+            "groups_pruned": len(pruned_ids),
+            "groups_frozen": len(a.frozen),
+            "verified": bool(self.verification.passed) if self.verification is not None else False,
+            "verification": self.verification.to_json() if self.verification is not None else None,
+            "input_shapes": a.input_shapes,
+            "groups": self.rewrite.groups,
+            "frozen": [{"group": g.id, "label": g.label, "size": g.size, "reasons": g.reasons}
+                       for g in a.frozen if g.size > 1],
+            "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in a.barriers],
+            "notes": self.plan.notes,
+            "seconds": self.seconds,
+            **self.extra,
+        }
+
+
+def _timed(seconds: dict, key: str):
+    class _T:
+        def __enter__(self):
+            self.t = time.perf_counter()
+
+        def __exit__(self, *exc):
+            seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - self.t, 4)
+    return _T()
+
+
+def verification_feeds(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
+                       data: ArrayData | None = None, n_random: int = 2) -> list[dict[str, np.ndarray]]:
+    """Random batches at the analysis shapes, plus one real batch when data is given."""
+    feeds = [random_feed(proto, input_shapes, seed=s) for s in range(n_random)]
+    if data is not None and data.kind != "random":
+        batch = min(s[0] for s in input_shapes.values() if s) if input_shapes else 1
+        real = next(data.batches(max(1, batch)), None)
+        if real is not None and all(list(v.shape) == input_shapes[k] for k, v in real.items()):
+            feeds.append(real)
+    return feeds
+
+
+def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, criterion: str = "l2",
+          group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
+          calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
+          split_carrier: str = "largest", progress=None, rtol: float = 1e-4) -> PruneResult:
+    """Prune ``model`` and verify the result against the masked original.
+
+    Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
+    when the pruned model does not match its masked original (a bug).
+    """
+    from .importance import ScoreContext, requires_data, score_groups
+
+    policy = policy or Policy()
+    policy.check()
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "load"):
+        original = model if isinstance(model, ir.Model) else ir.load(model)
+    with _timed(seconds, "analyze"):
+        analysis = analyze(original, input_shapes, split_carrier=split_carrier)
+    data = calib if isinstance(calib, ArrayData) or calib is None else open_data(calib, original.proto,
+                                                                                 analysis.input_shapes)
+    if requires_data(criterion) and data is None:
+        raise OnnxPruneError(f"criterion '{criterion}' needs calibration data: add --calib DATA.npz "
+                             "(or --calib random)")
+    with _timed(seconds, "score"):
+        if plan is None:
+            ctx = ScoreContext(original.proto, analysis, data=data, progress=progress)
+            scores = score_groups(analysis.prunable, ctx, criterion, group_reduction)
+        else:
+            scores = {}
+    with _timed(seconds, "plan"):
+        if plan is None:
+            the_plan = make_plan(analysis, scores, policy)
+        else:
+            the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan, analysis)
+    with _timed(seconds, "rewrite"):
+        result = rewrite.apply(analysis, the_plan.removed, original)
+        try:
+            ir.check(result.proto, full=True)
+        except Exception as e:
+            raise VerificationError(f"the pruned model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    ver = None
+    if verify:
+        with _timed(seconds, "verify"):
+            feeds = verification_feeds(original.proto, analysis.input_shapes, data)
+            ver = verify_mod.verify(original.proto, result.proto, result.removed_positions, analysis.shapes,
+                                    feeds, rtol=rtol)
+        if not ver.passed:
+            culprits = _culprits(analysis, the_plan, original, feeds, rtol)
+            raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
+    with _timed(seconds, "measure"):
+        before = metrics.summarize(original.proto, analysis.input_shapes)
+        after = metrics.summarize(result.proto, analysis.input_shapes)
+    source = "none" if data is None else data.kind
+    return PruneResult(result.proto, original, analysis, the_plan, result, ver, before, after, criterion, source,
+                       seconds)
+
+
+def _describe_failure(ver: verify_mod.Verification) -> str:
+    if ver.error:
+        return ver.error
+    bad = [o for o in ver.outputs if not o.passed]
+    o = bad[0]
+    return (f"output '{o.name}' differs from the masked original by {o.max_abs:.3g} "
+            f"(allowed {o.tolerance:.3g}, relative {o.max_abs / max(o.scale, 1e-30):.3g})")
+
+
+def _culprits(analysis: Analysis, plan: Plan, original: ir.Model, feeds, rtol: float) -> str:
+    """Prune each group alone to name the ones whose rewrite is wrong."""
+    bad = []
+    for gid, removed in plan.removed.items():
+        if len(removed) == 0:
+            continue
+        try:
+            r = rewrite.apply(analysis, {gid: removed}, original)
+            ok = verify_mod.verify(original.proto, r.proto, r.removed_positions, analysis.shapes, feeds,
+                                   rtol=rtol).passed
+        except Exception:
+            ok = False
+        if not ok:
+            bad.append(f"{gid} ('{analysis.groups[gid].label}')")
+    return ", ".join(bad[:10]) or "none alone (an interaction between groups)"
+
+
+def save(result: PruneResult, path: str | os.PathLike) -> int:
+    return ir.save(result.proto, path, source=result.original.path)

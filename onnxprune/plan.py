@@ -1,0 +1,149 @@
+"""The pruning plan as data: which channels of which group go, and why.
+
+A plan is made from per-group importance scores and a policy (uniform ratio,
+per-layer ratios, ignored layers, global ranking, channel rounding), and it
+can be written to JSON and replayed on the same model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import OnnxPruneError
+from .groups import ACTIVATION, Analysis, Group
+
+
+@dataclass
+class Policy:
+    ratio: float = 0.3                                  # fraction of each group's channels removed
+    ratio_for: dict[str, float] = field(default_factory=dict)   # layer/tensor name -> ratio
+    ignore: list[str] = field(default_factory=list)     # layer/tensor names whose groups are left alone
+    round_to: int | None = None                         # keep channel counts multiples of this
+    global_ranking: bool = False                        # rank channels across groups (normalised scores)
+    max_ratio: float = 0.9                              # cap per group with global ranking
+
+    def check(self) -> None:
+        for name, r in [("--ratio", self.ratio), ("--max-ratio", self.max_ratio), *self.ratio_for.items()]:
+            if not (isinstance(r, (int, float)) and not math.isnan(r) and 0.0 <= r < 1.0):
+                raise OnnxPruneError(f"{name} {r}: a ratio must be in [0, 1)")
+        if self.round_to is not None and self.round_to < 1:
+            raise OnnxPruneError(f"--round-to {self.round_to}: must be a positive integer")
+
+
+@dataclass
+class Plan:
+    removed: dict[int, np.ndarray]        # group id -> removed channel indices (sorted)
+    ratios: dict[int, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self, analysis: Analysis) -> dict:
+        return {"groups": [{"group": gid, "label": analysis.groups[gid].label, "size": analysis.groups[gid].size,
+                            "removed": r.tolist()} for gid, r in sorted(self.removed.items()) if len(r)],
+                "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, data: dict, analysis: Analysis) -> "Plan":
+        removed = {}
+        for entry in data.get("groups", []):
+            gid = int(entry["group"])
+            if gid >= len(analysis.groups) or analysis.groups[gid].label != entry.get("label"):
+                raise OnnxPruneError(f"plan group {gid} ('{entry.get('label')}') does not match this model")
+            g = analysis.groups[gid]
+            r = np.asarray(entry["removed"], dtype=np.int64)
+            if g.frozen or (len(r) and (r.min() < 0 or r.max() >= g.size)) or len(set(r.tolist())) >= g.size:
+                raise OnnxPruneError(f"plan group {gid} ('{g.label}'): removal does not fit the group")
+            removed[gid] = np.sort(r)
+        return cls(removed)
+
+    def count(self) -> int:
+        return sum(1 for r in self.removed.values() if len(r))
+
+
+def matches(group: Group, names: list[str]) -> bool:
+    if not names:
+        return False
+    mine = {group.label, *group.layers, *(m.tensor for m in group.members if m.kind != ACTIVATION)}
+    return any(n in mine for n in names)
+
+
+def group_ratio(group: Group, policy: Policy) -> float:
+    for name, r in policy.ratio_for.items():
+        if matches(group, [name]):
+            return r
+    return policy.ratio
+
+
+def _rounded_keep(size: int, keep: int, round_to: int | None) -> int:
+    keep = max(1, keep)
+    if round_to and round_to > 1 and size > round_to:
+        keep = min(size, max(round_to, int(round(keep / round_to)) * round_to))
+    return keep
+
+
+def make_plan(analysis: Analysis, scores: dict[int, np.ndarray], policy: Policy) -> Plan:
+    """Remove the lowest-scoring channels of every prunable group according to ``policy``."""
+    policy.check()
+    candidates = [g for g in analysis.prunable if not matches(g, policy.ignore) and g.id in scores]
+    keep: dict[int, int] = {}
+    if policy.global_ranking:
+        keep = _global_keep(candidates, scores, policy)
+    else:
+        for g in candidates:
+            keep[g.id] = g.size - int(math.floor(g.size * group_ratio(g, policy) + 1e-9))
+    removed, ratios = {}, {}
+    for g in candidates:
+        k = _rounded_keep(g.size, keep[g.id], policy.round_to)
+        order = np.argsort(-np.asarray(scores[g.id], dtype=np.float64), kind="stable")
+        removed[g.id] = np.sort(order[k:]).astype(np.int64)
+        ratios[g.id] = (g.size - k) / g.size
+    plan = Plan(removed, ratios)
+    _keep_every_tensor_alive(analysis, plan, scores)
+    return plan
+
+
+def _global_keep(groups: list[Group], scores: dict[int, np.ndarray], policy: Policy) -> dict[int, int]:
+    entries = []
+    total = 0
+    for g in groups:
+        s = np.asarray(scores[g.id], dtype=np.float64)
+        s = s / (np.abs(s).mean() + 1e-12)
+        total += g.size
+        entries += [(v, g.id) for v in s.tolist()]
+    budget = int(math.floor(total * policy.ratio + 1e-9))
+    cap = {g.id: int(math.floor(g.size * min(policy.max_ratio, 1.0) + 1e-9)) for g in groups}
+    cap = {gid: min(c, next(g.size for g in groups if g.id == gid) - 1) for gid, c in cap.items()}
+    taken = {g.id: 0 for g in groups}
+    for v, gid in sorted(entries):
+        if budget <= 0:
+            break
+        if taken[gid] < cap[gid]:
+            taken[gid] += 1
+            budget -= 1
+    return {g.id: g.size - taken[g.id] for g in groups}
+
+
+def _keep_every_tensor_alive(analysis: Analysis, plan: Plan, scores: dict[int, np.ndarray]) -> None:
+    """A Split/Slice output may hold only some of a group's channels: never remove all of them."""
+    for _ in range(16):
+        gone: dict[str, np.ndarray] = {}
+        holders: dict[str, tuple[Group, object]] = {}
+        for g in analysis.groups:
+            r = plan.removed.get(g.id)
+            if r is None or len(r) == 0:
+                continue
+            for m in g.members:
+                if m.kind == ACTIVATION:
+                    hit = np.isin(m.index, r) & (m.index >= 0)
+                    gone[m.tensor] = gone.get(m.tensor, np.zeros(len(m.index), bool)) | hit
+                    holders.setdefault(m.tensor, (g, m))
+        empty = [t for t, mask in gone.items() if mask.all()]
+        if not empty:
+            return
+        g, m = holders[empty[0]]
+        present = np.unique(m.index[m.index >= 0])
+        best = int(present[np.argmax(np.asarray(scores.get(g.id, np.zeros(g.size)))[present])])
+        plan.removed[g.id] = plan.removed[g.id][plan.removed[g.id] != best]
+        plan.notes.append(f"kept channel {best} of group {g.id} so '{empty[0]}' is not emptied")
