@@ -401,3 +401,66 @@ def test_flatten_positions_are_summed_into_their_channel():
 
 def test_combine_without_members_gives_zeros():
     np.testing.assert_array_equal(combine([], 3, "mean", "mean"), np.zeros(3))
+
+
+# ---------------------------------------------------------------- through the analysis
+
+ALL = list(CRITERIA)
+
+
+def test_hand_groups_and_analyzed_groups_score_alike():
+    from onnxprune.analysis import analyze
+    m, h = conv_chain(dead=2)
+    a = analyze(m)
+    (grp,) = a.prunable
+    hand = chain_group(m, h)
+    data = rand_data([1, 3, 8, 8], n=20)
+    ctx_a, ctx_h = ScoreContext(m, a, data=data), ctx_for(m, [hand], data=data)
+    for crit in ALL:
+        if crit == "bn-scale":
+            continue
+        sa, sh = score_groups([grp], ctx_a, crit)[grp.id], score_groups([hand], ctx_h, crit)[hand.id]
+        np.testing.assert_allclose(sa, sh, rtol=1e-9, err_msg=crit)
+        if requires_data(crit):
+            assert int(np.argmin(sa)) == 2, crit
+
+
+def test_every_criterion_on_an_analyzed_residual_net_in_one_pass():
+    from onnxprune.analysis import analyze
+    g = GraphBuilder("x", [1, 3, 8, 8], seed=3, dynamic_batch=True)
+    r = g.relu(g.bn(g.conv("x", 6, k=3)))
+    r = g.relu(g.add(g.bn(g.conv(g.relu(g.bn(g.conv(r, 4, k=3))), 6, k=3)), r))
+    g.output(g.gemm(g.flatten(g.gap(r)), 3))
+    m = g.build()
+    a = analyze(m)
+    groups = a.prunable
+    assert len(groups) == 2
+    data = rand_data([1, 3, 8, 8], n=16)
+    for crit in ALL:
+        ctx = ScoreContext(m, a, data=data if requires_data(crit) else None, batch_size=8)
+        scores = score_groups(groups, ctx, crit, reduction="max")
+        for grp in groups:
+            s = scores[grp.id]
+            assert s.shape == (grp.size,) and s.dtype == np.float64 and np.all(np.isfinite(s)), crit
+        if requires_data(crit):
+            st = ctx.stats()
+            assert st.passes == 1 and st.samples == 16 and st.source == "npz", crit
+
+
+def test_matmul_weight_on_the_left_is_a_consumer():
+    from onnxprune.analysis import analyze
+    g = GraphBuilder("x", [1, 8, 5], seed=2, dynamic_batch=True)
+    w1, w2 = g.weight([6, 8]), g.weight([4, 6])
+    h = g.op("MatMul", [w1, "x"])                                   # [N, 6, 5]: channels on axis 1
+    r = g.relu(h)
+    g.output(g.op("MatMul", [w2, r]))
+    m = g.build()
+    a = analyze(m)
+    (grp,) = a.prunable
+    data = rand_data([1, 8, 5], n=12)
+    ctx = ScoreContext(m, a, data=data)
+    hidden = _tensor(m, r, data)                                    # [12, 6, 5]
+    w = init(m, w2).astype(np.float64)
+    want = np.abs(w).sum(axis=0) * np.sqrt((hidden ** 2).sum(axis=(0, 2)))
+    np.testing.assert_allclose(CRITERIA["wanda"].members(grp, ctx)[0], want, rtol=1e-6)
+    assert np.all(np.isfinite(score_groups([grp], ctx, "obs")[grp.id]))

@@ -87,10 +87,13 @@ def _dense(node: onnx.NodeProto, m: Member, w: np.ndarray, ctx: ScoreContext):
             return None
         wm = w.T if not attrs.get("transB", 0) else w
         return node.input[0], (0 if attrs.get("transA", 0) else 1), wm * float(attrs.get("alpha", 1.0))
-    if m.input_index != 1 or w.ndim != 2:
+    if w.ndim != 2:
         return None
-    rank = len(ctx.analysis.shapes.get(node.input[0], [])) or 2
-    return node.input[0], rank - 1, w.T
+    if m.input_index == 1:                      # x @ W: features on x's last axis
+        rank = len(ctx.analysis.shapes.get(node.input[0], [])) or 2
+        return node.input[0], rank - 1, w.T
+    rank = len(ctx.analysis.shapes.get(node.input[1], [])) or 2
+    return node.input[1], rank - 2, w           # W @ x: features on x's row axis
 
 
 def _conv(node: onnx.NodeProto, m: Member, w: np.ndarray, ctx: ScoreContext):

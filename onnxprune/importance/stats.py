@@ -23,7 +23,7 @@ import onnx
 from .. import calibrate, ir
 from ..data import DataSource
 
-DEFAULT_BINS = 32
+DEFAULT_BINS = 32                 # even: the streaming histogram merges bin pairs
 _GRAM_CHUNK_BYTES = 64 << 20      # float64 bytes of im2col rows handled at once
 MAX_OUTPUTS = 64                  # tapped tensors per onnxruntime session (more -> more passes)
 
@@ -78,8 +78,8 @@ class TensorStats:
     nonpos: np.ndarray            # elements <= 0 per position
     samples: int = 0
     hist: np.ndarray | None = None    # [P, bins] counts of per-sample channel means
-    lo: np.ndarray | None = None      # histogram range per position, fixed from the first batch
-    hi: np.ndarray | None = None
+    lo: np.ndarray | None = None      # histogram start and bin width per position
+    width: np.ndarray | None = None
 
     @classmethod
     def empty(cls, axis: int, positions: int) -> "TensorStats":
@@ -125,15 +125,28 @@ class TensorStats:
         self.samples += x.shape[0] if self.axis != 0 and x.ndim > 1 else 1
 
     def _add_hist(self, x: np.ndarray, bins: int) -> None:
-        means = _sample_means(x, self.axis)                   # [N, P]
+        """Streaming histogram: ``bins`` (even) bins per position whose width doubles whenever a
+        sample falls outside the range (adjacent bins merge), so no pass is needed to find the range."""
+        means = np.nan_to_num(_sample_means(x, self.axis))          # [N, P]
+        lo_b, hi_b = means.min(axis=0), means.max(axis=0)
         if self.hist is None:
-            lo, hi = means.min(axis=0), means.max(axis=0)
-            span = hi - lo
-            margin = np.where(span > 0, 0.25 * span, 1e-6 + 1e-3 * np.abs(lo))
-            self.lo, self.hi = lo - margin, hi + margin
+            span = hi_b - lo_b
+            self.lo = lo_b.copy()
+            self.width = np.where(span > 0, span, 1e-12 + 1e-9 * np.abs(lo_b)) / (bins - 1)
             self.hist = np.zeros((means.shape[1], bins), dtype=np.float64)
-        width = (self.hi - self.lo) / bins
-        b = np.clip(np.floor((means - self.lo) / width), 0, bins - 1).astype(np.int64)
+        while True:
+            down = lo_b < self.lo
+            up = ~down & (hi_b >= self.lo + self.width * bins)
+            if not (down.any() or up.any()):
+                break
+            for sel, half in ((up, slice(0, bins // 2)), (down, slice(bins // 2, bins))):
+                if sel.any():
+                    merged = self.hist[sel, 0::2] + self.hist[sel, 1::2]
+                    self.hist[sel] = 0.0
+                    self.hist[np.ix_(np.nonzero(sel)[0], np.arange(bins)[half])] = merged
+            self.lo = np.where(down, self.lo - self.width * bins, self.lo)
+            self.width = np.where(up | down, 2 * self.width, self.width)
+        b = np.clip(np.floor((means - self.lo) / self.width), 0, bins - 1).astype(np.int64)
         flat = (np.arange(means.shape[1]) * bins)[None, :] + b
         self.hist += np.bincount(flat.ravel(), minlength=self.hist.size).reshape(self.hist.shape)
 
@@ -205,6 +218,7 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
             limit: int | None = None, bins: int = DEFAULT_BINS,
             progress: Callable | None = None) -> CalibrationStats:
     """Stream ``data`` through ``proto`` once and accumulate what ``needs`` asks for."""
+    bins = max(2, bins + bins % 2)
     inputs = {vi.name for vi in ir.graph_inputs(proto)}
     wanted = {t for t, _ in needs.moments | needs.hist} | {s.x for s in needs.grams.values()}
     hist_keys = needs.hist
