@@ -1,0 +1,257 @@
+"""The three refits: least squares, bias compensation, BatchNormalization statistics.
+
+Each refit streams the tensors it asks for (from the original and from the pruned
+model, batch by batch) into running sums, never keeping activations; ``solve``
+computes the new parameters and their held-out error from those sums alone and
+keeps them only if that error is lower than the layer's error as it stands;
+``apply`` writes kept parameters into the working graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .layers import Linear, const_input, set_vector
+from .report import KEPT, REJECTED, SKIPPED, LayerResult
+
+
+def sample_rows(n: int, per_sample: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Flat row indices: all positions, or ``cap`` random positions of each sample."""
+    if cap is None or per_sample <= cap:
+        return np.arange(n * per_sample)
+    pick = np.sort(rng.random((n, per_sample)).argpartition(cap, axis=1)[:, :cap], axis=1)
+    return (pick + per_sample * np.arange(n)[:, None]).ravel()
+
+
+def _decide(result: LayerResult, before: float, after: float) -> bool:
+    result.error_before, result.error_after = float(before), float(after)
+    keep = bool(np.isfinite(after) and after < before)
+    result.status = KEPT if keep else REJECTED
+    return keep
+
+
+class Gram:
+    """Running sums of G grouped regressions: XᵀX, Σx, XᵀY, Σy, Σy² and the row count (float64)."""
+
+    def __init__(self, g: int, k: int, c: int):
+        self.n = 0
+        self.xx, self.sx = np.zeros((g, k, k)), np.zeros((g, k))
+        self.xy, self.sy, self.yy = np.zeros((g, k, c)), np.zeros((g, c)), np.zeros(g)
+
+    def add(self, X: np.ndarray, Y: np.ndarray) -> None:
+        """Rows ``X`` [G, R, K] and targets ``Y`` [G, R, C]."""
+        Xt = X.transpose(0, 2, 1)
+        self.xx += Xt @ X
+        self.sx += X.sum(1)
+        self.xy += Xt @ Y
+        self.sy += Y.sum(1)
+        self.yy += np.einsum("grc,grc->g", Y, Y)
+        self.n += X.shape[1]
+
+    def solve(self, W0: np.ndarray, b0: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+        """Least squares with intercept, damped towards ``W0`` by ``ridge * mean(diag(cov(X)))``.
+
+        Damping towards the current weights (not towards zero) means a huge ridge returns the
+        layer unchanged, and the fit's error on its own data is never above ``W0``'s.
+        """
+        n = self.n
+        mx, my = self.sx / n, self.sy / n
+        cxx = self.xx / n - mx[:, :, None] * mx[:, None, :]
+        cxy = self.xy / n - mx[:, :, None] * my[:, None, :]
+        damp = ridge * np.einsum("gkk->g", cxx) / cxx.shape[-1]
+        damp = np.maximum(damp, 1e-12 * np.maximum(np.abs(cxx).max(axis=(1, 2)), 1e-30))[:, None, None]
+        A = cxx + damp * np.eye(cxx.shape[-1])
+        B = cxy + damp * W0.transpose(0, 2, 1)
+        try:
+            W = np.linalg.solve(A, B)
+        except np.linalg.LinAlgError:
+            W = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(A, B)])
+        W = W.transpose(0, 2, 1)
+        return W, my - np.einsum("gck,gk->gc", W, mx)
+
+    def error(self, W: np.ndarray, b: np.ndarray) -> float:
+        """Σ‖y - Wx - b‖² / Σ‖y‖² over the accumulated rows, from the sums alone."""
+        sse = (self.yy - 2 * np.einsum("gck,gkc->g", W, self.xy) - 2 * np.einsum("gc,gc->g", b, self.sy)
+               + np.einsum("gck,gck->g", W @ self.xx, W) + 2 * np.einsum("gc,gck,gk->g", b, W, self.sx)
+               + self.n * np.einsum("gc,gc->g", b, b))
+        return max(float(sse.sum()), 0.0) / max(float(self.yy.sum()), 1e-30)
+
+
+class Fit:
+    """What every refit offers the scheduler."""
+
+    kind = ""
+    original: list[str]     # tensors it needs from the original model
+    pruned: list[str]       # tensors it needs from the pruned model being rebuilt
+    result: LayerResult
+
+    def add(self, original: dict[str, np.ndarray], pruned: dict[str, np.ndarray], held: bool) -> None:
+        raise NotImplementedError
+
+    def solve(self) -> LayerResult:
+        raise NotImplementedError
+
+    def apply(self, graph: gs.Graph) -> None:
+        raise NotImplementedError
+
+
+class LeastSquares(Fit):
+    """Refit W, b so the layer fed the pruned model's input reproduces the original layer's output."""
+
+    kind = "ls"
+
+    def __init__(self, lin: Linear, kept_out: np.ndarray, result: LayerResult, *, ridge: float,
+                 positions: int | None, seed: int):
+        self.lin, self.kept_out, self.result = lin, kept_out, result
+        self.ridge, self.positions = ridge, positions
+        self.rng = np.random.default_rng(seed)
+        self.original, self.pruned = [lin.node.outputs[0].name], [lin.node.inputs[0].name]
+        g, c, k = lin.W.shape
+        self.grams = {False: Gram(g, k, c), True: Gram(g, k, c)}
+        self.new: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, original, pruned, held):
+        rule = self.lin.rule
+        x = pruned[self.pruned[0]]
+        y = np.take(original[self.original[0]], self.kept_out, axis=rule.channel_axis)
+        rows = sample_rows(x.shape[0], rule.positions(x, y), self.positions, self.rng)
+        X = rule.features(self.lin, x, rows).astype(np.float64)
+        g, c = self.lin.W.shape[:2]
+        Y = rule.targets(y, rows).astype(np.float64).reshape(len(rows), g, c).transpose(1, 0, 2)
+        self.grams[held].add(X, Y)
+
+    def solve(self):
+        fit, check = self.grams[False], self.grams[True]
+        W0, b0 = self.lin.W, self.lin.b.reshape(self.lin.W.shape[:2])
+        W, b = fit.solve(W0, b0, self.ridge)
+        if _decide(self.result, check.error(W0, b0), check.error(W, b)):
+            self.new = (W, b.reshape(-1))
+        return self.result
+
+    def apply(self, graph):
+        if self.new is not None:
+            self.lin.rule.write(graph, self.lin, *self.new)
+
+
+class BiasShift(Fit):
+    """FLAP-style compensation: add the removed inputs' mean contribution to the bias.
+
+    ``b' = b + Σ_removed W[:, c] · E[x_c]`` with kernel-summed weights and the mean of
+    the ORIGINAL model's input channel (ConvTranspose scales by input/output positions).
+    """
+
+    kind = "bias"
+
+    def __init__(self, lin: Linear, original: Linear, kept_in: np.ndarray, kept_out: np.ndarray,
+                 result: LayerResult):
+        self.lin, self.kept_out, self.result = lin, kept_out, result
+        self.removed = np.setdiff1d(np.arange(original.cin), kept_in)
+        self.weights = original.dense()[:, self.removed][kept_out]        # [Cout', removed]
+        node = lin.node
+        self.original = [node.inputs[0].name, node.outputs[0].name]
+        self.pruned = [node.outputs[0].name]
+        self.sum_x = np.zeros(original.cin)
+        self.count_x = 0
+        self.spread = 1.0
+        c = lin.cout
+        self.r1, self.r2, self.yy, self.count_y = np.zeros(c), np.zeros(c), 0.0, 0
+        self.new: np.ndarray | None = None
+
+    def add(self, original, pruned, held):
+        ax = self.lin.rule.channel_axis
+        x, y = original[self.original[0]], original[self.original[1]]
+        if not held:
+            xs = np.moveaxis(x, ax, -1).reshape(-1, x.shape[ax]).astype(np.float64)
+            self.sum_x += xs.sum(0)
+            self.count_x += xs.shape[0]
+            self.spread = self.lin.rule.spread(x, y)
+            return
+        yo = np.moveaxis(np.take(y, self.kept_out, axis=ax), ax, -1).astype(np.float64)
+        r = (yo - np.moveaxis(pruned[self.pruned[0]], ax, -1)).reshape(-1, len(self.kept_out))
+        self.r1 += r.sum(0)
+        self.r2 += (r * r).sum(0)
+        self.yy += float((yo * yo).sum())
+        self.count_y += r.shape[0]
+
+    def solve(self):
+        delta = self.spread * self.weights @ (self.sum_x[self.removed] / max(self.count_x, 1))
+        before = self.r2.sum()
+        after = (self.r2 - 2 * delta * self.r1 + self.count_y * delta * delta).sum()
+        if _decide(self.result, before / max(self.yy, 1e-30), max(after, 0.0) / max(self.yy, 1e-30)):
+            self.new = self.lin.b + delta
+        return self.result
+
+    def apply(self, graph):
+        if self.new is not None:
+            self.lin.rule.write(graph, self.lin, self.lin.W, self.new)
+
+
+class BatchNormStats(Fit):
+    """Re-estimate a BatchNormalization's mean and variance on the pruned model's activations.
+
+    Moment matching against the original on the same data: ``mean' = μp - (μo - mean)·σp/σo``
+    and ``var' = var·σp²/σo²``, so that the pruned BN's output has the first two moments of the
+    original's. When the calibration data has the training statistics (μo = mean, σo² = var)
+    this is plain re-estimation (mean' = μp, var' = σp²); a BN whose input did not change is
+    left exactly as it was.
+    """
+
+    kind = "bn"
+
+    def __init__(self, node: gs.Node, original: gs.Node, kept: np.ndarray, result: LayerResult):
+        self.node, self.kept, self.result = node, kept, result
+        self.eps = float(node.attrs.get("epsilon", 1e-5))
+        self.params = [const_input(node, i).values.astype(np.float64) for i in range(1, 5)]
+        self.reference = [const_input(original, i).values.astype(np.float64)[kept] for i in range(1, 5)]
+        self.original = self.pruned = [node.inputs[0].name]
+        c = len(kept)
+        self.sums = {h: np.zeros((6, c)) for h in (False, True)}     # n, Σp, Σp², Σo, Σo², Σpo
+        self.new: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, original, pruned, held):
+        xo = np.moveaxis(np.take(original[self.original[0]], self.kept, axis=1), 1, -1)
+        xp = np.moveaxis(pruned[self.pruned[0]], 1, -1)
+        xo = xo.reshape(-1, xo.shape[-1]).astype(np.float64)
+        xp = xp.reshape(-1, xp.shape[-1]).astype(np.float64)
+        s = self.sums[held]
+        s[0] += xp.shape[0]
+        s[1:] += np.stack([xp.sum(0), (xp * xp).sum(0), xo.sum(0), (xo * xo).sum(0), (xp * xo).sum(0)])
+
+    def _affine(self, mean, var, params):
+        scale, shift = params[0], params[1]
+        a = scale / np.sqrt(var + self.eps)
+        return a, shift - a * mean
+
+    def _error(self, mean, var) -> float:
+        n, sp, spp, so, soo, spo = self.sums[True] / np.maximum(self.sums[True][0], 1)
+        a, c = self._affine(mean, var, self.params)
+        ao, co = self._affine(self.reference[2], self.reference[3], self.reference)
+        dc = c - co
+        err = a * a * spp + ao * ao * soo - 2 * a * ao * spo + 2 * dc * (a * sp - ao * so) + dc * dc
+        ref = ao * ao * soo + 2 * ao * co * so + co * co
+        return max(float(err.sum()), 0.0) / max(float(ref.sum()), 1e-30)
+
+    def solve(self):
+        n, sp, spp, so, soo, _ = self.sums[False]
+        n = max(n[0], 1)
+        mp, mo = sp / n, so / n
+        vp, vo = np.maximum(spp / n - mp * mp, 0), np.maximum(soo / n - mo * mo, 0)
+        mean, var = self.params[2], self.params[3]
+        ok = vo > 1e-12 * max(float(vo.max()), 1e-30)
+        ratio = np.sqrt(np.where(ok, vp, 1) / np.where(ok, vo, 1))
+        new_mean = np.where(ok, mp - (mo - mean) * ratio, mean)
+        new_var = np.where(ok, var * ratio * ratio, var)
+        if _decide(self.result, self._error(mean, var), self._error(new_mean, new_var)):
+            self.new = (new_mean, new_var)
+        return self.result
+
+    def apply(self, graph):
+        if self.new is not None:
+            dtype = const_input(self.node, 3).values.dtype
+            set_vector(graph, self.node, 3, self.new[0].astype(dtype), "mean")
+            set_vector(graph, self.node, 4, self.new[1].astype(dtype), "var")
+
+
+def skipped(node: str, op: str, kind: str, reason: str) -> LayerResult:
+    return LayerResult(node, op, kind, status=SKIPPED, reason=reason)

@@ -1,0 +1,121 @@
+"""Passes over the calibration data: which refits share one, and running original and pruned side by side.
+
+A refit's input must reflect the refits upstream of it, so refits are ordered by
+*dependency level* (how many refit layers lie on the longest path before them in
+the pruned graph): refits of one level never feed each other and can share one pass.
+Every pass runs both models only as far as the tensors it taps (onnxruntime itself
+executes the whole graph whatever outputs are fetched).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import runtime
+from ..data import ArrayData
+
+Progress = Callable[[Iterable, int, str], Iterable]
+
+
+def levels(graph: gs.Graph, names: set[str]) -> dict[str, int]:
+    """Dependency level of each node in ``names`` within the topologically sorted ``graph``."""
+    depth: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for node in graph.nodes:
+        d = max((depth.get(t.name, 0) for t in node.inputs), default=0)
+        if node.name in names:
+            out[node.name] = d
+            d += 1
+        for t in node.outputs:
+            depth[t.name] = d
+    return out
+
+
+def downstream(graph: gs.Graph, names: set[str]) -> set[str]:
+    """Names of the nodes that consume, directly or not, an output of a node in ``names``."""
+    hit: set[str] = set()
+    reached: set[str] = set()
+    for node in graph.nodes:
+        if any(t.name in hit for t in node.inputs):
+            reached.add(node.name)
+        if node.name in names or node.name in reached:
+            hit.update(t.name for t in node.outputs)
+    return reached
+
+
+def stage_of(level: int, num_levels: int, stages: int | None) -> int:
+    """Pass index of a level: one pass per level, or levels merged evenly into ``stages`` passes."""
+    if stages is None or stages >= num_levels:
+        return level
+    return level * stages // num_levels
+
+
+def _uses(node: onnx.NodeProto) -> Iterator[str]:
+    yield from node.input
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in g.node:
+                yield from _uses(inner)
+
+
+def truncate(proto: onnx.ModelProto, outputs: list[str], types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
+    """The part of ``proto`` needed to compute ``outputs``, which become its only outputs."""
+    need = set(outputs)
+    keep = []
+    for node in reversed(proto.graph.node):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(_uses(node))
+    inits = [t for t in proto.graph.initializer if t.name in need]
+    init_names = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in init_names or i.name in need]
+    outs = []
+    for name in outputs:
+        vi = onnx.ValueInfoProto(name=name)
+        if name in types:
+            vi.type.tensor_type.elem_type = types[name].tensor_type.elem_type
+        outs.append(vi)
+    m = onnx.ModelProto(ir_version=proto.ir_version)
+    m.opset_import.extend(proto.opset_import)
+    m.functions.extend(proto.functions)
+    m.graph.CopyFrom(onnx.helper.make_graph(keep[::-1], proto.graph.name, inputs, outs, inits))
+    return m
+
+
+class Tapper:
+    """Fetches named tensors of one model batch by batch; graph inputs come from the feed."""
+
+    def __init__(self, proto: onnx.ModelProto, names: list[str]):
+        feeds = {i.name for i in proto.graph.input}
+        self.names = list(dict.fromkeys(names))
+        self.fetch = [n for n in self.names if n not in feeds]
+        self.sess = None
+        if self.fetch:
+            self.sess = runtime.session(truncate(proto, self.fetch, runtime.tensor_types(proto)))
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        got = runtime.run(self.sess, feed, self.fetch) if self.sess is not None else {}
+        return {n: got[n] if n in got else feed[n] for n in self.names}
+
+
+def paired(original: Tapper, pruned: Tapper, fit: ArrayData, held: ArrayData, batch_size: int,
+           progress: Progress | None = None, description: str = "reconstructing"
+           ) -> Iterator[tuple[bool, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """``(is_held_out, original tensors, pruned tensors)`` for every batch of ``fit`` then ``held``."""
+
+    def batches():
+        for is_held, data in ((False, fit), (True, held)):
+            if data.num_samples:
+                for feed in data.batches(batch_size):
+                    yield is_held, feed
+
+    it: Iterable = batches()
+    if progress is not None:
+        steps = sum(-(-d.num_samples // batch_size) for d in (fit, held))
+        it = progress(it, steps, description)
+    for is_held, feed in it:
+        yield is_held, original(feed), pruned(feed)
