@@ -217,10 +217,8 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
     """Concrete shapes (inference, then one onnxruntime run for what it leaves open) and observed shape values."""
     proto = model.proto if isinstance(model, ir.Model) else model
     shapes_in = ir.resolve_input_shapes(proto, input_shapes)
-    fixed = ir.with_input_shapes(proto, shapes_in)
-    graph = ir.to_graph(fixed)
-    lifted = ir.from_graph(graph.copy(), fixed)
-    shapes = ir.infer_shapes(lifted)
+    graph = ir.to_graph(proto)
+    shapes = ir.infer_shapes(proto, shapes_in)
     want_values = set()
     for node in graph.nodes:
         for i in SHAPE_INPUTS.get(node.op, ()):
@@ -230,10 +228,10 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
                if t.name and (shapes.get(t.name) is None or any(d is None for d in shapes[t.name]))}
     observed: dict[str, np.ndarray] = {}
     need = sorted(want_values | unknown)
-    if need:
-        feed = random_feed(lifted, shapes_in)
-        sess = runtime.session(runtime.with_outputs(lifted, need), optimize=False)
-        vals = runtime.run(sess, feed, need)
+    if need:  # only graphs whose shapes depend on run-time values pay for an onnxruntime run
+        fixed = ir.with_input_shapes(proto, shapes_in)
+        sess = runtime.session(runtime.with_outputs(fixed, need), optimize=False)
+        vals = runtime.run(sess, random_feed(fixed, shapes_in), need)
         for name, v in vals.items():
             shapes[name] = list(v.shape)
             if name in want_values:

@@ -261,7 +261,7 @@ def from_graph(graph: gs.Graph, template: Model | onnx.ModelProto) -> onnx.Model
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
     out = onnx.ModelProto()
-    out.CopyFrom(tmpl) if tmpl.ByteSize() < TWO_GB else _copy_header(tmpl, out)
+    _copy_header(tmpl, out)  # never copy the template's graph (and its weights) only to replace it
     out.graph.CopyFrom(exported.graph)
     # graph value_info of a structurally changed graph is stale: shapes are re-inferred
     del out.graph.value_info[:]
@@ -349,20 +349,70 @@ def with_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
     return m
 
 
-def infer_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+def skeleton(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+             max_elements: int = 4096) -> onnx.ModelProto:
+    """A weight-free copy for shape and type inference.
+
+    Large initializers become graph inputs of the same name, type and shape (shape
+    inference needs only those); small ones (shape constants) keep their values.
+    ``input_shapes`` overrides the inputs' dimensions.
+    """
+    src = proto.graph
+    m = onnx.ModelProto()
+    _copy_header(proto, m)
+    g = m.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    init_names = {t.name for t in src.initializer}
+    for vi in src.input:
+        if vi.name in init_names:
+            continue
+        new = g.input.add()
+        new.CopyFrom(vi)
+        if input_shapes and vi.name in input_shapes:
+            dims = new.type.tensor_type.shape.dim
+            del dims[:]
+            for d in input_shapes[vi.name]:
+                dims.add().dim_value = int(d)
+    for t in src.initializer:
+        if int(np.prod(t.dims)) <= max_elements and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        else:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
+
+
+def infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+                 ) -> dict[str, list[int | None]]:
     """Tensor name -> shape after ONNX shape inference (unknown dims are None)."""
+    return {n: s for n, (s, _) in infer(proto, input_shapes).items()}
+
+
+def infer(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+          ) -> dict[str, tuple[list[int | None], int]]:
+    """Tensor name -> (shape, ONNX element type) after shape inference on the model's skeleton."""
+    sk = skeleton(proto, input_shapes)
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(sk, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
-        inferred = proto
-    shapes: dict[str, list[int | None]] = {}
+        inferred = sk
+    out: dict[str, tuple[list[int | None], int]] = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if vi.type.HasField("tensor_type"):
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] \
+                if t.HasField("shape") else None
+            out[vi.name] = (shape, t.elem_type)
     for init in inferred.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
+        out[init.name] = (list(init.dims), init.data_type)
+    for node in inferred.graph.node:  # Constant nodes: their values are known exactly
+        if node.op_type == "Constant" and len(node.output) == 1:
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out[node.output[0]] = (list(a.t.dims), a.t.data_type)
+    return {n: v for n, v in out.items() if v[0] is not None}
 
 
 def np_dtype(elem_type: int) -> np.dtype:

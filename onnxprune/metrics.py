@@ -166,15 +166,19 @@ def _needed(node: onnx.NodeProto) -> list[str]:
     return [n for n in (_slot_name(node, s) for s in RULES[node.op_type].needs) if n]
 
 
-def concrete_shapes(proto: onnx.ModelProto, names: set[str], known: dict[str, Shape]) -> dict[str, Shape]:
-    """Shapes of ``names``: ONNX shape inference first, one onnxruntime run on zeros for the rest."""
+def concrete_shapes(proto: onnx.ModelProto, names: set[str], known: dict[str, Shape], full=None
+                    ) -> dict[str, Shape]:
+    """Shapes of ``names``: ONNX shape inference first, one onnxruntime run on zeros for the rest.
+
+    ``proto`` may be a weight-free skeleton; ``full()`` then gives the runnable model for the fallback.
+    """
     shapes = dict(known)
     for name, dims in ir.infer_shapes(proto).items():
         if name not in shapes and all(isinstance(d, int) and d > 0 for d in dims):
             shapes[name] = list(dims)
     missing = sorted(n for n in names if n not in shapes)
     if missing:
-        shapes.update(_shapes_by_running(proto, missing))
+        shapes.update(_shapes_by_running(full() if full else proto, missing))
     return shapes
 
 
@@ -185,29 +189,42 @@ def _shapes_by_running(proto: onnx.ModelProto, names: list[str]) -> dict[str, Sh
     feed = {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in ir.input_dims(i)],
                              dtype=ir.input_dtype(i))
             for i in ir.graph_inputs(proto)}
+    quiet = runtime.ort.RunOptions()
+    quiet.log_severity_level = 4  # the failure becomes our one-line error, not an onnxruntime log line
     try:
-        values = runtime.run(sess, feed, names)
+        values = sess.run(names, feed, quiet)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise OnnxPruneError(f"cannot work out tensor shapes: onnxruntime failed on a zero input: {first}; "
-                             "pass --input-shape for each input") from None
-    return {n: list(np.shape(v)) for n, v in values.items()}
+        given = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
+        raise OnnxPruneError(f"cannot work out tensor shapes: onnxruntime failed on zero inputs {given} ({first}); "
+                             "pass --input-shape NAME=... with the sizes the model expects") from None
+    return {n: list(np.shape(v)) for n, v in zip(names, values)}
 
 
 # ---------------------------------------------------------------- summary
 
 def summarize(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> ModelStats:
     """Params and MACs of ``proto``; ``input_shapes`` fixes symbolic input dims (others become 1)."""
-    fixed = ir.with_input_shapes(proto, ir.resolve_input_shapes(proto, input_shapes))
-    graph = fixed.graph
+    shapes_in = ir.resolve_input_shapes(proto, input_shapes)
+    skeleton = ir.skeleton(proto, shapes_in)  # weight-free: shape inference stays cheap on big models
+    _forget_shapes(skeleton.graph)
+    graph = proto.graph
     consts = constants(graph)
     layer_nodes = [n for n in graph.node if n.op_type in RULES]
     need = {name for n in layer_nodes for name in _needed(n)}
-    shapes = concrete_shapes(fixed, need, {k: list(c.shape) for k, c in consts.items()})
+    shapes = concrete_shapes(skeleton, need, {k: list(c.shape) for k, c in consts.items()},
+                             full=lambda: ir.with_input_shapes(proto, shapes_in))
     source = _constant_sources(graph, consts)
     consumers = _consumers(graph)
     layers = [_layer(n, shapes, source, consts, consumers) for n in layer_nodes]
     return ModelStats(params=count_params(consts), macs=sum(layer.macs for layer in layers), layers=layers)
+
+
+def _forget_shapes(graph: onnx.GraphProto) -> None:
+    """Drop recorded intermediate and output shapes: they describe the exporter's input sizes, not ours."""
+    del graph.value_info[:]
+    for vi in graph.output:
+        vi.type.tensor_type.ClearField("shape")
 
 
 def _constant_sources(graph: onnx.GraphProto, consts: dict[str, Const]) -> dict[str, str]:

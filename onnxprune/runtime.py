@@ -41,18 +41,11 @@ def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: boo
 
 def tensor_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Type of every tensor ONNX shape inference can type."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
-    except Exception:
-        inferred = proto
     types = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type
-    for init in inferred.graph.initializer:
+    for name, (_, elem) in ir.infer(proto).items():
         t = onnx.TypeProto()
-        t.tensor_type.elem_type = init.data_type
-        types[init.name] = t
+        t.tensor_type.elem_type = elem
+        types[name] = t
     return types
 
 
