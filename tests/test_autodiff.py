@@ -51,8 +51,7 @@ def _elem(a: np.ndarray) -> int:
     return helper.np_dtype_to_tensor_dtype(a.dtype)
 
 
-def weighted_model(case: Case) -> tuple[onnx.ModelProto, np.dtype]:
-    """The op, then each output times a fixed random tensor, summed into the scalar output 'out'."""
+def op_model(case: Case) -> onnx.ModelProto:
     outs = [f"y{i}" for i in range(case.n_out)]
     inputs = [helper.make_tensor_value_info(n, _elem(case.arrays[n]), case.arrays[n].shape) for n in case.wrt]
     inits = [numpy_helper.from_array(a, n) for n, a in case.arrays.items() if n not in case.wrt]
@@ -60,10 +59,16 @@ def weighted_model(case: Case) -> tuple[onnx.ModelProto, np.dtype]:
     graph = helper.make_graph(nodes, "t", inputs, [helper.make_tensor_value_info(o, 0, None) for o in outs], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
     model.ir_version = 8
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    types = {vi.name: vi.type.tensor_type for vi in inferred.graph.output}
-    dtype = helper.tensor_dtype_to_np_dtype(types[outs[0]].elem_type)
+    return model
+
+
+def weigh(model: onnx.ModelProto) -> tuple[onnx.ModelProto, np.dtype]:
+    """``model`` with each output times a fixed random tensor, all summed into the scalar output 'out'."""
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     graph = model.graph
+    types = {vi.name: vi.type.tensor_type for vi in graph.output}
+    outs = [vi.name for vi in graph.output]
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(types[outs[0]].elem_type))
     del graph.output[:]
     sums = []
     for o in outs:
@@ -76,7 +81,7 @@ def weighted_model(case: Case) -> tuple[onnx.ModelProto, np.dtype]:
     graph.node.append(helper.make_node("Sum", sums, ["out"]))
     graph.output.append(helper.make_tensor_value_info("out", types[outs[0]].elem_type, []))
     onnx.checker.check_model(model, full_check=True)
-    return model, np.dtype(dtype)
+    return model, dtype
 
 
 def finite_differences(model: onnx.ModelProto, feeds: dict, name: str, eps: float) -> np.ndarray:
@@ -107,16 +112,20 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want), initial=0.0) / max(np.max(np.abs(want), initial=0.0), 1e-2))
 
 
-def check(case: Case) -> None:
-    model, dtype = weighted_model(case)
-    feeds = {n: case.arrays[n] for n in case.wrt}
-    got = gradients(model, feeds, case.wrt)
+def check_model(model: onnx.ModelProto, feeds: dict, wrt: list[str], what: str = "") -> None:
+    """Gradients of the weighted sum of ``model``'s outputs w.r.t. graph inputs ``wrt`` equal finite differences."""
+    weighted, dtype = weigh(model)
+    got = gradients(weighted, feeds, wrt)
     eps, tol = (1e-6, 1e-6) if dtype == F64 else (1e-2, 3e-4)
-    for name in case.wrt:
-        want = finite_differences(model, feeds, name, eps)
+    for name in wrt:
+        want = finite_differences(weighted, feeds, name, eps)
         assert np.abs(want).max() > 0, f"{name}: finite differences are all zero, the test checks nothing"
         err = relative_error(got[name], want)
-        assert err < tol, f"{case.op} d/d{name}: relative error {err:.2e}\ngot\n{got[name]}\nwant\n{want}"
+        assert err < tol, f"{what} d/d{name}: relative error {err:.2e}\ngot\n{got[name]}\nwant\n{want}"
+
+
+def check(case: Case) -> None:
+    check_model(op_model(case), {n: case.arrays[n] for n in case.wrt}, case.wrt, case.op)
 
 
 # ------------------------------------------------------------------ per-rule cases
@@ -299,3 +308,251 @@ def test_rule_matches_finite_differences(name):
 def test_every_rule_has_a_case():
     covered = {case.op for case in CASES.values()}
     assert set(RULES) - covered == set()
+
+
+# ------------------------------------------------------------------ graphs of several nodes
+def graph_model(nodes, inputs: dict[str, np.ndarray], outputs: list[str], inits: dict | None = None,
+                opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, _elem(a), a.shape) for n, a in inputs.items()],
+        [helper.make_tensor_value_info(o, 0, None) for o in outputs],
+        [numpy_helper.from_array(a, n) for n, a in (inits or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def test_tensor_read_by_several_nodes_sums_their_contributions():
+    x = rand(2, 3)
+    nodes = [helper.make_node("Tanh", ["x"], ["a"]), helper.make_node("Mul", ["a", "a"], ["sq"]),
+             helper.make_node("Sigmoid", ["a"], ["s"]), helper.make_node("Add", ["sq", "s"], ["y"]),
+             helper.make_node("Softmax", ["a"], ["z"], axis=0)]
+    check_model(graph_model(nodes, {"x": x}, ["y", "z"]), {"x": x}, ["x"], "fan-out")
+
+
+def test_split_output_without_gradient_and_tensor_off_the_path():
+    x, other = rand(2, 5), rand(2, 5)
+    nodes = [helper.make_node("Split", ["x", "sizes"], ["p", "q"], axis=1),
+             helper.make_node("Relu", ["p"], ["y"]), helper.make_node("Relu", ["q"], ["unused"]),
+             helper.make_node("Neg", ["other"], ["off"])]
+    model = graph_model(nodes, {"x": x, "other": other}, ["y", "off"], {"sizes": ints(2, 3)})
+    got = gradients(model, {"x": x, "other": other}, ["x", "other"], output="y")
+    assert np.array_equal(got["x"][:, :2], (x[:, :2] > 0).astype(F64))
+    assert np.array_equal(got["x"][:, 2:], np.zeros((2, 3)))
+    assert np.array_equal(got["other"], np.zeros((2, 5)))
+
+
+def test_gradient_of_an_intermediate_activation():
+    """d loss / d a for an activation a equals finite differences on the graph cut at a."""
+    a, w = rand(3, 4), rand(4, 2)
+    nodes = [helper.make_node("Sigmoid", ["x"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["y"])]
+    full = graph_model(nodes, {"x": rand(3, 4)}, ["y"], {"w": w})
+    weighted, _ = weigh(full)
+    x = rand(3, 4)
+    got = gradients(weighted, {"x": x}, ["a", "x"])
+    cut = onnx.ModelProto()
+    cut.CopyFrom(weighted)
+    del cut.graph.node[0]
+    cut.graph.input[0].name = "a"
+    a = 1 / (1 + np.exp(-x))
+    want = finite_differences(cut, {"a": a}, "a", 1e-6)
+    assert relative_error(got["a"], want) < 1e-6
+    assert relative_error(got["x"], want * a * (1 - a)) < 1e-6
+
+
+# ------------------------------------------------------------------ a small CNN end to end
+def small_cnn(dynamic_batch: bool = False) -> tuple[onnx.ModelProto, dict[str, str]]:
+    g = GraphBuilder("x", [4, 3, 8, 8], seed=3, dynamic_batch=dynamic_batch)
+    conv = g.conv("x", 6, k=3)
+    act = g.relu(g.bn(conv))
+    logits = g.gemm(g.flatten(g.maxpool(act)), 5)
+    g.output(logits)
+    model = g.build()
+    node = {n.op_type: n for n in model.graph.node}
+    names = {"conv_w": node["Conv"].input[1], "conv_b": node["Conv"].input[2],
+             "bn_scale": node["BatchNormalization"].input[1], "fc_w": node["Gemm"].input[1], "act": act}
+    return model, names
+
+
+def as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy whose initializers ``names`` are graph inputs (to perturb them for finite differences)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [t for t in out.graph.initializer if t.name not in names]
+    for t in out.graph.initializer:
+        if t.name in names:
+            out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    return out
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits.astype(F64)
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def test_small_cnn_cross_entropy_matches_finite_differences():
+    model, names = small_cnn(dynamic_batch=True)
+    weights = [names[k] for k in ("conv_w", "conv_b", "bn_scale", "fc_w")]
+    gm = build_gradient_model(model, weights + [names["act"]], loss="cross_entropy")
+    onnx.checker.check_model(gm.proto, full_check=True)
+    assert list(gm.extra_inputs) == ["labels"] and "int64" in gm.extra_inputs["labels"]
+    sess = runtime.session(gm.proto)
+    forward = runtime.session(as_inputs(model, weights))
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in weights}
+    rng = np.random.default_rng(7)
+    for batch in (4, 3):  # one graph serves any batch size
+        x = rng.standard_normal((batch, 3, 8, 8)).astype(F32)
+        labels = rng.integers(0, 5, batch).astype(np.int64)
+        got = runtime.run(sess, {"x": x, "labels": labels})
+        logits = forward.run(None, {"x": x, **values})[0]
+        assert abs(float(got[gm.loss_name]) - cross_entropy(logits, labels)) < 1e-5
+        def fd(name: str, idx: tuple, eps: float) -> float:
+            losses = []
+            for step in (eps, -eps):
+                w = values[name].copy()
+                w[idx] += step
+                losses.append(cross_entropy(forward.run(None, {"x": x, **values, name: w})[0], labels))
+            return (losses[0] - losses[1]) / (2 * eps)
+
+        for name in weights:
+            grad = got[gm.grad_names[name]]
+            checked = 0
+            for idx in [tuple(rng.integers(0, d) for d in grad.shape) for _ in range(6)]:
+                coarse, fine = fd(name, idx, 3e-3), fd(name, idx, 1e-3)
+                if abs(coarse - fine) > 2e-4 * max(1.0, abs(fine)):
+                    continue  # a ReLU or max-pool switch lies within the step: no derivative to compare
+                assert abs(grad[idx] - fine) < 3e-4 * max(1.0, abs(fine)), (name, idx, grad[idx], fine)
+                checked += 1
+            assert checked >= 3, f"{name}: too few smooth entries to check"
+        act_grad = got[gm.grad_names[names["act"]]]
+        assert act_grad.shape == (batch, 6, 8, 8) and np.abs(act_grad).max() > 0
+
+
+def test_only_nodes_on_the_path_get_backward_nodes():
+    model, names = small_cnn()
+    gm = build_gradient_model(model, [names["fc_w"]], loss="sum")
+    ops = [n.op_type for n in gm.proto.graph.node[len(model.graph.node):]]
+    assert "Gemm" in ops and not {"ConvTranspose", "Conv", "MaxPool", "ScatterElements"} & set(ops)
+
+
+def test_trainable_weights_become_inputs():
+    model, names = small_cnn()
+    weights = [names["conv_w"], names["fc_w"]]
+    gm = build_gradient_model(model, weights, loss="mse", trainable_as_inputs=True)
+    assert gm.param_inputs == weights and list(gm.extra_inputs) == ["teacher"]
+    inputs = {i.name for i in gm.proto.graph.input}
+    assert set(weights) <= inputs and not set(weights) & {t.name for t in gm.proto.graph.initializer}
+    sess = runtime.session(gm.proto)
+    forward = runtime.session(as_inputs(model, weights))
+    x, teacher = rand(4, 3, 8, 8, dtype=F32), rand(4, 5, dtype=F32)
+    updated = {k: v - 0.1 * np.sign(v) for k, v in gm.param_values.items()}
+    for params in (gm.param_values, updated):
+        loss = sess.run([gm.loss_name], {"x": x, "teacher": teacher, **params})[0]
+        out = forward.run(None, {"x": x, **params})[0]
+        assert abs(float(loss) - float(np.mean((out.astype(F64) - teacher) ** 2))) < 1e-5
+
+
+# ------------------------------------------------------------------ losses
+def mlp() -> onnx.ModelProto:
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("MatMul", ["t", "w2"], ["logits"])]
+    inits = {"w1": rand(6, 4), "b1": rand(6), "w2": rand(6, 3)}
+    return graph_model(nodes, {"x": rand(5, 4)}, ["logits"], inits)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def kl_divergence(student: np.ndarray, teacher: np.ndarray, t: float) -> float:
+    p, q = softmax(teacher / t), softmax(student / t)
+    return float((p * (np.log(p) - np.log(q))).sum() / len(p) * t * t)
+
+
+LOSS_REFERENCES = {
+    "cross_entropy": lambda z, extra: cross_entropy(z, extra),
+    "kl": lambda z, extra: kl_divergence(z, extra, 2.5),
+    "mse": lambda z, extra: float(np.mean((z - extra) ** 2)),
+    "sum": lambda z, extra: float(z.sum()),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSS_REFERENCES))
+def test_loss_value_and_gradient(loss):
+    model = mlp()
+    x = rand(5, 4)
+    extra = {"cross_entropy": ints(0, 2, 1, 1, 0), "kl": rand(5, 3), "mse": rand(5, 3), "sum": None}[loss]
+    gm = build_gradient_model(model, ["w1", "w2"], loss=loss, temperature=2.5)
+    feeds = {"x": x, **{name: extra for name in gm.extra_inputs}}
+    got = runtime.run(runtime.session(gm.proto), feeds)
+    forward = runtime.session(as_inputs(model, ["w1", "w2"]))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def reference(ws: dict) -> float:
+        return LOSS_REFERENCES[loss](forward.run(None, {"x": x, "w1": ws["w1"], "w2": ws["w2"]})[0], extra)
+
+    assert abs(float(got[gm.loss_name]) - reference(weights)) < 1e-10
+    for name in ("w1", "w2"):
+        fd = np.zeros_like(weights[name])
+        for idx in np.ndindex(*fd.shape):
+            plus, minus = weights[name].copy(), weights[name].copy()
+            plus[idx] += 1e-6
+            minus[idx] -= 1e-6
+            fd[idx] = (reference({**weights, name: plus}) - reference({**weights, name: minus})) / 2e-6
+        assert relative_error(got[gm.grad_names[name]], fd) < 1e-6
+
+
+# ------------------------------------------------------------------ opsets and errors
+def test_old_opset_is_upgraded_and_overlapping_maxpool_gets_opset_16():
+    g = GraphBuilder("x", [2, 3, 6, 6], opset=11, seed=5)
+    g.output(g.gemm(g.flatten(g.relu(g.conv("x", 4, k=3))), 3))
+    model = g.build()
+    weight = model.graph.node[0].input[1]
+    gm = build_gradient_model(model, [weight], loss="sum")
+    assert gm.opset == 13
+    onnx.checker.check_model(gm.proto, full_check=True)
+    assert runtime.run(runtime.session(gm.proto), {"x": rand(2, 3, 6, 6, dtype=F32)})[gm.grad_names[weight]].shape \
+        == (4, 3, 3, 3)
+    pool = op_model(CASES["maxpool-opset13-overlap"])
+    assert build_gradient_model(pool, ["x"], loss="sum").opset == 16
+    assert build_gradient_model(op_model(pool_case_opset13_no_overlap()), ["x"], loss="sum").opset == 13
+
+
+def pool_case_opset13_no_overlap() -> Case:
+    return pool("MaxPool", (1, 1, 4, 4), dtype=F64, kernel_shape=[2, 2], strides=[2, 2], opset=13)
+
+
+def test_maxpool_without_overlap_at_opset_13():
+    check(pool_case_opset13_no_overlap())
+
+
+def test_op_without_rule_is_named():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Cos", ["a"], ["b"], name="the_cos"),
+             helper.make_node("Tanh", ["b"], ["y"]), helper.make_node("Sin", ["x"], ["aside"])]
+    model = graph_model(nodes, {"x": rand(2, 3)}, ["y", "aside"])
+    with pytest.raises(OnnxPruneError, match=r"no gradient rule for Cos \(node the_cos\)"):
+        build_gradient_model(model, ["x"], loss="sum", output="y")
+    # past the op without a rule, gradients are fine; ops off the path need no rule either
+    assert set(build_gradient_model(model, ["b"], loss="sum", output="y").grad_names) == {"b"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(wrt=["nope"], loss="sum"), "'nope' is not in the model"),
+    (dict(wrt=["w1"], loss="hinge"), "unknown loss 'hinge'"),
+    (dict(wrt=[], loss="sum"), "no tensors to differentiate"),
+    (dict(wrt=["w1"], loss="cross_entropy", output="h3"), "needs \\[N, C\\] logits"),
+    (dict(wrt=["shape"], loss="sum"), "not floating point"),
+])
+def test_bad_requests_raise_clear_errors(kwargs, message):
+    model = mlp()
+    model.graph.node.append(helper.make_node("Unsqueeze", ["logits", "shape"], ["h3"]))
+    model.graph.initializer.append(numpy_helper.from_array(ints(0), "shape"))
+    model.graph.output.append(helper.make_tensor_value_info("h3", TensorProto.DOUBLE, None))
+    with pytest.raises(OnnxPruneError, match=message):
+        build_gradient_model(model, **kwargs)

@@ -124,7 +124,7 @@ def _plan(model: onnx.ModelProto, wrt: list[str], output: str) -> _Plan:
         if any(t in upstream for t in node.output):
             upstream |= set(node.input)
     relevant = downstream & upstream
-    on_path = [n for n in nodes if any(t in relevant for t in n.output)]
+    on_path = [n for n in nodes if any(t in relevant for t in n.output) and any(t in relevant for t in n.input)]
     for node in on_path:
         if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
             op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"

@@ -59,7 +59,7 @@ def cross_entropy(e: Emitter, out: LossInput) -> LossParts:
     """Mean over the batch of -log softmax(logits)[label]; labels are an int64 [N] input."""
     classes = _logits(out, "cross_entropy")
     labels = out.fresh_input("labels")
-    onehot = e.op("OneHot", [labels, e.ints([classes]), e.const([0.0, 1.0])], axis=-1)
+    onehot = e.cast_float(e.op("Equal", [e.unsqueeze(labels, [1]), e.ints(range(classes))]))
     logp = e.op("LogSoftmax", [out.name], axis=1)
     batch = _batch_size(e, out.name)
     total = e.op("Neg", [e.reduce_sum(e.op("Mul", [onehot, logp]), None, keepdims=False)])
