@@ -206,25 +206,25 @@ def _shapes_by_running(proto: onnx.ModelProto, names: list[str]) -> dict[str, Sh
 def summarize(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> ModelStats:
     """Params and MACs of ``proto``; ``input_shapes`` fixes symbolic input dims (others become 1)."""
     shapes_in = ir.resolve_input_shapes(proto, input_shapes)
-    skeleton = ir.skeleton(proto, shapes_in)  # weight-free: shape inference stays cheap on big models
-    _forget_shapes(skeleton.graph)
+    skeleton = _forget_shapes(ir.skeleton(proto, shapes_in))  # weight-free: inference stays cheap
     graph = proto.graph
     consts = constants(graph)
     layer_nodes = [n for n in graph.node if n.op_type in RULES]
     need = {name for n in layer_nodes for name in _needed(n)}
     shapes = concrete_shapes(skeleton, need, {k: list(c.shape) for k, c in consts.items()},
-                             full=lambda: ir.with_input_shapes(proto, shapes_in))
+                             full=lambda: _forget_shapes(ir.with_input_shapes(proto, shapes_in)))
     source = _constant_sources(graph, consts)
     consumers = _consumers(graph)
     layers = [_layer(n, shapes, source, consts, consumers) for n in layer_nodes]
     return ModelStats(params=count_params(consts), macs=sum(layer.macs for layer in layers), layers=layers)
 
 
-def _forget_shapes(graph: onnx.GraphProto) -> None:
+def _forget_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop recorded intermediate and output shapes: they describe the exporter's input sizes, not ours."""
-    del graph.value_info[:]
-    for vi in graph.output:
+    del model.graph.value_info[:]
+    for vi in model.graph.output:
         vi.type.tensor_type.ClearField("shape")
+    return model
 
 
 def _constant_sources(graph: onnx.GraphProto, consts: dict[str, Const]) -> dict[str, str]:

@@ -74,3 +74,17 @@ def test_json_report_matches_summary_and_scales_with_batch(cli, model_path, tmp_
     assert b["layers"][0]["output_shape"] == [3, 8, 8, 8]
     assert b["layers"][1]["weight"] == "" and b["layers"][1]["params"] == 0
     assert sorted(tmp_path.iterdir()) == sorted([one, three])  # no temp files left
+
+
+def test_symbolic_spatial_sizes_get_a_hint_on_stderr(cli, tmp_path):
+    from test_metrics import symbolic_hw_model
+
+    path = tmp_path / "dyn.onnx"
+    onnx.save(symbolic_hw_model(), path)
+    plain = cli("inspect", path, check=0)
+    assert plain.err.splitlines() == [
+        "note: x has symbolic sizes, analysed as 1; pass --input-shape x=?x3x?x? with real sizes for meaningful MACs"]
+    assert f"MACs {4 * 27}" in plain.out.splitlines()[-1]
+    given = cli("inspect", path, "--input-shape", "x=1x3x32x32", check=0)
+    assert given.err == ""
+    assert f"MACs {4 * 32 * 32 * 27:,}" in given.out.splitlines()[-1]

@@ -19,15 +19,23 @@ def only_layer(stats: metrics.ModelStats) -> metrics.LayerStats:
 
 # ---------------------------------------------------------------- ResNet-18
 
+def known(g: GraphBuilder, name: str, shape: list[int]) -> str:
+    """Tell the builder a shape we already know, sparing it a shape-inference pass over 11 M weights."""
+    g.shapes[name] = shape
+    return name
+
+
 def conv_bn(g: GraphBuilder, x: str, c: int, k: int, stride: int, relu: bool = True) -> str:
-    y = g.bn(g.conv(x, c, k=k, stride=stride, bias=False))
-    return g.relu(y) if relu else y
+    n, _, h, w = g.shape(x)
+    out = [n, c, (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1]
+    y = known(g, g.bn(known(g, g.conv(x, c, k=k, stride=stride, bias=False), out)), out)
+    return known(g, g.relu(y), out) if relu else y
 
 
 def basic_block(g: GraphBuilder, x: str, c: int, stride: int) -> str:
     y = conv_bn(g, conv_bn(g, x, c, 3, stride), c, 3, 1, relu=False)
     shortcut = conv_bn(g, x, c, 1, stride, relu=False) if stride != 1 or g.channels(x) != c else x
-    return g.relu(g.add(y, shortcut))
+    return known(g, g.relu(g.add(y, shortcut)), g.shape(y))
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +43,10 @@ def resnet18() -> onnx.ModelProto:
     """torchvision's resnet18 topology at 1x3x224x224 (conv without bias, BN, ReLU)."""
     g = GraphBuilder("x", [1, 3, 224, 224])
     y = conv_bn(g, "x", 64, 7, 2)
-    y = g.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    y = known(g, g.op("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), [1, 64, 56, 56])
     for c, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
         y = basic_block(g, basic_block(g, y, c, stride), c, 1)
-    g.output(g.gemm(g.flatten(g.gap(y)), 1000))
+    g.output(g.gemm(known(g, g.flatten(g.gap(y)), [1, 512]), 1000))
     return g.build()
 
 
@@ -245,18 +253,52 @@ def test_input_shapes_are_checked():
         metrics.summarize(model, {"x": [1, 3, 9, 8]})
 
 
-def test_shape_inference_gap_is_filled_by_onnxruntime():
-    """Reshape to a shape computed in float: ONNX inference gives up, one zero run gives the shape."""
+def float_reshape_model() -> tuple[onnx.ModelProto, str, str]:
+    """Reshape to a shape computed in float: ONNX inference gives up on everything after it."""
     g = GraphBuilder("x", [2, 3, 8, 8])
     target = g.op("Mul", [g.op("Cast", [g.op("Shape", ["x"])], to=onnx.TensorProto.FLOAT),
                           g.const(np.array([1, 1, 0.5, 2], np.float32))])
     r = g.op("Reshape", ["x", g.op("Cast", [target], to=onnx.TensorProto.INT64)])  # (2, 3, 4, 16)
     y = g.op("MatMul", [r, g.weight([16, 5])])
     g.output(y)
-    model = g.build()
+    return g.build(), r, y
+
+
+def test_shape_inference_gap_is_filled_by_onnxruntime():
+    model, _, y = float_reshape_model()
     assert ir.infer_shapes(model)[y] == [None, None, None, 5]
     stats = metrics.summarize(model)
     layer = only_layer(stats)
     assert layer.output_shape == [2, 3, 4, 5]
     assert layer.macs == 2 * 3 * 4 * 5 * 16
     assert stats.params == 16 * 5 + 4  # the float multiplier is a float constant too
+
+
+def test_onnxruntime_fallback_ignores_recorded_shapes():
+    model, r, y = float_reshape_model()
+    for i, symbol in ((0, "N"), (2, "H")):
+        model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = symbol
+    recorded = [onnx.helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, [2, 3, 4, 16])]
+    model.graph.value_info.extend(recorded)  # what an exporter run at 2x3x8x8 would have written
+    layer = only_layer(metrics.summarize(model, {"x": [4, 3, 16, 8]}))
+    assert layer.output_shape == [4, 3, 8, 5]
+    assert layer.macs == 4 * 3 * 8 * 5 * 16
+
+
+def symbolic_hw_model() -> onnx.ModelProto:
+    """Exported at 8x8, then made dynamic in batch, height and width: value_info still says 8x8."""
+    g = GraphBuilder("x", [1, 3, 8, 8])
+    g.output(g.gap(g.conv("x", 4, k=3)))
+    model = g.build()
+    for i, symbol in ((0, "N"), (2, "H"), (3, "W")):
+        model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = symbol
+    assert any(vi.type.tensor_type.shape.dim[2].dim_value == 8 for vi in model.graph.value_info)
+    return model
+
+
+def test_recorded_shapes_do_not_override_the_given_input_shape():
+    model = symbolic_hw_model()
+    layer = only_layer(metrics.summarize(model, {"x": [2, 3, 16, 16]}))
+    assert layer.output_shape == [2, 4, 16, 16]
+    assert layer.macs == 2 * 4 * 16 * 16 * 3 * 9
+    assert only_layer(metrics.summarize(model)).macs == 4 * 1 * 1 * 3 * 9  # symbolic sizes taken as 1
