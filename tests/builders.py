@@ -69,6 +69,7 @@ class GraphBuilder:
         return model
 
     def channels(self, x) -> int:
+        # (shapes of tensors shape inference cannot see through can be set in self.shapes)
         """Channel count (axis 1) of a tensor, by running shape inference on what is built so far."""
         return self.shape(x)[1]
 
@@ -83,7 +84,7 @@ class GraphBuilder:
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         m = onnx.shape_inference.infer_shapes(m)
         for vi in list(m.graph.value_info) + list(m.graph.output):
-            if vi.name == x:
+            if vi.name == x and vi.type.tensor_type.HasField("shape"):
                 return [d.dim_value for d in vi.type.tensor_type.shape.dim]
         raise KeyError(x)
 
