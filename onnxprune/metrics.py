@@ -166,7 +166,8 @@ def _needed(node: onnx.NodeProto) -> list[str]:
     return [n for n in (_slot_name(node, s) for s in RULES[node.op_type].needs) if n]
 
 
-def concrete_shapes(proto: onnx.ModelProto, names: set[str], known: dict[str, Shape], full=None
+def concrete_shapes(proto: onnx.ModelProto, names: set[str], known: dict[str, Shape],
+                    full: Callable[[], onnx.ModelProto] | None = None
                     ) -> dict[str, Shape]:
     """Shapes of ``names``: ONNX shape inference first, one onnxruntime run on zeros for the rest.
 

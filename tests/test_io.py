@@ -13,6 +13,7 @@ from builders import GraphBuilder
 from onnx import external_data_helper, helper, numpy_helper
 
 from onnxprune import ir, runtime
+from onnxprune.cli import main
 from onnxprune.errors import OnnxPruneError
 
 
@@ -62,13 +63,18 @@ BAD_INPUTS = {
     "truncated model": (_truncated, [], "truncated"),
     "external data missing": (_external_missing, [], "ext.onnx.data"),
     "bad shape spec": (lambda d: d / "good.onnx", ["--input-shape", "x=1xAx8x8"], "NAME=DxDxD"),
-    "shape without name": (lambda d: d / "good.onnx", ["--input-shape", "1x3x8x8"], "NAME=DxDxD"),
-    "zero dimension": (lambda d: d / "good.onnx", ["--input-shape", "x=0x3x8x8"], "positive"),
     "unknown input": (lambda d: d / "good.onnx", ["--input-shape", "image=1x3x8x8"], "inputs are: x"),
-    "wrong rank": (lambda d: d / "good.onnx", ["--input-shape", "x=1x3x8"], "rank"),
     "JSON folder missing": (lambda d: d / "good.onnx", ["--json", "{d}/no/such/dir/s.json"], "does not exist"),
     "JSON folder is a file": (lambda d: d / "good.onnx", ["--json", "{d}/good.onnx/s.json"], "does not exist"),
-    "JSON path is a folder": (lambda d: d / "good.onnx", ["--json", "{d}"], "is a directory"),
+}
+# more of the same kinds, run in-process (the subprocess cases above already prove the process boundary)
+MORE_BAD_ARGS = {
+    "shape without name": (["--input-shape", "1x3x8x8"], "NAME=DxDxD"),
+    "zero dimension": (["--input-shape", "x=0x3x8x8"], "positive"),
+    "wrong rank": (["--input-shape", "x=1x3x8"], "rank"),
+    "fixed dimension changed": (["--input-shape", "x=1x4x8x8"], "conflicts"),
+    "JSON path is a folder": (["--json", "{d}"], "is a directory"),
+    "option without value": (["--input-shape"], "expected one argument"),
 }
 
 
@@ -88,6 +94,21 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, case):
     assert "Traceback" not in res.err + res.out
     assert res.out == ""
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or changed
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD_ARGS))
+def test_more_bad_arguments(tmp_path, capsys, case):
+    onnx.save(small_model(), tmp_path / "good.onnx")
+    before = digest(tmp_path / "good.onnx")
+    args, words = MORE_BAD_ARGS[case]
+    try:
+        code = main(["inspect", str(tmp_path / "good.onnx"), *[a.format(d=tmp_path) for a in args]])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, (code, err)
+    assert out == "" and "Traceback" not in err
+    assert digest(tmp_path / "good.onnx") == before and [p.name for p in tmp_path.iterdir()] == ["good.onnx"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
