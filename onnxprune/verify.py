@@ -79,23 +79,37 @@ def masked_reference(original: onnx.ModelProto, removed: dict[str, tuple[int, np
 
 
 def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-            rtol: float = 1e-4, atol: float = 1e-5) -> Verification:
-    """Run both models on ``feeds`` and compare every output."""
+            rtol: float = 1e-4, atol: float = 1e-5,
+            taps: dict[str, tuple[str, int, np.ndarray]] | None = None) -> Verification:
+    """Run both models on ``feeds`` and compare every output.
+
+    ``taps`` also compares intermediate tensors: candidate tensor name -> (reference tensor name,
+    axis, positions to delete from the reference value), so a pruned layer whose effect on the
+    outputs is tiny (e.g. a residual branch behind a 1e-6 layer scale) is still checked.
+    """
+    taps = taps or {}
     try:
+        if taps:
+            candidate = runtime.with_outputs(candidate, list(taps))
+            reference = runtime.with_outputs(reference, [r for r, _, _ in taps.values()])
         s_cand = runtime.session(candidate)
         s_ref = runtime.session(reference)
     except Exception as e:  # the candidate must load; if it does not, that is a failed verification
         return Verification(False, error=str(e), rtol=rtol, atol=atol)
-    names = [o.name for o in s_ref.get_outputs()]
-    worst: dict[str, list[float]] = {n: [0.0, 0.0] for n in names}
+    outs = [o.name for o in s_ref.get_outputs() if o.name not in {r for r, _, _ in taps.values()}]
+    pairs = [(n, n, None, None) for n in outs] + [(c, r, ax, pos) for c, (r, ax, pos) in taps.items()]
+    worst: dict[str, list[float]] = {c: [0.0, 0.0] for c, *_ in pairs}
     for feed in feeds:
         try:
-            a = runtime.run(s_cand, feed, names)
+            a = runtime.run(s_cand, feed, [c for c, *_ in pairs])
         except Exception as e:
             return Verification(False, error=f"pruned model failed to run: {e}", rtol=rtol, atol=atol)
-        b = runtime.run(s_ref, feed, names)
-        for n in names:
-            x, y = np.asarray(a[n], dtype=np.float64), np.asarray(b[n], dtype=np.float64)
+        b = runtime.run(s_ref, feed, [r for _, r, _, _ in pairs])
+        for n, r, ax, pos in pairs:
+            y = np.asarray(b[r], dtype=np.float64)
+            if ax is not None:
+                y = np.delete(y, pos, axis=ax)
+            x = np.asarray(a[n], dtype=np.float64)
             if x.shape != y.shape:
                 return Verification(False, error=f"output '{n}' has shape {list(x.shape)}, expected {list(y.shape)}",
                                     rtol=rtol, atol=atol)
@@ -114,6 +128,11 @@ def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[
 
 def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, removed: dict[str, tuple[int, np.ndarray]],
            shapes: dict[str, list[int]], feeds: list[dict[str, np.ndarray]], rtol: float = 1e-4,
-           atol: float = 1e-5) -> Verification:
-    """Compare ``pruned`` with the masked original on ``feeds``."""
-    return compare(pruned, masked_reference(original, removed, shapes), feeds, rtol, atol)
+           atol: float = 1e-5, max_taps: int = 48) -> Verification:
+    """Compare ``pruned`` with the masked original on ``feeds``: outputs and up to ``max_taps``
+    intermediate tensors that lost channels (spread evenly over the graph)."""
+    names = [n for n, (_, pos) in removed.items() if len(pos)]
+    pick = names if len(names) <= max_taps else [names[i] for i in np.linspace(0, len(names) - 1, max_taps)
+                                                     .round().astype(int)]
+    taps = {n: (f"{n}__masked", removed[n][0], removed[n][1]) for n in pick}
+    return compare(pruned, masked_reference(original, removed, shapes), feeds, rtol, atol, taps)

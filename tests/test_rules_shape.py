@@ -1,0 +1,109 @@
+"""Shape-moving ops: channels follow Transpose, Split, Slice, Reshape (fold, split, shuffle), Squeeze, Gather."""
+
+import numpy as np
+import onnx
+from builders import GraphBuilder
+from engine_util import attr, node, prune_model, weight
+
+
+def test_nhwc_transposes_tf_style(tmp_path):
+    g = GraphBuilder("x", [1, 8, 8, 3])                       # NHWC input, as TF exports have
+    y = g.transpose("x", [0, 3, 1, 2])
+    y = g.relu(g.conv(y, 8))
+    y = g.transpose(y, [0, 2, 3, 1])                          # back to NHWC
+    y = g.matmul(y, 6)                                        # Dense on the last axis
+    y = g.relu(y)
+    y = g.op("ReduceMean", [y], axes=[1, 2], keepdims=0)
+    g.output(g.gemm(y, 4))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5)
+    assert weight(r.proto, node(r.proto, "Conv").name).shape[0] == 4
+    assert weight(r.proto, node(r.proto, "MatMul").name).shape == (4, 3)
+
+
+def test_split_and_slice_on_channel_axis(tmp_path):
+    g = GraphBuilder("x", [1, 3, 8, 8])
+    y = g.relu(g.conv("x", 8))
+    a, b = g.op("Split", [y, g.const(np.array([3, 5], np.int64))], n_out=2, axis=1)
+    c = g.op("Slice", [y, g.const(np.array([2], np.int64)), g.const(np.array([6], np.int64)),
+                       g.const(np.array([1], np.int64))])
+    y = g.concat([g.conv(a, 4), g.conv(b, 4), g.conv(c, 4)])
+    g.output(g.gemm(g.flatten(g.gap(y)), 3))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5)
+    split = node(r.proto, "Split")
+    sizes = onnx.numpy_helper.to_array(next(t for t in r.proto.graph.initializer if t.name == split.input[1]))
+    assert sizes.sum() == 4 and (sizes >= 1).all()
+
+
+def test_channel_shuffle(tmp_path):
+    g = GraphBuilder("x", [1, 3, 8, 8])
+    a = g.relu(g.conv("x", 6))
+    b = g.relu(g.conv(a, 6))
+    y = g.concat([a, b])                                       # 12 channels
+    y = g.reshape(y, [1, 2, 6, 8, 8])
+    y = g.transpose(y, [0, 2, 1, 3, 4])
+    y = g.reshape(y, [1, 12, 8, 8])
+    g.output(g.gemm(g.flatten(g.gap(g.conv(y, 5))), 3))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5)
+    reshapes = [n for n in r.proto.graph.node if n.op_type == "Reshape"]
+    first = onnx.numpy_helper.to_array(next(t for t in r.proto.graph.initializer if t.name == reshapes[0].input[1]))
+    assert first.tolist() == [1, 2, 3, 8, 8]
+
+
+def test_dynamic_batch_flatten_through_computed_reshape(tmp_path):
+    g = GraphBuilder("x", [2, 3, 8, 8], dynamic_batch=True)
+    y = g.relu(g.conv("x", 8))
+    y = g.gap(y)
+    shape = g.op("Shape", ["x"])
+    n = g.op("Gather", [shape, g.const(np.array(0, np.int64))], axis=0)
+    target = g.op("Concat", [g.op("Unsqueeze", [n, g.const(np.array([0], np.int64))]),
+                             g.const(np.array([-1], np.int64))], axis=0)
+    y = g.op("Reshape", [y, target])                          # x.view(x.size(0), -1)
+    g.output(g.gemm(y, 3) if False else g.op("MatMul", [y, g.weight([8, 3])]))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5, input_shapes={"x": [2, 3, 8, 8]})
+    assert weight(r.proto, node(r.proto, "MatMul").name, 1).shape == (4, 3)
+    # the batch dimension stays symbolic in the output model
+    assert r.proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def test_squeeze_unsqueeze_and_softmax_over_other_axis(tmp_path):
+    g = GraphBuilder("x", [1, 3, 4, 4])
+    y = g.relu(g.conv("x", 8))
+    y = g.op("Softmax", [y], axis=3)                          # over width: fine
+    y = g.op("GlobalMaxPool", [y])
+    y = g.op("Squeeze", [y, g.const(np.array([2, 3], np.int64))])
+    y = g.op("Unsqueeze", [y, g.const(np.array([1], np.int64))])   # [1, 1, 8]
+    y = g.op("MatMul", [y, g.weight([8, 5])])
+    g.output(y)
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5)
+    assert weight(r.proto, node(r.proto, "MatMul").name, 1).shape == (4, 5)
+
+
+def test_gather_of_channels_by_constant_indices(tmp_path):
+    g = GraphBuilder("x", [1, 3, 4, 4])
+    y = g.relu(g.conv("x", 8))
+    y = g.op("Gather", [y, g.const(np.array([7, 0, 3, 3, 5], np.int64))], axis=1)
+    g.output(g.gemm(g.flatten(g.gap(g.conv(y, 4))), 2))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5)
+    assert r.report()["groups_pruned"] >= 1
+
+
+def test_reduce_sum_over_channels_is_exact_but_mean_freezes(tmp_path):
+    g = GraphBuilder("x", [1, 3, 4, 4])
+    a = g.relu(g.conv("x", 8))
+    b = g.relu(g.conv("x", 6))
+    s = g.op("ReduceSum", [a, g.const(np.array([1], np.int64))], keepdims=1)
+    mean = g.op("ReduceMean", [b], axes=[1], keepdims=1)
+    g.output(g.add(s, mean))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5)
+    convs = [n for n in r.proto.graph.node if n.op_type == "Conv"]
+    assert weight(r.proto, convs[0].name).shape[0] == 4
+    assert weight(r.proto, convs[1].name).shape[0] == 6
+    frozen = [f for f in r.report()["frozen"] if f["size"] == 6]
+    assert frozen and "ReduceMean" in frozen[0]["reasons"][0]
