@@ -96,14 +96,15 @@ class _Driver:
                 self.fix(lab.ids, f"graph output '{t.name}' keeps its shape")
 
     def visit(self, node: gs.Node) -> None:
-        outer = _outer_names(node)
+        outer = [n for n in _outer_names(node) if n in self.labels]
         for name in outer:
-            lab = self.labels.get(name)
-            if lab is not None:
-                self.fix(lab.ids, f"{node.op} '{node.name}': used inside a subgraph")
+            self.fix(self.labels[name].ids, f"{node.op} '{node.name}': read inside a subgraph")
         fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
         if fn is None:
-            self._barrier(node, "no rule for this op" if not outer else "has subgraphs")
+            reason = "no rule for this op" if node.domain in ("", "ai.onnx", None) else \
+                f"op from custom domain '{node.domain}'"
+            self._barrier(node, "reads channel-carrying tensors inside its subgraphs" if outer else reason,
+                          touched=bool(outer))
             return
         mark = (len(self.records), len(self.fixups))
         ctx = NodeCtx(self, node)
@@ -119,8 +120,7 @@ class _Driver:
                 self.labels.pop(o.name, None)
             self._barrier(node, str(e))
 
-    def _barrier(self, node: gs.Node, reason: str) -> None:
-        touched = False
+    def _barrier(self, node: gs.Node, reason: str, touched: bool = False) -> None:
         for t in node.inputs:
             lab = self.labels.get(t.name)
             if lab is not None:
@@ -152,7 +152,7 @@ class _Driver:
                 if chan[root] < 0:
                     c = int(comp[root])
                     chan[root] = count.get(c, 0)
-                    count[c] = chan[root] + 1
+                    count[c] = int(chan[root]) + 1
         by_comp: dict[int, Group] = {}
         for rec in self.records:
             r = roots[rec.ids]
