@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import ir, metrics, rewrite, verify as verify_mod
+from . import ir, metrics, reconstruct as recon, rewrite, verify as verify_mod
 from .analysis import analyze
 from .data import ArrayData, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
@@ -89,7 +89,8 @@ def verification_feeds(proto: onnx.ModelProto, input_shapes: dict[str, list[int]
 def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, criterion: str = "l2",
           group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
           calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
-          split_carrier: str = "largest", progress=None, rtol: float = 1e-4) -> PruneResult:
+          split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
+          reconstruct: str = "auto", reconstruct_options: dict | None = None) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
 
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
@@ -132,12 +133,52 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
         if not ver.passed:
             culprits = _culprits(analysis, the_plan, original, feeds, rtol)
             raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
+    extra = {}
+    final = result.proto
+    mode = recon.default_mode(data) if reconstruct == "auto" else reconstruct
+    if mode not in recon.MODES:
+        raise OnnxPruneError(f"--reconstruct '{reconstruct}': expected one of auto, {', '.join(recon.MODES)}")
+    if mode != "none":
+        if data is None:
+            raise OnnxPruneError(f"--reconstruct {mode} needs calibration data: add --calib DATA.npz")
+        with _timed(seconds, "reconstruct"):
+            final, rep = recon.reconstruct(original.proto, result.proto, result.kept_inputs, data, mode=mode,
+                                           kept_outputs=result.kept_outputs, progress=progress,
+                                           **(reconstruct_options or {}))
+        extra["reconstruction"] = rep.to_json()
+    extra["reconstruct_mode"] = mode
     with _timed(seconds, "measure"):
         before = metrics.summarize(original.proto, analysis.input_shapes)
-        after = metrics.summarize(result.proto, analysis.input_shapes)
+        after = metrics.summarize(final, analysis.input_shapes)
     source = "none" if data is None else data.kind
-    return PruneResult(result.proto, original, analysis, the_plan, result, ver, before, after, criterion, source,
-                       seconds)
+    return PruneResult(final, original, analysis, the_plan, result, ver, before, after, criterion, source,
+                       seconds, extra)
+
+
+def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
+    """Before/after accuracy (with labels) or fidelity to the original, and interleaved latency.
+
+    Stored in ``result.extra["validation"]`` and returned.
+    """
+    from . import latency, validate as val
+
+    t = time.perf_counter()
+    out: dict = {"data": data.source or data.kind, "samples": data.num_samples}
+    m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
+                     want_accuracy=data.labels is not None)
+    out["accuracy_before"] = m.reference_accuracy
+    out["accuracy_after"] = m.accuracy
+    out["fidelity"] = m.fidelity
+    if bench_runs:
+        bench = latency.benchmark({"after": result.proto, "before": result.original.proto}, warmup=5,
+                                  runs=bench_runs, input_shapes=result.analysis.input_shapes)
+        out["latency_ms_before"] = bench["before"].p50
+        out["latency_ms_after"] = bench["after"].p50
+        out["latency_ratio"] = bench.ratio_p50
+        out["latency_threads"] = bench["before"].threads
+    result.seconds["validate"] = round(time.perf_counter() - t, 4)
+    result.extra["validation"] = out
+    return out
 
 
 def _check_like(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:

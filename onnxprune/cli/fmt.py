@@ -77,6 +77,21 @@ def write_json(path: str | os.PathLike, data: object) -> None:
         raise
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temp file + rename)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _jsonable(o):
     import numpy as np
     if isinstance(o, np.integer):

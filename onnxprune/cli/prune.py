@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .. import pipeline
+from ..data import open_data
 from ..errors import OnnxPruneError
 from ..plan import Plan, Policy
 from . import fmt, options
@@ -44,9 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--calib", metavar="DATA", help="calibration data: an .npz named after the model inputs, "
                                                    "or 'random'")
+    d.add_argument("--reconstruct", default="auto", choices=["auto", "ls", "bias", "none"],
+                   help="repair pruned layers from calibration data: least squares (ls), bias compensation "
+                        "(bias) or none; auto = ls with real --calib data, else none")
+    d.add_argument("--data", metavar="DATA", help="validation data (.npz, labels optional): accuracy or "
+                                                  "fidelity and latency before/after are measured and reported")
+    d.add_argument("--bench-runs", type=int, default=20, metavar="N",
+                   help="timed onnxruntime runs per model for the latency row (with --data; 0 = skip)")
     options.add_input_shapes(d)
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    o.add_argument("--report-md", metavar="PATH", help="write a Markdown report here")
     o.add_argument("--save-plan", metavar="PATH", help="write the plan (removed channels per group) as JSON")
     o.add_argument("--dry-run", action="store_true", help="analyse, score and plan; write nothing but the plan")
     o.add_argument("--no-verify", action="store_true", help="skip the masked-reference check (not recommended)")
@@ -74,13 +83,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise OnnxPruneError(f"{out}: output path is the input model; choose another -o path")
-    for path in (args.report, args.save_plan):
+    if args.bench_runs < 0:
+        raise OnnxPruneError(f"--bench-runs {args.bench_runs}: must be 0 or more")
+    for path in (args.report, args.save_plan, args.report_md):
         if path and not (Path(path).parent if str(Path(path).parent) else Path(".")).is_dir():
             raise OnnxPruneError(f"{path}: folder does not exist")
     result = pipeline.prune(args.model, policy=policy, criterion=args.criterion,
                             group_reduction=args.group_reduction, input_shapes=options.input_shapes(args),
                             calib=args.calib, plan=_read_plan(args.plan), verify=not args.no_verify,
-                            split_carrier="outer" if args.heads else "largest", progress=fmt.progress)
+                            split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
+                            reconstruct=args.reconstruct)
+    if args.data:
+        data = open_data(args.data, result.original.proto, result.analysis.input_shapes)
+        pipeline.validate(result, data, bench_runs=args.bench_runs)
     if args.save_plan:
         fmt.write_json(args.save_plan, result.plan.to_json(result.analysis))
     if args.dry_run:
@@ -92,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     rep["file_bytes_after"] = size
     if args.report:
         fmt.write_json(args.report, rep)
+    if args.report_md:
+        fmt.write_text(args.report_md, markdown_report(result, rep))
     print_summary(result, size)
     return 0
 
@@ -109,7 +126,8 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
     if size_after is not None:
         fb = result.original.file_bytes
         rows.append(("file size", fmt.human_bytes(fb), fmt.human_bytes(size_after), pct(fb, size_after)))
-    fmt.table(None, ["", "before", "after", "kept"], rows, right=(1, 2, 3))
+    rows += validation_rows(rep.get("validation"))
+    fmt.table(None, ["", "before", "after", "after/before"], rows, right=(1, 2, 3))
     ver = result.verification
     status = ("verified against the masked original" if ver and ver.passed else "NOT verified (--no-verify)")
     fmt.out.print(f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
@@ -121,3 +139,46 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
             reasons[r] = reasons.get(r, 0) + 1
     for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
         print(f"  frozen x{n}: {r}", file=sys.stderr)
+
+
+def validation_rows(v: dict | None) -> list[tuple]:
+    if not v:
+        return []
+    rows = []
+    b, a = v.get("accuracy_before"), v.get("accuracy_after")
+    if a:
+        rows.append(("top-1 accuracy", f"{100 * b['top1']:.2f}%", f"{100 * a['top1']:.2f}%",
+                     f"{100 * (a['top1'] - b['top1']):+.2f} pt"))
+    for name, f in (v.get("fidelity") or {}).items():
+        if f.get("top1_agreement") is not None:
+            rows.append((f"agreement ({name})", "100%", f"{100 * f['top1_agreement']:.2f}%", ""))
+        rows.append((f"cosine ({name})", "1", f"{f['cosine']:.4f}", ""))
+    if v.get("latency_ms_before"):
+        rows.append(("latency p50", f"{v['latency_ms_before']:.2f} ms", f"{v['latency_ms_after']:.2f} ms",
+                     f"{100 * v['latency_ratio']:.1f}%"))
+    return rows
+
+
+def markdown_report(result: pipeline.PruneResult, rep: dict) -> str:
+    b, a = result.before, result.after
+    lines = [f"# onnxprune report: {rep.get('model')}", "",
+             f"criterion `{rep['criterion']}` (importance data: {rep['importance_data']}), "
+             f"reconstruction `{rep.get('reconstruct_mode')}`, verified: **{rep['verified']}**", "",
+             "| | before | after | after/before |", "|---|---:|---:|---:|",
+             f"| params | {b.params:,} | {a.params:,} | {a.params / max(b.params, 1):.3f} |",
+             f"| MACs | {b.macs:,} | {a.macs:,} | {a.macs / max(b.macs, 1):.3f} |"]
+    if rep.get("file_bytes_after"):
+        lines.append(f"| file bytes | {rep['file_bytes_before']:,} | {rep['file_bytes_after']:,} | "
+                     f"{rep['file_bytes_after'] / max(rep['file_bytes_before'], 1):.3f} |")
+    for row in validation_rows(rep.get("validation")):
+        lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    lines += ["", f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
+                  f"{rep['groups_frozen']} frozen", "", "## Pruned groups", "",
+              "| group | first layer | channels | removed |", "|---:|---|---:|---:|"]
+    for g in rep["groups"]:
+        lines.append(f"| {g['group']} | `{g['label']}` | {g['size']} | {len(g['removed_channels'])} |")
+    if rep["frozen"]:
+        lines += ["", "## Frozen groups", "", "| group | first layer | channels | why |", "|---:|---|---:|---|"]
+        for f in rep["frozen"]:
+            lines.append(f"| {f['group']} | `{f['label']}` | {f['size']} | {'; '.join(f['reasons'][:2])} |")
+    return "\n".join(lines) + "\n"
