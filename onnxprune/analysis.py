@@ -23,8 +23,16 @@ from .groups import ACTIVATION, Analysis, Barrier, Group, Member
 from .rules import RULES, NodeCtx, Unsupported
 from .rules.base import FIXED, Label, UnionFind
 
+# inputs that carry shapes, sizes, bounds or axes: a computed value there can be folded to a constant
 SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Resize": (1, 2, 3),
-                "Pad": (1, 2, 3), "Tile": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "ConstantOfShape": (0,)}
+                "Pad": (1, 2, 3), "Tile": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Gather": (1,),
+                "ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
+                "ReduceL1": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,), "ReduceLogSum": (1,),
+                "ReduceLogSumExp": (1,), "CumSum": (1,), "TopK": (1,)}
+# ops through which a value read from a tensor's shape keeps being shape arithmetic
+SHAPE_ARITH = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Div", "Mul", "Add", "Sub",
+               "Slice", "Identity", "Floor", "Ceil", "Mod", "Max", "Min", "ReduceProd", "Neg", "Abs", "Sqrt",
+               "Reshape", "Equal", "Where"}
 
 
 @dataclass
@@ -48,6 +56,8 @@ class _Driver:
         self.graph = graph
         self.shapes = shapes
         self.observed = observed
+        self.static: set[str] = set()
+        self.taint: dict[str, list[tuple[np.ndarray, str]]] = {}  # value read from these channels' count
         self.opset = opset
         self.options = options
         self.uf = UnionFind()
@@ -68,6 +78,13 @@ class _Driver:
 
     def observed_value(self, name: str):
         return self.observed.get(name)
+
+    def static_value(self, name: str):
+        return self.observed.get(name) if name in self.static else None
+
+    def read_channel_count(self, out: gs.Tensor, ids: np.ndarray, where: str) -> None:
+        """``out`` holds a number computed from a channel count: follow it until it is folded or used."""
+        self.taint.setdefault(out.name, []).append((ids, where))
 
     def set_label(self, t: gs.Tensor, axis: int, ids: np.ndarray, node: gs.Node) -> None:
         if len(ids) != self.shape_of(t)[axis]:
@@ -94,11 +111,14 @@ class _Driver:
             lab = self.labels.get(t.name)
             if lab is not None:
                 self.fix(lab.ids, f"graph output '{t.name}' keeps its shape")
+            for ids, where in self.taint.get(t.name, []):
+                self.fix(ids, f"{where}: its channel count reaches graph output '{t.name}'")
 
     def visit(self, node: gs.Node) -> None:
         outer = [n for n in _outer_names(node) if n in self.labels]
         for name in outer:
             self.fix(self.labels[name].ids, f"{node.op} '{node.name}': read inside a subgraph")
+        self._follow_taint(node)
         fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
         if fn is None:
             reason = "no rule for this op" if node.domain in ("", "ai.onnx", None) else \
@@ -119,6 +139,29 @@ class _Driver:
             for o in node.outputs:
                 self.labels.pop(o.name, None)
             self._barrier(node, str(e))
+
+    def _follow_taint(self, node: gs.Node) -> None:
+        """Channel counts read at run time must end folded into a shape input, or freeze their channels."""
+        tainted = [(i, t) for i, t in enumerate(node.inputs) if t.name in self.taint]
+        if not tainted:
+            return
+        foldable = SHAPE_INPUTS.get(node.op, ())
+        for i, t in tainted:
+            if i in foldable and t.name in self.static:
+                self._fold(node, i, t)
+            elif node.op in SHAPE_ARITH and node.domain in ("", "ai.onnx", None):
+                for o in node.outputs:
+                    self.taint.setdefault(o.name, []).extend(self.taint[t.name])
+            else:
+                for ids, where in self.taint[t.name]:
+                    self.fix(ids, f"{where}: its channel count is used at run time by {node.op} '{node.name}'")
+
+    def _fold(self, node: gs.Node, i: int, t: gs.Tensor) -> None:
+        value = self.observed[t.name]
+
+        def fold(view):
+            view.set_const(node, i, value)
+        self.fixups.append((node, fold))  # runs before the node's own fixups, which may refine it
 
     def _barrier(self, node: gs.Node, reason: str, touched: bool = False) -> None:
         for t in node.inputs:
@@ -227,6 +270,7 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
     unknown = {t.name for n in graph.nodes for t in n.outputs
                if t.name and (shapes.get(t.name) is None or any(d is None for d in shapes[t.name]))}
     observed: dict[str, np.ndarray] = {}
+    static: set[str] = set()
     need = sorted(want_values | unknown)
     if need:  # only graphs whose shapes depend on run-time values pay for an onnxruntime run
         fixed = ir.with_input_shapes(proto, shapes_in)
@@ -234,20 +278,47 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
         vals = runtime.run(sess, random_feed(fixed, shapes_in), need)
         for name, v in vals.items():
             shapes[name] = list(v.shape)
-            if name in want_values:
+            if name in want_values and v.size <= 64 and v.dtype.kind in "iu":
                 observed[name] = v
-    return graph, shapes, observed, shapes_in
+        static = _static_values(proto, shapes_in, input_shapes, observed)
+    return graph, shapes, observed, static, shapes_in
+
+
+def _static_values(proto: onnx.ModelProto, shapes_in: dict, given: dict | None, observed: dict) -> set[str]:
+    """Observed values that do not change when the symbolic input dimensions do (safe to fold)."""
+    given = given or {}
+    varied, changed = {}, False
+    for vi in ir.graph_inputs(proto):
+        dims = ir.input_dims(vi)
+        shape = list(shapes_in[vi.name])
+        if vi.name not in given:
+            for k, d in enumerate(dims):
+                if not (isinstance(d, int) and d > 0):
+                    shape[k] += 1
+                    changed = True
+        varied[vi.name] = shape
+    if not changed or not observed:
+        return set(observed)
+    try:
+        fixed = ir.with_input_shapes(proto, varied)
+        names = sorted(observed)
+        sess = runtime.session(runtime.with_outputs(fixed, names), optimize=False)
+        vals = runtime.run(sess, random_feed(fixed, varied), names)
+    except Exception:
+        return set()
+    return {n for n in names if np.array_equal(vals[n], observed[n])}
 
 
 def analyze(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
             *, split_carrier: str = "largest") -> Analysis:
     """Find every group of coupled channels in ``model``."""
     proto = model.proto if isinstance(model, ir.Model) else model
-    graph, shapes, observed, shapes_in = prepare(proto, input_shapes)
+    graph, shapes, observed, static, shapes_in = prepare(proto, input_shapes)
     opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), 0)
     if split_carrier not in ("largest", "outer"):
         raise OnnxPruneError(f"split carrier '{split_carrier}': expected largest or outer")
     d = _Driver(graph, shapes, observed, opset, Options(split_carrier=split_carrier))
+    d.static = static
     d.run()
     groups = d.groups()
     a = Analysis(groups=groups, barriers=d.barriers, shapes=shapes, input_shapes=shapes_in)

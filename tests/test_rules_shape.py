@@ -107,3 +107,35 @@ def test_reduce_sum_over_channels_is_exact_but_mean_freezes(tmp_path):
     assert weight(r.proto, convs[1].name).shape[0] == 6
     frozen = [f for f in r.report()["frozen"] if f["size"] == 6]
     assert frozen and "ReduceMean" in frozen[0]["reasons"][0]
+
+
+def test_chunk_with_bounds_computed_from_the_channel_count(tmp_path):
+    """torch's x.chunk(2, dim=1) exports Shape -> Gather -> Div -> Slice: the bounds are folded."""
+    g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True)
+    y = g.relu(g.conv("x", 8))
+    c = g.op("Gather", [g.op("Shape", [y]), g.const(np.array(1, np.int64))], axis=0)
+    half = g.op("Unsqueeze", [g.op("Div", [c, g.const(np.array(2, np.int64))]), g.const(np.array([0], np.int64))])
+    one = g.const(np.array([1], np.int64))
+    a = g.op("Slice", [y, g.const(np.array([0], np.int64)), half, one])
+    b = g.op("Slice", [y, half, g.const(np.array([2 ** 62], np.int64)), one])
+    g.shapes[a] = g.shapes[b] = [1, 4, 8, 8]
+    y = g.concat([g.conv(a, 4), g.conv(b, 4)])
+    g.output(g.gemm(g.flatten(g.gap(y)), 3))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5, input_shapes={"x": [2, 3, 8, 8]})
+    first = [n for n in r.proto.graph.node if n.op_type == "Conv"][0]
+    assert weight(r.proto, first.name).shape[0] == 4
+    assert not any(n.op_type == "Shape" for n in r.proto.graph.node)   # folded into constant bounds
+
+
+def test_channel_count_used_as_data_freezes(tmp_path):
+    g = GraphBuilder("x", [1, 3, 8, 8])
+    y = g.relu(g.conv("x", 8))
+    c = g.op("Cast", [g.op("Gather", [g.op("Shape", [y]), g.const(np.array(1, np.int64))], axis=0)], to=1)
+    y = g.op("Div", [y, c])                                   # divides by the channel count
+    g.output(g.gemm(g.flatten(g.gap(g.conv(y, 4))), 3))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5)
+    assert weight(r.proto, [n for n in r.proto.graph.node if n.op_type == "Conv"][0].name).shape[0] == 8
+    frozen = next(f for f in r.report()["frozen"] if f["size"] == 8)
+    assert any("channel count is used at run time" in x for x in frozen["reasons"])

@@ -131,15 +131,17 @@ class NodeCtx:
             return np.asarray(t.values)
         return None
 
-    def is_const(self, t: gs.Tensor | int) -> bool:
-        return isinstance(self._t(t), gs.Constant)
-
-    def observed(self, t: gs.Tensor | int) -> np.ndarray | None:
-        """Value of a small non-constant tensor observed in the analysis run (e.g. a computed Reshape shape)."""
+    def static(self, t: gs.Tensor | int) -> np.ndarray | None:
+        """A constant's value, or the value of a small computed tensor (shape arithmetic) that the
+        analysis observed to be the same whatever the symbolic input dimensions. The rewrite
+        replaces such a tensor by a constant wherever a fixup sets it."""
         t = self._t(t)
         if isinstance(t, gs.Constant):
             return np.asarray(t.values)
-        return self._a.observed_value(t.name)
+        return self._a.static_value(t.name)
+
+    def is_const(self, t: gs.Tensor | int) -> bool:
+        return isinstance(self._t(t), gs.Constant)
 
     def label(self, t: gs.Tensor | int) -> Label | None:
         return self._a.labels.get(self._t(t).name)
@@ -205,6 +207,10 @@ class NodeCtx:
         if not isinstance(tensor, gs.Constant):
             raise Unsupported(f"input {idx} ('{tensor.name}') is not a constant")
         self._a.add_member(tensor.name, axis, np.asarray(ids, dtype=np.int64), kind, self.node, idx)
+
+    def read_channel_count(self, ids: np.ndarray, out: int = 0) -> None:
+        """Output ``out`` is a number computed from these channels' count (Shape, Size)."""
+        self._a.read_channel_count(self.node.outputs[out], ids, f"{self.op} '{self.name}'")
 
     def fixup(self, fn: Fixup) -> None:
         self._a.fixups.append((self.node, fn))

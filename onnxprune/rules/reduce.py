@@ -26,7 +26,7 @@ def pool(ctx: NodeCtx) -> None:
 def _axes(ctx: NodeCtx, rank: int) -> list[int]:
     axes = ctx.attr("axes")
     if axes is None and ctx.present(1):
-        v = ctx.const(1)
+        v = ctx.static(1)
         if v is None:
             raise Unsupported("reduction axes computed at run time")
         axes = v.tolist()
@@ -88,7 +88,7 @@ def cumsum(ctx: NodeCtx) -> None:
     lab = ctx.label(0)
     if lab is None:
         return
-    axis = ctx.const(1)
+    axis = ctx.static(1)
     if axis is None:
         raise Unsupported("axis computed at run time")
     if int(axis) % ctx.rank(0) == lab.axis:

@@ -90,7 +90,7 @@ def reshape(ctx: NodeCtx) -> None:
     if ctx.label(0) is None:
         return
     in_shape, out_shape = ctx.shape(0), ctx.shape(ctx.outputs[0])
-    target = ctx.const(1)
+    target = ctx.static(1)
     site = None
     if target is None:
         site = _trace_shape_entry(ctx)  # checked after we know the axis
@@ -180,7 +180,7 @@ def transpose(ctx: NodeCtx) -> None:
 def _axes_arg(ctx: NodeCtx) -> list[int] | None:
     axes = ctx.attr("axes")
     if axes is None and ctx.present(1):
-        v = ctx.const(1)
+        v = ctx.static(1)
         if v is None:
             raise Unsupported("axes computed at run time")
         axes = v.tolist()
@@ -279,7 +279,7 @@ def _slice_args(ctx: NodeCtx, rank: int):
     vals = []
     for i in (1, 2, 3, 4):
         if ctx.present(i):
-            v = ctx.const(i)
+            v = ctx.static(i)
             if v is None:
                 raise Unsupported("slice bounds computed at run time")
             vals.append(v.tolist())
@@ -338,7 +338,7 @@ def gather(ctx: NodeCtx) -> None:
     if lab is None:
         return
     axis = int(ctx.attr("axis", 0)) % ctx.rank(0)
-    ind = ctx.const(1)
+    ind = ctx.static(1)
     if lab.axis != axis:
         nd = ctx.rank(1)
         ctx.set(0, lab.axis if lab.axis < axis else lab.axis + nd - 1, lab.ids)
@@ -360,32 +360,20 @@ def gather(ctx: NodeCtx) -> None:
 
 @rule("Shape", "Size")
 def shape_of(ctx: NodeCtx) -> None:
-    """Safe when nobody reads the channel count from it (e.g. ``x.size(0)`` for the batch)."""
+    """Reading a shape is fine; reading the channel count marks the value, which must end up folded
+    into a shape input (the rewrite sets it) or it freezes the channels (see analysis._follow_taint)."""
     lab = ctx.label(0)
     if lab is None:
         return
-    if ctx.op == "Size":
-        ctx.fix(lab.ids, "element count read at run time")
-        return
     rank = ctx.rank(0)
-    start = int(ctx.attr("start", 0)) % (rank + 1) if ctx.attr("start", 0) < 0 else int(ctx.attr("start", 0))
-    end = ctx.attr("end")
-    end = rank if end is None else (int(end) % (rank + 1) if end < 0 else min(int(end), rank))
-    if not (start <= lab.axis < end):
-        return
-    pos = lab.axis - start
-    for consumer in ctx.outputs[0].outputs:
-        if consumer.op == "Gather":
-            ind = consumer.inputs[1]
-            if isinstance(ind, gs.Constant) and pos not in (np.asarray(ind.values).reshape(-1) % (end - start)):
-                continue
-        if consumer.op == "Slice" and all(isinstance(t, gs.Constant) for t in consumer.inputs[1:3]):
-            s0 = int(np.asarray(consumer.inputs[1].values).reshape(-1)[0])
-            e0 = int(np.asarray(consumer.inputs[2].values).reshape(-1)[0])
-            if pos not in range(end - start)[slice(s0, e0)]:
-                continue
-        ctx.fix(lab.ids, f"its channel count is read at run time by {consumer.op} '{consumer.name}'")
-        return
+    if ctx.op == "Shape":
+        start = int(ctx.attr("start", 0))
+        end = ctx.attr("end")
+        start = start % (rank + 1) if start < 0 else min(start, rank)
+        end = rank if end is None else (int(end) % (rank + 1) if end < 0 else min(int(end), rank))
+        if not (start <= lab.axis < end):
+            return
+    ctx.read_channel_count(lab.ids)
 
 
 @rule("Expand")
@@ -397,7 +385,7 @@ def expand(ctx: NodeCtx) -> None:
         return
     ro, ri = ctx.rank(ctx.outputs[0]), ctx.rank(0)
     axis = lab.axis + ro - ri
-    target = ctx.const(1)
+    target = ctx.static(1)
     if target is None:
         ctx.fix(lab.ids, "expanded to a shape computed at run time")
         return
@@ -419,7 +407,7 @@ def tile(ctx: NodeCtx) -> None:
     lab = ctx.label(0)
     if lab is None:
         return
-    reps = ctx.const(1)
+    reps = ctx.static(1)
     if reps is None or int(reps[lab.axis]) != 1:
         ctx.fix(lab.ids, "tiled along the channel axis")
         return
@@ -434,13 +422,13 @@ def pad(ctx: NodeCtx) -> None:
     rank = ctx.rank(0)
     pads = ctx.attr("pads")
     if pads is None:
-        pads = ctx.const(1)
+        pads = ctx.static(1)
         if pads is None:
             raise Unsupported("pads computed at run time")
         pads = pads.tolist()
     axes = list(range(rank))
     if ctx.present(3):
-        a = ctx.const(3)
+        a = ctx.static(3)
         if a is None:
             raise Unsupported("pad axes computed at run time")
         axes = [int(x) % rank for x in a.tolist()]
@@ -464,7 +452,7 @@ def resize(ctx: NodeCtx) -> None:
         return
     sizes_index = 3 if ctx.op == "Resize" and ctx.opset >= 11 else None
     if sizes_index is not None and ctx.present(sizes_index):
-        sizes = ctx.const(sizes_index)
+        sizes = ctx.static(sizes_index)
         if sizes is None:
             raise Unsupported("output sizes computed at run time")
         axes = ctx.attr("axes")
