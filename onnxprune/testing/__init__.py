@@ -1,0 +1,1 @@
+"""Helpers for testing onnxprune and models: a small graph builder and a random graph generator."""
