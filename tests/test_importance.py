@@ -464,3 +464,25 @@ def test_matmul_weight_on_the_left_is_a_consumer():
     want = np.abs(w).sum(axis=0) * np.sqrt((hidden ** 2).sum(axis=(0, 2)))
     np.testing.assert_allclose(CRITERIA["wanda"].members(grp, ctx)[0], want, rtol=1e-6)
     assert np.all(np.isfinite(score_groups([grp], ctx, "obs")[grp.id]))
+
+
+@pytest.mark.parametrize("rows", [40, 3])
+def test_lasso_homotopy_satisfies_the_optimality_conditions_along_the_path(rows):
+    from onnxprune.importance.second_order import lasso_homotopy
+    rng = np.random.default_rng(rows)
+    a = rng.standard_normal((rows, 8)) * rng.uniform(0.2, 2.0, 8)
+    g = a.T @ a
+    b = g.sum(axis=1)
+    path = list(lasso_homotopy(g))
+    lams = [lam for lam, _ in path]
+    assert lams[0] == pytest.approx(np.abs(b).max()) and not path[0][1].any()
+    assert all(x >= y for x, y in zip(lams, lams[1:]))
+    for lam, beta in path:
+        corr = b - g @ beta
+        tol = 1e-7 * lams[0]
+        assert np.abs(corr).max() <= lam + tol
+        on = beta != 0
+        np.testing.assert_allclose(corr[on], lam * np.sign(beta[on]), atol=tol)
+    if rows > 8:                                   # full rank: at λ = 0 the plain least squares answer, β = 1
+        assert lams[-1] == pytest.approx(0.0, abs=1e-9)
+        np.testing.assert_allclose(path[-1][1], np.ones(8), atol=1e-6)

@@ -149,3 +149,16 @@ def test_streaming_histogram_equals_a_histogram_on_its_final_grid():
         assert edges[0] <= means[:, p].min() and means[:, p].max() < edges[-1]
         want = np.histogram(means[:, p], bins=edges)[0]
         np.testing.assert_array_equal(t.hist[p], want)
+
+
+def test_onnxruntime_failures_on_the_data_are_user_errors():
+    from onnxprune.errors import OnnxPruneError
+    g = GraphBuilder("x", [1, 3, 6, 6], seed=1, dynamic_batch=True)
+    h = g.conv("x", 4, k=3, pad=0)
+    g.output(g.relu(h))
+    m = g.build()
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"      # spatial size left to the data
+    m.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    tiny = ArrayData({"x": np.zeros((2, 3, 1, 1), np.float32)})       # smaller than the 3x3 kernel
+    with pytest.raises(OnnxPruneError, match="onnxruntime failed on the calibration data"):
+        collect(m, Needs(moments={(h, 1)}), tiny)

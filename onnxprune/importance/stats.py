@@ -22,6 +22,7 @@ import onnx
 
 from .. import calibrate, ir
 from ..data import DataSource
+from ..errors import OnnxPruneError
 
 DEFAULT_BINS = 32                 # even: the streaming histogram merges bin pairs
 _GRAM_CHUNK_BYTES = 64 << 20      # float64 bytes of im2col rows handled at once
@@ -248,7 +249,14 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
         if first:
             stats.samples += len(next(iter(feed.values())))
 
-    calibrate.tap(proto, tapped, data, visit, batch_size=batch_size, limit=limit, max_outputs=MAX_OUTPUTS,
-                  progress=progress, description="calibration statistics")
+    try:
+        calibrate.tap(proto, tapped, data, visit, batch_size=batch_size, limit=limit, max_outputs=MAX_OUTPUTS,
+                      progress=progress, description="calibration statistics")
+    except Exception as e:
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OnnxPruneError(f"onnxruntime failed on the calibration data: {msg}; check that the data "
+                             "matches the model's inputs (or pass --input-shape)") from None
     stats.passes = max(1, -(-len(tapped) // MAX_OUTPUTS))
     return stats
