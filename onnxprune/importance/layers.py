@@ -13,7 +13,8 @@ Gemm and MatMul, what the data-aware criteria need:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -31,8 +32,15 @@ class Layer:
     x: str                        # data input tensor
     x_axis: int
     x_index: np.ndarray           # position of x's channel axis -> group channel or -1
-    w: np.ndarray                 # dense: [out, K] as applied to x rows; conv: the ONNX weight
+    weight: str                   # the constant weight tensor
+    ctx: ScoreContext = field(repr=False)
+    transform: Callable[[np.ndarray], np.ndarray] = lambda w: w
     conv: dict | None = None
+
+    @property
+    def w(self) -> np.ndarray:
+        """dense: [out, K] as applied to x rows; conv: the ONNX weight (float64, made on demand)."""
+        return self.transform(np.asarray(self.ctx.value(self.weight), dtype=np.float64))
 
     @property
     def key(self) -> str:
@@ -53,53 +61,55 @@ class Layer:
 
     def columns(self) -> np.ndarray:
         """[positions of x's channel axis, R]: every weight that multiplies each input position."""
+        w = self.w
         if self.kind == "dense":
-            return self.w.T
+            return w.T
         if self.kind == "conv_t":
-            return self.w.reshape(self.w.shape[0], -1)
+            return w.reshape(w.shape[0], -1)
         g = self.groups
-        cout, cin_g = self.w.shape[:2]
-        w = self.w.reshape(g, cout // g, cin_g, -1).transpose(0, 2, 1, 3)
-        return w.reshape(g * cin_g, -1)
+        cout, cin_g = w.shape[:2]
+        return w.reshape(g, cout // g, cin_g, -1).transpose(0, 2, 1, 3).reshape(g * cin_g, -1)
 
     def matrix(self) -> np.ndarray:
         """[groups, out per group, D]: the layer applied to Gram rows."""
-        if self.kind == "dense":
-            return self.w[None]
-        g = self.groups
-        return self.w.reshape(g, self.w.shape[0] // g, -1)
+        w = self.w
+        return w[None] if self.kind == "dense" else w.reshape(self.groups, w.shape[0] // self.groups, -1)
 
     def column_channels(self) -> np.ndarray:
         """[groups, D]: group channel (or -1) of every Gram column."""
         if self.kind == "dense":
             return self.x_index[None]
-        g = self.groups
-        cin_g = self.w.shape[1]
-        taps = int(np.prod(self.w.shape[2:]))
-        return np.repeat(self.x_index.reshape(g, cin_g), taps, axis=1)
+        shape = np.shape(self.ctx.value(self.weight))
+        taps = int(np.prod(shape[2:]))
+        return np.repeat(self.x_index.reshape(self.groups, shape[1]), taps, axis=1)
 
 
-def _dense(node: onnx.NodeProto, m: Member, w: np.ndarray, ctx: ScoreContext):
-    """(x input, x channel axis, W as [out, K]) of a Gemm / MatMul whose weight is ``m``."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+def _dense(node: onnx.NodeProto, m: Member, shape: tuple, ctx: ScoreContext):
+    """(x input, x channel axis, W -> [out, K], K) of a Gemm / MatMul whose weight is ``m``."""
+    if len(shape) != 2:
+        return None
     if node.op_type == "Gemm":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if m.input_index != 1:
             return None
-        wm = w.T if not attrs.get("transB", 0) else w
-        return node.input[0], (0 if attrs.get("transA", 0) else 1), wm * float(attrs.get("alpha", 1.0))
-    if w.ndim != 2:
-        return None
+        alpha, trans_b = float(attrs.get("alpha", 1.0)), bool(attrs.get("transB", 0))
+        return (node.input[0], 1 - int(bool(attrs.get("transA", 0))),
+                lambda w: (w if trans_b else w.T) * alpha, shape[1] if trans_b else shape[0])
     if m.input_index == 1:                      # x @ W: features on x's last axis
         rank = len(ctx.analysis.shapes.get(node.input[0], [])) or 2
-        return node.input[0], rank - 1, w.T
+        return node.input[0], rank - 1, np.transpose, shape[0]
     rank = len(ctx.analysis.shapes.get(node.input[1], [])) or 2
-    return node.input[1], rank - 2, w           # W @ x: features on x's row axis
+    return node.input[1], rank - 2, None, shape[1]     # W @ x: features on x's row axis
 
 
-def _conv(node: onnx.NodeProto, m: Member, w: np.ndarray, ctx: ScoreContext):
+def _conv(node: onnx.NodeProto, m: Member, shape: tuple, ctx: ScoreContext):
     if m.input_index != 1:
         return None
-    return node.input[0], 1, w
+    if node.op_type == "ConvTranspose":
+        return node.input[0], 1, None, shape[0]
+    grouped = calibrate.conv_attrs(node, shape)["group"] > 1
+    # a grouped conv's W input axis is per conv group: only an activation member maps it
+    return node.input[0], 1, None, None if grouped else shape[1]
 
 
 _RULES = {"Conv": ("conv", _conv), "ConvTranspose": ("conv_t", _conv), "Gemm": ("dense", _dense),
@@ -127,22 +137,17 @@ def consumer_layers(group: Group, ctx: ScoreContext) -> list[Layer]:
         if rule is None or node is None or not ctx.is_constant(m.tensor):
             continue
         kind, fn = rule
-        w = np.asarray(ctx.value(m.tensor), dtype=np.float64)
-        got = fn(node, m, w, ctx)
+        shape = np.shape(ctx.value(m.tensor))
+        got = fn(node, m, shape, ctx)
         if got is None:
             continue
-        x, axis, wm = got
-        conv = calibrate.conv_attrs(node, w.shape) if kind != "dense" else None
-        if kind == "conv" and conv["group"] > 1:
-            width = None                     # W's input axis is per conv group: only an activation member maps it
-        elif kind == "dense":
-            width = wm.shape[1]
-        else:
-            width = w.shape[0] if kind == "conv_t" else w.shape[1]
+        x, axis, transform, width = got
         idx = _x_index(group, m, x, axis, width)
         if idx is None:
             continue
-        layers.append(Layer(node, kind, x, axis, np.asarray(idx, dtype=np.int64), wm, conv))
+        conv = calibrate.conv_attrs(node, shape) if kind != "dense" else None
+        layers.append(Layer(node, kind, x, axis, np.asarray(idx, dtype=np.int64), m.tensor, ctx,
+                            transform or (lambda w: w), conv))
     memo[group.id] = layers
     return layers
 

@@ -22,27 +22,28 @@ NORM_SCALE = {"BatchNormalization": 1, "InstanceNormalization": 1, "LayerNormali
               "GroupNormalization": 1}
 
 
-def weight_rows(group: Group, ctx: ScoreContext, norms: bool = True) -> list[tuple[Member, np.ndarray]]:
-    """(member, rows) per constant weight member: ``rows[p]`` = the weights at position ``p`` of its axis."""
-    key = ("weight_rows", group.id, norms)
-    if key in ctx.cache:
-        return ctx.cache[key]
+def weight_members(group: Group, ctx: ScoreContext, norms: bool = True) -> list[Member]:
+    """Members whose constant weights a magnitude criterion reads (norm scales only with ``norms``)."""
     out = []
     for m in group.members:
         is_weight = m.kind in (WEIGHT_OUT, WEIGHT_IN)
         is_scale = norms and m.kind == PARAM and NORM_SCALE.get(m.op) == m.input_index
-        if not (is_weight or is_scale) or not ctx.is_constant(m.tensor):
-            continue
-        w = np.asarray(ctx.value(m.tensor), dtype=np.float64)
-        if w.ndim == 0 or w.shape[m.axis] != len(m.index):
-            continue
-        out.append((m, np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)))
-    ctx.cache[key] = out
+        if (is_weight or is_scale) and ctx.is_constant(m.tensor):
+            shape = np.shape(ctx.value(m.tensor))
+            if len(shape) > m.axis and shape[m.axis] == len(m.index):
+                out.append(m)
     return out
 
 
+def weight_rows(group: Group, ctx: ScoreContext, norms: bool = True):
+    """(member, rows) per weight member: ``rows[p]`` = the weights at position ``p`` of its axis (float64)."""
+    for m in weight_members(group, ctx, norms):
+        w = np.asarray(ctx.value(m.tensor), dtype=np.float64)
+        yield m, np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
+
+
 def _plan_weights(group: Group, ctx: ScoreContext) -> Needs | None:
-    return Needs() if weight_rows(group, ctx) else None
+    return Needs() if weight_members(group, ctx) else None
 
 
 def _l1(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
@@ -70,7 +71,7 @@ def channel_vectors(rows: np.ndarray, index: np.ndarray, size: int) -> np.ndarra
 
 
 def _plan_fpgm(group: Group, ctx: ScoreContext) -> Needs | None:
-    return Needs() if weight_rows(group, ctx, norms=False) else None
+    return Needs() if weight_members(group, ctx, norms=False) else None
 
 
 def _fpgm(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
