@@ -162,3 +162,16 @@ def test_onnxruntime_failures_on_the_data_are_user_errors():
     tiny = ArrayData({"x": np.zeros((2, 3, 1, 1), np.float32)})       # smaller than the 3x3 kernel
     with pytest.raises(OnnxPruneError, match="onnxruntime failed on the calibration data"):
         collect(m, Needs(moments={(h, 1)}), tiny)
+
+
+def test_fixed_batch_models_get_batches_of_their_size():
+    g = GraphBuilder("x", [2, 3, 6, 6], seed=1)                        # batch fixed at 2
+    h = g.conv("x", 4, k=3)
+    g.output(g.relu(h))
+    m = g.build()
+    data = rand_data([1, 3, 6, 6], n=7)
+    st = collect(m, Needs(moments={(h, 1)}), data, batch_size=32)
+    assert st.samples == 6                                              # three full batches of 2
+    from onnxprune.errors import OnnxPruneError
+    with pytest.raises(OnnxPruneError, match="fixed at 2.*only 1 samples"):
+        collect(m, Needs(moments={(h, 1)}), rand_data([1, 3, 6, 6], n=1))

@@ -218,8 +218,13 @@ def _add_gram(store: dict[str, GramStats], key: str, x: np.ndarray, spec: GramSp
 def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_size: int = 32,
             limit: int | None = None, bins: int = DEFAULT_BINS,
             progress: Callable | None = None) -> CalibrationStats:
-    """Stream ``data`` through ``proto`` once and accumulate what ``needs`` asks for."""
+    """Stream ``data`` through ``proto`` once and accumulate what ``needs`` asks for.
+
+    A model whose batch dimension is fixed gets batches of exactly that size (samples
+    that do not fill the last one are left out).
+    """
     bins = max(2, bins + bins % 2)
+    batch_size, limit = _fit_fixed_batch(proto, data, batch_size, limit)
     inputs = {vi.name for vi in ir.graph_inputs(proto)}
     wanted = {t for t, _ in needs.moments | needs.hist} | {s.x for s in needs.grams.values()}
     hist_keys = needs.hist
@@ -260,3 +265,15 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
                              "matches the model's inputs (or pass --input-shape)") from None
     stats.passes = max(1, -(-len(tapped) // MAX_OUTPUTS))
     return stats
+
+
+def _fit_fixed_batch(proto: onnx.ModelProto, data: DataSource, batch_size: int, limit: int | None):
+    dims = {(ir.input_dims(vi) or [None])[0] for vi in ir.graph_inputs(proto)}
+    fixed = dims.pop() if len(dims) == 1 else None
+    if not isinstance(fixed, int) or fixed <= 0:
+        return batch_size, limit
+    n = data.num_samples if limit is None else min(limit, data.num_samples)
+    if n < fixed:
+        raise OnnxPruneError(f"the model's batch dimension is fixed at {fixed}, the calibration data has only "
+                             f"{n} samples")
+    return fixed, n - n % fixed
