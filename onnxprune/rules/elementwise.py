@@ -76,6 +76,8 @@ def broadcast(ctx: NodeCtx) -> None:
             ids = cur
         else:
             ctx.union(ids, cur)
+    if ids is None:  # every channel-carrying input broadcasts (size 1) along the axis
+        return
     for i, ax in consts:
         ctx.member(i, ax, ids, PARAM)
     ctx.set(0, axis, ids)

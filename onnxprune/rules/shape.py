@@ -80,7 +80,7 @@ def _carrier(joint: np.ndarray, policy: str) -> int:
             free.append(c)
     if free:
         return max(free, key=lambda c: (joint.shape[c], -c))
-    if policy == "outer":
+    if policy == "outer" and any(d > 1 for d in joint.shape):
         return next(c for c in range(nd) if joint.shape[c] > 1)
     return max(range(nd), key=lambda c: (joint.shape[c], -c))
 
