@@ -175,3 +175,17 @@ def test_fixed_batch_models_get_batches_of_their_size():
     from onnxprune.errors import OnnxPruneError
     with pytest.raises(OnnxPruneError, match="fixed at 2.*only 1 samples"):
         collect(m, Needs(moments={(h, 1)}), rand_data([1, 3, 6, 6], n=1))
+
+
+def test_progress_wraps_the_calibration_pass_and_the_scoring():
+    m, h = conv_chain()
+    grp = chain_group(m, h)
+    seen = []
+
+    def progress(it, total, description):
+        seen.append((description, total))
+        yield from it
+
+    ctx = ctx_for(m, [grp], data=rand_data([1, 3, 8, 8], n=10), batch_size=4, progress=progress)
+    score_groups([grp], ctx, "wanda")
+    assert seen == [("calibration statistics", 3), ("scoring (wanda)", 1)]

@@ -53,7 +53,10 @@ def score_groups(groups: list[Group], ctx: ScoreContext, criterion: str, reducti
         needs = chosen[g.id].plan(g, ctx)
         if needs:
             ctx.require(needs)
-    return {g.id: chosen[g.id](g, ctx, reduction) for g in groups}
+    if crit.requires_data and groups:
+        ctx.stats()                                     # the one calibration pass, before scoring
+    it = ctx.progress(groups, len(groups), f"scoring ({criterion})") if ctx.progress else groups
+    return {g.id: chosen[g.id](g, ctx, reduction) for g in it}
 
 
 def fallback_summary(ctx: ScoreContext, criterion: str) -> list[str]:
