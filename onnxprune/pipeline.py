@@ -86,6 +86,90 @@ def verification_feeds(proto: onnx.ModelProto, input_shapes: dict[str, list[int]
     return feeds
 
 
+class Pruner:
+    """One model loaded, analysed and scored once; plans and candidates from it are cheap.
+
+    ``prune()`` is ``Pruner(...).finish(pruner.plan(policy))``; budget search and sensitivity
+    analysis build many candidates from one Pruner.
+    """
+
+    def __init__(self, model: str | os.PathLike | ir.Model, *, criterion: str = "l2",
+                 group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
+                 calib: str | ArrayData | None = None, split_carrier: str = "largest", progress=None,
+                 score: bool = True):
+        from .importance import ScoreContext, requires_data, score_groups
+
+        self.seconds: dict[str, float] = {}
+        self.criterion, self.progress = criterion, progress
+        with _timed(self.seconds, "load"):
+            self.original = model if isinstance(model, ir.Model) else ir.load(model)
+        with _timed(self.seconds, "analyze"):
+            self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier)
+        self.data = calib if isinstance(calib, ArrayData) or calib is None else open_data(
+            calib, self.original.proto, self.analysis.input_shapes)
+        if score and requires_data(criterion) and self.data is None:
+            raise OnnxPruneError(f"criterion '{criterion}' needs calibration data: add --calib DATA.npz "
+                                 "(or --calib random)")
+        self.scores: dict[int, np.ndarray] = {}
+        if score:
+            with _timed(self.seconds, "score"):
+                ctx = ScoreContext(self.original.proto, self.analysis, data=self.data, progress=progress)
+                self.scores = score_groups(self.analysis.prunable, ctx, criterion, group_reduction)
+        self._before: metrics.ModelStats | None = None
+
+    @property
+    def before(self) -> metrics.ModelStats:
+        if self._before is None:
+            self._before = metrics.summarize(self.original.proto, self.analysis.input_shapes)
+        return self._before
+
+    def plan(self, policy: Policy) -> Plan:
+        with _timed(self.seconds, "plan"):
+            return make_plan(self.analysis, self.scores, policy)
+
+    def candidate(self, plan: Plan) -> tuple[rewrite.RewriteResult, metrics.ModelStats]:
+        """The rewritten (unverified) model for ``plan`` and its params/MACs."""
+        result = rewrite.apply(self.analysis, plan.removed, self.original)
+        return result, metrics.summarize(result.proto, self.analysis.input_shapes)
+
+    def finish(self, plan: Plan | dict, *, verify: bool = True, rtol: float = 1e-4, reconstruct: str = "auto",
+               reconstruct_options: dict | None = None) -> PruneResult:
+        """Rewrite, check, verify, reconstruct and measure ``plan``."""
+        seconds, analysis, original, data = dict(self.seconds), self.analysis, self.original, self.data
+        the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan, analysis)
+        with _timed(seconds, "rewrite"):
+            result = rewrite.apply(analysis, the_plan.removed, original)
+            _check_like(result.proto, original.proto)
+        ver = None
+        if verify:
+            with _timed(seconds, "verify"):
+                feeds = verification_feeds(original.proto, analysis.input_shapes, data)
+                ver = verify_mod.verify(original.proto, result.proto, result.removed_positions, analysis.shapes,
+                                        feeds, rtol=rtol)
+            if not ver.passed:
+                culprits = _culprits(analysis, the_plan, original, feeds, rtol)
+                raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
+        extra = {}
+        final = result.proto
+        mode = recon.default_mode(data) if reconstruct == "auto" else reconstruct
+        if mode not in recon.MODES:
+            raise OnnxPruneError(f"--reconstruct '{reconstruct}': expected one of auto, {', '.join(recon.MODES)}")
+        if mode != "none":
+            if data is None:
+                raise OnnxPruneError(f"--reconstruct {mode} needs calibration data: add --calib DATA.npz")
+            with _timed(seconds, "reconstruct"):
+                final, rep = recon.reconstruct(original.proto, result.proto, result.kept_inputs, data, mode=mode,
+                                               kept_outputs=result.kept_outputs, progress=self.progress,
+                                               **(reconstruct_options or {}))
+            extra["reconstruction"] = rep.to_json()
+        extra["reconstruct_mode"] = mode
+        with _timed(seconds, "measure"):
+            after = metrics.summarize(final, analysis.input_shapes)
+        source = "none" if data is None else data.kind
+        return PruneResult(final, original, analysis, the_plan, result, ver, self.before, after, self.criterion,
+                           source, seconds, extra)
+
+
 def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, criterion: str = "l2",
           group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
           calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
@@ -96,63 +180,12 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
     """
-    from .importance import ScoreContext, requires_data, score_groups
-
     policy = policy or Policy()
     policy.check()
-    seconds: dict[str, float] = {}
-    with _timed(seconds, "load"):
-        original = model if isinstance(model, ir.Model) else ir.load(model)
-    with _timed(seconds, "analyze"):
-        analysis = analyze(original, input_shapes, split_carrier=split_carrier)
-    data = calib if isinstance(calib, ArrayData) or calib is None else open_data(calib, original.proto,
-                                                                                 analysis.input_shapes)
-    if requires_data(criterion) and data is None:
-        raise OnnxPruneError(f"criterion '{criterion}' needs calibration data: add --calib DATA.npz "
-                             "(or --calib random)")
-    with _timed(seconds, "score"):
-        if plan is None:
-            ctx = ScoreContext(original.proto, analysis, data=data, progress=progress)
-            scores = score_groups(analysis.prunable, ctx, criterion, group_reduction)
-        else:
-            scores = {}
-    with _timed(seconds, "plan"):
-        if plan is None:
-            the_plan = make_plan(analysis, scores, policy)
-        else:
-            the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan, analysis)
-    with _timed(seconds, "rewrite"):
-        result = rewrite.apply(analysis, the_plan.removed, original)
-        _check_like(result.proto, original.proto)
-    ver = None
-    if verify:
-        with _timed(seconds, "verify"):
-            feeds = verification_feeds(original.proto, analysis.input_shapes, data)
-            ver = verify_mod.verify(original.proto, result.proto, result.removed_positions, analysis.shapes,
-                                    feeds, rtol=rtol)
-        if not ver.passed:
-            culprits = _culprits(analysis, the_plan, original, feeds, rtol)
-            raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
-    extra = {}
-    final = result.proto
-    mode = recon.default_mode(data) if reconstruct == "auto" else reconstruct
-    if mode not in recon.MODES:
-        raise OnnxPruneError(f"--reconstruct '{reconstruct}': expected one of auto, {', '.join(recon.MODES)}")
-    if mode != "none":
-        if data is None:
-            raise OnnxPruneError(f"--reconstruct {mode} needs calibration data: add --calib DATA.npz")
-        with _timed(seconds, "reconstruct"):
-            final, rep = recon.reconstruct(original.proto, result.proto, result.kept_inputs, data, mode=mode,
-                                           kept_outputs=result.kept_outputs, progress=progress,
-                                           **(reconstruct_options or {}))
-        extra["reconstruction"] = rep.to_json()
-    extra["reconstruct_mode"] = mode
-    with _timed(seconds, "measure"):
-        before = metrics.summarize(original.proto, analysis.input_shapes)
-        after = metrics.summarize(final, analysis.input_shapes)
-    source = "none" if data is None else data.kind
-    return PruneResult(final, original, analysis, the_plan, result, ver, before, after, criterion, source,
-                       seconds, extra)
+    pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
+                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None)
+    return pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
+                         reconstruct=reconstruct, reconstruct_options=reconstruct_options)
 
 
 def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import pipeline
+from .. import budget, pipeline
 from ..data import open_data
 from ..errors import OnnxPruneError
 from ..plan import Plan, Policy
@@ -42,6 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="when a channel axis is split (attention heads), prune whole heads rather than "
                         "the same dimensions of every head")
     g.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of scoring")
+    g.add_argument("--ratios-from", metavar="SENS.json",
+                   help="per-group ratios suggested by 'onnxprune sensitivity --json' (scaled by budget search)")
+    b = p.add_argument_group("budgets (instead of --ratio: the ratio is searched)")
+    b.add_argument("--target-macs", metavar="F", help="keep at most this fraction of the MACs, e.g. 0.5")
+    b.add_argument("--target-params", metavar="F", help="keep at most this fraction of the parameters")
+    b.add_argument("--target-latency", metavar="F",
+                   help="keep at most this fraction of the measured onnxruntime latency")
+    b.add_argument("--max-drop", metavar="POINTS",
+                   help="with --data: lose at most this many accuracy points (or agreement points without "
+                        "labels); if the target needs more, the strongest model within the floor is saved")
     d = p.add_argument_group("data")
     d.add_argument("--calib", metavar="DATA", help="calibration data: an .npz named after the model inputs, "
                                                    "or 'random'")
@@ -69,6 +79,27 @@ def policy_from(args: argparse.Namespace) -> Policy:
                   max_ratio=options.fraction("--max-ratio", args.max_ratio))
 
 
+def budget_from(args: argparse.Namespace) -> budget.Budget:
+    def f(name, v, high=1.0):
+        return None if v is None else options.fraction(name, v, low=1e-9, high=high, high_open=False)
+    b = budget.Budget(macs=f("--target-macs", args.target_macs), params=f("--target-params", args.target_params),
+                      latency=f("--target-latency", args.target_latency),
+                      max_drop=None if args.max_drop is None else options.fraction("--max-drop", args.max_drop,
+                                                                                   high=100.0, high_open=False))
+    b.check()
+    return b
+
+
+def _read_ratios(path: str) -> dict[str, float]:
+    try:
+        data = json.loads(Path(path).read_text())
+        ratios = data["suggested_ratios"]
+        return {str(k): float(v) for k, v in ratios.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise OnnxPruneError(f"--ratios-from {path}: not a sensitivity JSON with 'suggested_ratios' "
+                             f"({e.__class__.__name__})") from None
+
+
 def _read_plan(path: str | None):
     if not path:
         return None
@@ -88,13 +119,30 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.report, args.save_plan, args.report_md):
         if path and not (Path(path).parent if str(Path(path).parent) else Path(".")).is_dir():
             raise OnnxPruneError(f"{path}: folder does not exist")
-    result = pipeline.prune(args.model, policy=policy, criterion=args.criterion,
-                            group_reduction=args.group_reduction, input_shapes=options.input_shapes(args),
-                            calib=args.calib, plan=_read_plan(args.plan), verify=not args.no_verify,
-                            split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
-                            reconstruct=args.reconstruct)
-    if args.data:
-        data = open_data(args.data, result.original.proto, result.analysis.input_shapes)
+    target = budget_from(args)
+    plan = _read_plan(args.plan)
+    if plan is not None and target.active:
+        raise OnnxPruneError("--plan replays a fixed plan; it cannot be combined with --target-*")
+    pruner = pipeline.Pruner(args.model, criterion=args.criterion, group_reduction=args.group_reduction,
+                             input_shapes=options.input_shapes(args), calib=args.calib,
+                             split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
+                             score=plan is None)
+    if args.ratios_from:
+        policy.ratio_for.update(_read_ratios(args.ratios_from))
+        policy.check()
+    data = open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
+    if target.active:
+        outcome, result = budget.search(pruner, policy, target, data, reconstruct=args.reconstruct,
+                                        progress=fmt.progress)
+        result.extra["budget"] = outcome.to_json()
+        if outcome.message:
+            print(f"note: {outcome.message}", file=sys.stderr)
+    else:
+        if target.max_drop is not None:
+            raise OnnxPruneError("--max-drop goes with a --target-* budget")
+        result = pruner.finish(plan if plan is not None else pruner.plan(policy), verify=not args.no_verify,
+                               reconstruct=args.reconstruct)
+    if data is not None:
         pipeline.validate(result, data, bench_runs=args.bench_runs)
     if args.save_plan:
         fmt.write_json(args.save_plan, result.plan.to_json(result.analysis))

@@ -1,0 +1,149 @@
+"""Budgets: find the pruning strength that meets a MACs, params or latency target, under an accuracy floor.
+
+Design: the policy (uniform ratio per group, or ``--global`` ranking) is kept and
+only its strength ``ratio`` is searched, by bisection on measured numbers: MACs
+and params of the rewritten candidate, or onnxruntime latency of the candidate
+against the original (interleaved runs). With ``max_drop`` and data, the
+candidate at the target is finished (reconstructed) and evaluated; if it loses
+more than the floor allows, the strongest ratio that meets the floor is found
+by a second bisection and saved, and the report says the target was not met.
+Channel counts follow ``round_to``, so latency really falls where MACs do.
+Per-layer ratios from ``onnxprune sensitivity`` (``--ratios-from``) scale with
+the searched strength.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from . import latency, validate
+from .data import ArrayData
+from .errors import OnnxPruneError
+from .plan import Policy
+
+
+@dataclass
+class Budget:
+    macs: float | None = None       # fraction of MACs to keep
+    params: float | None = None     # fraction of params to keep
+    latency: float | None = None    # fraction of onnxruntime latency to keep
+    max_drop: float | None = None   # accuracy points (with labels) or agreement points (without)
+
+    def check(self) -> None:
+        for name, v in (("--target-macs", self.macs), ("--target-params", self.params),
+                        ("--target-latency", self.latency)):
+            if v is not None and (math.isnan(v) or not 0.0 < v <= 1.0):
+                raise OnnxPruneError(f"{name} {v}: a fraction to keep, in (0, 1]")
+        if self.max_drop is not None and (math.isnan(self.max_drop) or self.max_drop < 0):
+            raise OnnxPruneError(f"--max-drop {self.max_drop}: must be 0 or more (points)")
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.macs, self.params, self.latency))
+
+
+@dataclass
+class Outcome:
+    policy: Policy
+    achieved: dict = field(default_factory=dict)
+    met: bool = True
+    log: list[dict] = field(default_factory=list)
+    message: str = ""
+
+    def to_json(self) -> dict:
+        return {"ratio": self.policy.ratio, "achieved": self.achieved, "met": self.met, "message": self.message,
+                "steps": self.log}
+
+
+def quality(candidate, reference, data: ArrayData, limit: int | None = 512) -> tuple[float, str]:
+    """Accuracy in points with labels, else top-1 agreement (or cosine) with the reference, in points."""
+    if data.labels is not None:
+        return 100.0 * validate.accuracy(candidate, data, limit=limit)["top1"], "top-1 accuracy"
+    fid = next(iter(validate.fidelity(candidate, reference, data, limit=limit).values()))
+    if fid.get("top1_agreement") is not None:
+        return 100.0 * fid["top1_agreement"], "top-1 agreement with the original"
+    return 100.0 * fid["cosine"], "cosine similarity with the original (x100)"
+
+
+def _fractions(pruner, policy: Policy, budget: Budget, runs: int) -> dict:
+    plan = pruner.plan(policy)
+    result, stats = pruner.candidate(plan)
+    before = pruner.before
+    out = {"macs": stats.macs / max(before.macs, 1), "params": stats.params / max(before.params, 1)}
+    if budget.latency is not None:
+        b = latency.benchmark({"after": result.proto, "before": pruner.original.proto}, warmup=3, runs=runs,
+                              input_shapes=pruner.analysis.input_shapes)
+        out["latency"] = b.ratio_p50
+    return out
+
+
+def _meets(fr: dict, budget: Budget) -> bool:
+    return all(fr[k] <= getattr(budget, k) + 1e-9 for k in ("macs", "params", "latency")
+               if getattr(budget, k) is not None)
+
+
+def search(pruner, policy: Policy, budget: Budget, data: ArrayData | None = None, *, steps: int = 12,
+           latency_runs: int = 15, reconstruct: str = "auto", progress=None) -> tuple[Outcome, object]:
+    """Find the weakest ratio that meets ``budget``; returns the outcome and the finished PruneResult."""
+    budget.check()
+    if not budget.active:
+        raise OnnxPruneError("no target given: use --target-macs, --target-params or --target-latency")
+    if budget.max_drop is not None and data is None:
+        raise OnnxPruneError("--max-drop needs --data DATA (labelled for accuracy, or any for fidelity)")
+    outcome = Outcome(policy)
+    cap = 0.95 if not policy.global_ranking else min(0.95, policy.max_ratio)
+    lo, hi = 0.0, cap
+    fr_hi = _fractions(pruner, replace(policy, ratio=hi), budget, latency_runs)
+    outcome.log.append({"ratio": hi, **fr_hi})
+    if not _meets(fr_hi, budget):
+        lo = hi  # even the strongest ratio misses: settle for it and say so
+        outcome.met = False
+        outcome.message = (f"target not reachable: at ratio {hi:.2f} the model keeps "
+                           + ", ".join(f"{k} {v:.3f}" for k, v in fr_hi.items()))
+    else:
+        it = range(steps) if progress is None else progress(range(steps), steps, "searching the budget")
+        for _ in it:
+            mid = (lo + hi) / 2
+            fr = _fractions(pruner, replace(policy, ratio=mid), budget, latency_runs)
+            outcome.log.append({"ratio": mid, **fr})
+            if _meets(fr, budget):
+                hi = mid
+            else:
+                lo = mid
+    ratio = hi if outcome.met else lo
+    chosen = replace(policy, ratio=ratio)
+    result = pruner.finish(pruner.plan(chosen), reconstruct=reconstruct)
+    if budget.max_drop is not None:
+        base, kind = quality(pruner.original.proto, pruner.original.proto, data)
+        q, _ = quality(result.proto, pruner.original.proto, data)
+        outcome.achieved["quality_kind"] = kind
+        outcome.achieved["quality_before"] = base
+        if base - q > budget.max_drop:
+            outcome.met = False
+            good, good_result = 0.0, None
+            lo2, hi2 = 0.0, ratio
+            for _ in range(max(4, steps // 2)):
+                mid = (lo2 + hi2) / 2
+                cand = pruner.finish(pruner.plan(replace(policy, ratio=mid)), reconstruct=reconstruct)
+                qm, _ = quality(cand.proto, pruner.original.proto, data)
+                outcome.log.append({"ratio": mid, "quality": qm})
+                if base - qm <= budget.max_drop:
+                    good, good_result, lo2 = mid, cand, mid
+                else:
+                    hi2 = mid
+            outcome.message = (f"the accuracy floor (max drop {budget.max_drop} points) makes the target "
+                               f"impossible: saved the strongest model that meets it (ratio {good:.3f})")
+            chosen = replace(policy, ratio=good)
+            result = good_result or pruner.finish(pruner.plan(chosen), reconstruct=reconstruct)
+            q, _ = quality(result.proto, pruner.original.proto, data)
+        outcome.achieved["quality_after"] = q
+    outcome.policy = chosen
+    outcome.achieved.update({"ratio": chosen.ratio,
+                             "macs": result.after.macs / max(result.before.macs, 1),
+                             "params": result.after.params / max(result.before.params, 1)})
+    if budget.latency is not None:
+        b = latency.benchmark({"after": result.proto, "before": pruner.original.proto}, warmup=3,
+                              runs=latency_runs * 2, input_shapes=pruner.analysis.input_shapes)
+        outcome.achieved["latency"] = b.ratio_p50
+    return outcome, result
