@@ -247,6 +247,17 @@ CASES = {
     "neg": unary("Neg"),
     "identity": unary("Identity"),
     "dropout": unary("Dropout"),
+    "prelu": binary("PRelu", (2, 3, 4), (3, 1)),
+    "sqrt": unary("Sqrt", low=0.5, high=2.0),
+    "exp": unary("Exp"),
+    "log": unary("Log", low=0.5, high=2.0),
+    "reciprocal": unary("Reciprocal", low=0.5, high=2.0),
+    "abs": unary("Abs"),
+    "pow": Case("Pow", ["a", "b"], {"a": rand(2, 3, low=0.5, high=2.0), "b": rand(3)}, ["a", "b"]),
+    "where": Case("Where", ["c", "a", "b"], {"c": RNG.random((2, 3)) > 0.5, "a": rand(3), "b": rand(2, 1)},
+                  ["a", "b"]),
+    "reducemax": unary("ReduceMax", (2, 3, 4), axes=[1], keepdims=0),
+    "reducemin-opset18": with_consts("ReduceMin", (2, 3, 4), {"axes": ints(0, 2)}, opset=18),
     "add-broadcast": binary("Add", (2, 3, 4), (3, 1)),
     "add-both-sides": binary("Add", (1, 4), (2, 3, 1)),
     "sub-broadcast": binary("Sub", (3, 1), (2, 3, 4)),
@@ -268,6 +279,7 @@ CASES = {
     "squeeze": with_consts("Squeeze", (2, 1, 3, 1), {"axes": ints(1, -1)}),
     "unsqueeze": with_consts("Unsqueeze", (2, 3), {"axes": ints(0, 3)}),
     "maxpool": pool("MaxPool", dtype=F64, kernel_shape=[2, 2], strides=[2, 2]),
+    "maxpool-1d-leftover": pool("MaxPool", (2, 3, 8), dtype=F64, kernel_shape=[3], strides=[3]),
     "maxpool-pad-overlap": pool("MaxPool", (1, 2, 7, 7), dtype=F64, kernel_shape=[3, 3], strides=[2, 2],
                                 pads=[1, 1, 1, 1]),
     "maxpool-dilation-ceil": pool("MaxPool", (1, 2, 8, 8), dtype=F64, kernel_shape=[2, 2], strides=[3, 3],
@@ -287,6 +299,7 @@ CASES = {
     "reducesum-all": unary("ReduceSum", (2, 3), keepdims=0),
     "resize-nearest-asymmetric": resize((1, 2, 3, 4), [1, 1, 2, 2], mode="nearest",
                                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+    "resize-nearest-up3-half-pixel": resize((1, 2, 3, 2), [1, 1, 3, 3], mode="nearest"),
     "resize-nearest-down": resize((1, 1, 6, 6), [1, 1, 0.5, 0.5], mode="nearest"),
     "resize-linear-half-pixel": resize((1, 2, 3, 4), [1, 1, 2, 2], mode="linear"),
     "resize-linear-align-sizes": resize((1, 1, 4, 3), sizes=[1, 1, 7, 5], mode="linear",
@@ -297,6 +310,7 @@ CASES = {
     "pad-constant-negative": pad_case([0, 0, -1, 2, 0, 0, 1, -2]),
     "pad-reflect": pad_case([0, 0, 2, 1, 0, 0, 1, 3], mode="reflect"),
     "pad-edge": pad_case([0, 1, 1, 0, 0, 0, 2, 2], mode="edge"),
+    "pad-wrap": with_consts("Pad", (1, 2, 4, 5), {"pads": ints(0, 0, 2, 1, 0, 0, 1, 5)}, opset=19, mode="wrap"),
 }
 
 
@@ -525,7 +539,7 @@ def test_old_opset_is_upgraded_and_overlapping_maxpool_gets_opset_16():
 
 
 def pool_case_opset13_no_overlap() -> Case:
-    return pool("MaxPool", (1, 1, 4, 4), dtype=F64, kernel_shape=[2, 2], strides=[2, 2], opset=13)
+    return pool("MaxPool", (1, 1, 5, 5), dtype=F64, kernel_shape=[2, 2], strides=[2, 2], opset=13)
 
 
 def test_maxpool_without_overlap_at_opset_13():

@@ -135,6 +135,23 @@ def _plan(model: onnx.ModelProto, wrt: list[str], output: str) -> _Plan:
     return _Plan(relevant, on_path)
 
 
+def _shapes(model: onnx.ModelProto, plan: _Plan) -> dict[str, list]:
+    """Static shapes from ONNX shape inference; tensors of path nodes it misses (shape arithmetic
+    through Cast, for instance) are measured by one onnxruntime run when the inputs have static shapes."""
+    shapes = ir.infer_shapes(model)
+    inputs = ir.graph_inputs(model)
+    dims = {vi.name: ir.input_dims(vi) for vi in inputs}
+    missing = list(dict.fromkeys(t for n in plan.nodes for t in list(n.input) + list(n.output)
+                                 if t and t not in shapes))
+    if not missing or not all(isinstance(d, int) and d > 0 for ds in dims.values() for d in ds):
+        return shapes
+    sess = runtime.session(runtime.with_outputs(model, missing), optimize=False)
+    feeds = {vi.name: np.zeros(dims[vi.name], dtype=ir.input_dtype(vi)) for vi in inputs}
+    for name, value in zip(missing, sess.run(missing, feeds)):
+        shapes[name] = list(value.shape)
+    return shapes
+
+
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in graph.node:
@@ -175,7 +192,7 @@ def _backward(e: Emitter, model: onnx.ModelProto, plan: _Plan, output: str, seed
 def _assemble(model: onnx.ModelProto, wrt: list[str], loss: str, output: str, plan: _Plan,
               trainable_as_inputs: bool, temperature: float) -> GradientModel:
     graph = model.graph
-    shapes = ir.infer_shapes(model)
+    shapes = _shapes(model, plan)
     _, types = _float_tensors(model)
     elem = types.get(output, onnx.TensorProto.FLOAT)
     if elem not in FLOAT_TYPES:

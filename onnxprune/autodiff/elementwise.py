@@ -19,7 +19,7 @@ def _unbroadcast_input(ctx: RuleContext, g: str, i: int) -> str | None:
     if not ctx.wants(i):
         return None
     name = ctx.input(i)
-    return ctx.emit.unbroadcast(g, ctx.rank(ctx.outputs[0]), name, ctx.shape(name))
+    return ctx.emit.unbroadcast(g, ctx.shape(ctx.outputs[0]), name, ctx.shape(name))
 
 
 def _scale(ctx: RuleContext, g: str, derivative: str) -> Grads:
@@ -43,7 +43,7 @@ def neg(ctx: RuleContext, gys: Grads) -> Grads:
 # ------------------------------------------------------------------ activations
 def relu(ctx: RuleContext, gys: Grads) -> Grads:
     e = ctx.emit
-    return [e.where(e.op("Greater", [ctx.outputs[0], e.const(0.0)]), gys[0])]
+    return [e.mask(e.op("Greater", [ctx.outputs[0], e.const(0.0)]), gys[0])]
 
 
 def leaky_relu(ctx: RuleContext, gys: Grads) -> Grads:
@@ -65,7 +65,7 @@ def clip(ctx: RuleContext, gys: Grads) -> Grads:
     if not conds:
         return [gys[0]]
     cond = conds[0] if len(conds) == 1 else e.op("And", conds)
-    return [e.where(cond, gys[0])]
+    return [e.mask(cond, gys[0])]
 
 
 def sigmoid(ctx: RuleContext, gys: Grads) -> Grads:
@@ -78,7 +78,7 @@ def hard_sigmoid(ctx: RuleContext, gys: Grads) -> Grads:
     e = ctx.emit
     y = ctx.outputs[0]
     inside = e.op("And", [e.op("Greater", [y, e.const(0.0)]), e.op("Less", [y, e.const(1.0)])])
-    return [e.where(inside, e.op("Mul", [gys[0], e.const(ctx.attr("alpha", 0.2))]))]
+    return [e.mask(inside, e.op("Mul", [gys[0], e.const(ctx.attr("alpha", 0.2))]))]
 
 
 def hard_swish(ctx: RuleContext, gys: Grads) -> Grads:
@@ -127,7 +127,7 @@ def gelu(ctx: RuleContext, gys: Grads) -> Grads:
 def softmax(ctx: RuleContext, gys: Grads) -> Grads:
     e = ctx.emit
     y, g = ctx.outputs[0], gys[0]
-    axis = ctx.attr("axis", -1) % ctx.rank(y)
+    axis = ctx.attr("axis", -1)
     dot = e.reduce_sum(e.op("Mul", [g, y]), [axis])
     return [e.op("Mul", [y, e.op("Sub", [g, dot])])]
 
@@ -135,9 +135,57 @@ def softmax(ctx: RuleContext, gys: Grads) -> Grads:
 def log_softmax(ctx: RuleContext, gys: Grads) -> Grads:
     e = ctx.emit
     y, g = ctx.outputs[0], gys[0]
-    axis = ctx.attr("axis", -1) % ctx.rank(y)
+    axis = ctx.attr("axis", -1)
     total = e.reduce_sum(g, [axis])
     return [e.op("Sub", [g, e.op("Mul", [e.op("Exp", [y]), total])])]
+
+
+def prelu(ctx: RuleContext, gys: Grads) -> Grads:
+    """y = x where x > 0, slope * x elsewhere; the slope broadcasts."""
+    e, g = ctx.emit, gys[0]
+    x, slope = ctx.input(0), ctx.input(1)
+    positive = e.op("Greater", [x, e.const(0.0)])
+    gx = e.op("Where", [positive, g, e.op("Mul", [g, slope])]) if ctx.wants(0) else None
+    gs = None
+    if ctx.wants(1):
+        gs = _unbroadcast_input(ctx, e.op("Where", [positive, e.const(0.0), e.op("Mul", [g, x])]), 1)
+    return [gx, gs]
+
+
+def sqrt(ctx: RuleContext, gys: Grads) -> Grads:
+    e = ctx.emit
+    return [e.op("Div", [e.op("Mul", [gys[0], e.const(0.5)]), ctx.outputs[0]])]
+
+
+def exp(ctx: RuleContext, gys: Grads) -> Grads:
+    return _scale(ctx, gys[0], ctx.outputs[0])
+
+
+def log(ctx: RuleContext, gys: Grads) -> Grads:
+    return [ctx.emit.op("Div", [gys[0], ctx.input(0)])]
+
+
+def reciprocal(ctx: RuleContext, gys: Grads) -> Grads:
+    e = ctx.emit
+    y = ctx.outputs[0]
+    return [e.op("Neg", [e.op("Mul", [gys[0], e.op("Mul", [y, y])])])]
+
+
+def abs_(ctx: RuleContext, gys: Grads) -> Grads:
+    return _scale(ctx, gys[0], ctx.emit.op("Sign", [ctx.input(0)]))
+
+
+def pow_(ctx: RuleContext, gys: Grads) -> Grads:
+    """y = a ** b: da = g * b * a ** (b - 1), db = g * y * log(a)."""
+    e, g = ctx.emit, gys[0]
+    a, b, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
+    ga = gb = None
+    if ctx.wants(0):
+        power = e.op("Pow", [a, e.op("Sub", [b, e.const(1.0)])])
+        ga = _unbroadcast_input(ctx, e.op("Mul", [g, e.op("Mul", [b, power])]), 0)
+    if ctx.wants(1):
+        gb = _unbroadcast_input(ctx, e.op("Mul", [g, e.op("Mul", [y, e.op("Log", [a])])]), 1)
+    return [ga, gb]
 
 
 # ------------------------------------------------------------------ broadcasting arithmetic
@@ -158,6 +206,15 @@ def mul(ctx: RuleContext, gys: Grads) -> Grads:
     ga = _unbroadcast_input(ctx, e.op("Mul", [g, b]), 0) if ctx.wants(0) else None
     gb = _unbroadcast_input(ctx, e.op("Mul", [g, a]), 1) if ctx.wants(1) else None
     return [ga, gb]
+
+
+def where(ctx: RuleContext, gys: Grads) -> Grads:
+    e, g = ctx.emit, gys[0]
+    cond = ctx.input(0)
+    zero = e.const(0.0)
+    picked = _unbroadcast_input(ctx, e.op("Where", [cond, g, zero]), 1) if ctx.wants(1) else None
+    other = _unbroadcast_input(ctx, e.op("Where", [cond, zero, g]), 2) if ctx.wants(2) else None
+    return [None, picked, other]
 
 
 def div(ctx: RuleContext, gys: Grads) -> Grads:
@@ -229,9 +286,9 @@ def layer_norm(ctx: RuleContext, gys: Grads) -> Grads:
         inner = e.op("Sub", [e.op("Sub", [gxhat, mean(gxhat)]), e.op("Mul", [xhat, mean(e.op("Mul", [gxhat, xhat]))])])
         out[0] = e.op("Mul", [rstd, inner])
     if ctx.wants(1):
-        out[1] = e.unbroadcast(e.op("Mul", [g, xhat]), rank, scale, ctx.shape(scale))
+        out[1] = e.unbroadcast(e.op("Mul", [g, xhat]), shape, scale, ctx.shape(scale))
     if bias and ctx.wants(2):
-        out[2] = e.unbroadcast(g, rank, bias, ctx.shape(bias))
+        out[2] = e.unbroadcast(g, shape, bias, ctx.shape(bias))
     return out
 
 
@@ -279,10 +336,24 @@ def global_average_pool(ctx: RuleContext, gys: Grads) -> Grads:
     return [e.op("Expand", [g, e.shape_of(x)])]
 
 
-def global_max_pool(ctx: RuleContext, gys: Grads) -> Grads:
-    """The gradient is shared equally by the positions that tie for the maximum."""
+def _share_among_ties(ctx: RuleContext, g: str, y: str, axes: list[int]) -> str:
+    """Route ``g`` to the positions of x equal to the extreme ``y`` (kept dims), split equally among ties."""
     e = ctx.emit
-    x = ctx.input(0)
-    hit = e.cast_float(e.op("Equal", [x, ctx.outputs[0]]))
-    ties = e.reduce_sum(hit, list(range(2, ctx.rank(x))))
-    return [e.op("Mul", [e.op("Div", [hit, ties]), gys[0]])]
+    hit = e.cast_float(e.op("Equal", [ctx.input(0), y]))
+    ties = e.reduce_sum(hit, axes)
+    return e.op("Mul", [e.op("Div", [hit, ties]), g])
+
+
+def global_max_pool(ctx: RuleContext, gys: Grads) -> Grads:
+    return [_share_among_ties(ctx, gys[0], ctx.outputs[0], list(range(2, ctx.rank(ctx.input(0)))))]
+
+
+def reduce_extreme(ctx: RuleContext, gys: Grads) -> Grads:
+    """ReduceMax and ReduceMin."""
+    e, g, y = ctx.emit, gys[0], ctx.outputs[0]
+    axes = _reduce_axes(ctx)
+    if axes is None:
+        return [g]
+    if not ctx.attr("keepdims", 1):
+        g, y = e.unsqueeze(g, axes), e.unsqueeze(y, axes)
+    return [_share_among_ties(ctx, g, y, axes)]

@@ -114,19 +114,19 @@ class Emitter:
         perm = list(perm)
         return x if perm == sorted(perm) else self.op("Transpose", [x], perm=perm)
 
-    def where(self, cond: str, g: str, other: float = 0.0) -> str:
-        """``g`` where ``cond`` holds, else the constant ``other``."""
-        return self.op("Where", [cond, g, self.const(other)])
+    def mask(self, cond: str, g: str) -> str:
+        """``g`` where ``cond`` holds, else 0 (a Mul by the cast mask: onnxruntime's Where is slower)."""
+        return self.op("Mul", [g, self.cast_float(cond)])
 
     def cast_float(self, x: str) -> str:
         return self.op("Cast", [x], to=self.elem_type)
 
     # -------------------------------------------------- calculus helpers
-    def unbroadcast(self, g: str, src_rank: int, target: str, target_shape: Shape) -> str:
-        """Sum ``g`` (rank ``src_rank``) back to the shape of ``target`` that was broadcast to make it."""
-        k = len(target_shape)
-        lead = list(range(src_rank - k))
-        ones = [src_rank - k + i for i, d in enumerate(target_shape) if d == 1]
+    def unbroadcast(self, g: str, src_shape: Shape, target: str, target_shape: Shape) -> str:
+        """Sum ``g`` (shaped ``src_shape``) back to the shape of ``target``, which was broadcast to make it."""
+        k, rank = len(target_shape), len(src_shape)
+        lead = list(range(rank - k))
+        ones = [rank - k + i for i, d in enumerate(target_shape) if d == 1 and src_shape[rank - k + i] != 1]
         if not lead and not ones:
             return g
         summed = self.reduce_sum(g, lead + ones, keepdims=True)

@@ -106,9 +106,41 @@ def _one_hot_rows(columns: np.ndarray, width: int) -> np.ndarray:
     return matrix
 
 
+def _slice_axis(ctx: RuleContext, t: str, axis: int, start: int, stop: int, step: int = 1) -> str:
+    e = ctx.emit
+    ins = [t, e.ints([start]), e.ints([stop]), e.ints([axis])] + ([e.ints([step])] if step != 1 else [])
+    return e.op("Slice", ins)
+
+
+def _pad_axis(ctx: RuleContext, t: str, rank: int, axis: int, before: int, after: int) -> str:
+    pads = [0] * (2 * rank)
+    pads[axis], pads[rank + axis] = before, after
+    return ctx.emit.op("Pad", [t, ctx.emit.ints(pads)]) if before or after else t
+
+
+def _fold_axis(ctx: RuleContext, g: str, rank: int, axis: int, size: int, begin: int, end: int, mode: str) -> str:
+    """Adjoint of reflect / edge / wrap padding on one axis: add each padded strip onto the inputs it copies."""
+    parts = [_slice_axis(ctx, g, axis, begin, begin + size)]
+    for left, width, start in ((True, begin, 0), (False, end, begin + size)):
+        if not width:
+            continue
+        if width > size - (mode == "reflect"):
+            ctx.fail(f"{mode} padding of {width} on an axis of size {size} is not supported")
+        strip = _slice_axis(ctx, g, axis, start, start + width)
+        if mode == "edge":
+            strip, width, at = ctx.emit.reduce_sum(strip, [axis]), 1, 0 if left else size - 1
+        elif mode == "reflect":
+            strip = _slice_axis(ctx, strip, axis, -1, np.iinfo(np.int64).min, -1)
+            at = 1 if left else size - 1 - width
+        else:
+            at = size - width if left else 0
+        parts.append(_pad_axis(ctx, strip, rank, axis, at, size - at - width))
+    return ctx.emit.add_all(parts)
+
+
 def pad(ctx: RuleContext, gys: Grads) -> Grads:
     """constant: crop the padding off (and zero-extend where pads were negative crops);
-    reflect / edge / wrap: sum each padded position back onto the input position it copies."""
+    reflect / edge / wrap: add each padded strip back onto the input positions it copies."""
     e, g = ctx.emit, gys[0]
     x = ctx.input(0)
     shape = ctx.shape(x)
@@ -128,8 +160,7 @@ def pad(ctx: RuleContext, gys: Grads) -> Grads:
     for axis in range(rank):
         if begin[axis] or end[axis]:
             size = ctx.static_shape(x)[axis]
-            source = np.pad(np.arange(size), (begin[axis], end[axis]), mode=mode)
-            g = e.axis_matmul(g, axis, rank, _one_hot_rows(source, size))
+            g = _fold_axis(ctx, g, rank, axis, size, begin[axis], end[axis], mode)
     return [g]
 
 
@@ -175,6 +206,7 @@ def resize_matrix(size_in: int, size_out: int, scale: float, mode: str, transfor
     return matrix
 
 
+MAX_MATRIX = 1 << 24  # entries of a dense per-axis adjoint matrix
 RESIZE_TRANSFORMS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
 
 
@@ -193,10 +225,21 @@ def resize(ctx: RuleContext, gys: Grads) -> Grads:
     axes = [int(a) % rank for a in ctx.attr("axes", range(rank))]
     scales = ctx.value(2) if ctx.input(2) else None
     scales = None if scales is None or scales.size == 0 else [float(s) for s in scales.reshape(-1)]
+    current = list(ctx.shape(ctx.outputs[0]))
     for i, axis in enumerate(axes):
         scale = scales[i] if scales else ys[axis] / xs[axis]
         if xs[axis] == ys[axis] and math.isclose(scale, 1.0):
             continue
-        matrix = resize_matrix(xs[axis], ys[axis], scale, mode, transform, ctx.attr("nearest_mode", "round_prefer_floor"))
-        g = e.axis_matmul(g, axis, rank, matrix)
+        rounding = ctx.attr("nearest_mode", "round_prefer_floor")
+        matrix = resize_matrix(xs[axis], ys[axis], scale, mode, transform, rounding)
+        factor = ys[axis] // xs[axis]
+        if factor * xs[axis] == ys[axis] and np.array_equal(matrix, np.repeat(np.eye(xs[axis]), factor, axis=0)):
+            # every input repeated `factor` times in a row: sum each run
+            runs = e.reshape(g, current[:axis] + [xs[axis], factor] + current[axis + 1:])
+            g = e.reduce_sum(runs, [axis + 1], keepdims=False)
+        elif matrix.size > MAX_MATRIX:
+            ctx.fail(f"resizing an axis of {xs[axis]} to {ys[axis]} needs a {matrix.shape} adjoint matrix; too big")
+        else:
+            g = e.axis_matmul(g, axis, rank, matrix)
+        current[axis] = xs[axis]
     return [g]

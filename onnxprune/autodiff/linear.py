@@ -22,7 +22,7 @@ def gemm(ctx: RuleContext, gys: Grads) -> Grads:
                   else e.op("Gemm", [a, g], alpha=alpha, transA=1 - ta))
     if c and ctx.wants(2):
         gc = g if beta == 1.0 else e.op("Mul", [g, e.const(beta)])
-        out[2] = e.unbroadcast(gc, 2, c, ctx.shape(c))
+        out[2] = e.unbroadcast(gc, ctx.shape(ctx.outputs[0]), c, ctx.shape(c))
     return out
 
 
@@ -34,8 +34,10 @@ def matmul(ctx: RuleContext, gys: Grads) -> Grads:
     """numpy matmul semantics: 1-D operands are promoted to matrices, batch dims broadcast."""
     e, g = ctx.emit, gys[0]
     a, b = ctx.input(0), ctx.input(1)
-    ra, rb = ctx.rank(a), ctx.rank(b)
-    rank = max(ra, rb, 2)
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    ra, rb = len(sa), len(sb)
+    out_shape = ctx.shape(ctx.outputs[0])
+    batch = out_shape[:len(out_shape) - (ra > 1) - (rb > 1)]
     a2 = e.unsqueeze(a, [0]) if ra == 1 else a
     b2 = e.unsqueeze(b, [1]) if rb == 1 else b
     if ra == 1 and rb == 1:
@@ -48,9 +50,9 @@ def matmul(ctx: RuleContext, gys: Grads) -> Grads:
     if ctx.wants(0):
         ga = e.op("MatMul", [g, _swap_last(ctx, b2, max(rb, 2))])
         ga = e.squeeze(ga, [-2]) if ra == 1 else ga
-        out[0] = e.unbroadcast(ga, rank - (ra == 1), a, ctx.shape(a))
+        out[0] = e.unbroadcast(ga, batch + sa[-2:], a, sa)
     if ctx.wants(1):
         gb = e.op("MatMul", [_swap_last(ctx, a2, max(ra, 2)), g])
         gb = e.squeeze(gb, [-1]) if rb == 1 else gb
-        out[1] = e.unbroadcast(gb, rank - (rb == 1), b, ctx.shape(b))
+        out[1] = e.unbroadcast(gb, batch + sb[-2:], b, sb)
     return out

@@ -43,6 +43,7 @@ RULES: dict[str, Rule] = {
     "Tanh": ew.tanh,
     "Erf": ew.erf,
     "Gelu": ew.gelu,
+    "PRelu": ew.prelu,
     "Softmax": ew.softmax,
     "LogSoftmax": ew.log_softmax,
     # arithmetic with broadcasting
@@ -52,9 +53,18 @@ RULES: dict[str, Rule] = {
     "Mul": ew.mul,
     "Div": ew.div,
     "Neg": ew.neg,
+    "Abs": ew.abs_,
+    "Sqrt": ew.sqrt,
+    "Exp": ew.exp,
+    "Log": ew.log,
+    "Reciprocal": ew.reciprocal,
+    "Pow": ew.pow_,
+    "Where": ew.where,
     # reductions
     "ReduceMean": ew.reduce,
     "ReduceSum": ew.reduce,
+    "ReduceMax": ew.reduce_extreme,
+    "ReduceMin": ew.reduce_extreme,
     # data movement
     "Identity": ew.identity,
     "Dropout": ew.identity,

@@ -5,13 +5,17 @@ Two building blocks serve all four:
 * ``back_project`` — the adjoint of a windowed map from input positions to
   output positions: a ConvTranspose with the forward strides, dilations, pads
   and group, cropped or zero-extended so its output has the input's size.
-* ``weight_grad`` — the gradient of a convolution's kernel as one more Conv:
-  the batch becomes the channel axis (grouped per conv group), the output
-  gradient becomes the kernel, and strides and dilations swap places.
+* ``weight_grad`` — the gradient of a convolution's kernel: per kernel tap, a
+  strided Slice of the input times the output gradient, one MatMul per group
+  that contracts over samples and positions at once.
+
+Stride-1 convolutions get their input gradient from a Conv with the flipped
+kernel instead, which onnxruntime runs much faster than ConvTranspose.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,27 +90,53 @@ def back_project(e: Emitter, g: str, weight: str, win: Window, in_spatial: list[
 
 
 def weight_grad(e: Emitter, inp: str, inp_shape: list, gout: str, out_spatial: list[int], win: Window,
-                group: int) -> str:
-    """Kernel gradient [M, C/group, *kernel] of a Conv from its input [N, C, *S] and output gradient [N, M, *O]."""
+                group: int, out_channels: int) -> str:
+    """Kernel gradient [M, C/group, *kernel] of a Conv from its input [N, C, *S] and output gradient [N, M, *O].
+
+    With the batch moved behind the channels, each kernel tap is one strided Slice of the (padded)
+    input, [C, N, *O], and its gradient is one MatMul per group that contracts samples and positions:
+    [M/g, N*P] x [N*P, C/g]. No im2col matrix is ever materialised.
+    """
     nd = len(win.kernel)
-    channels, spatial = inp_shape[1], inp_shape[2:]
-    per_group = channels // group
-    x = e.reshape(inp, [None, group, per_group, *spatial])
-    x = e.transpose(x, [2, 1, 0] + list(range(3, nd + 3)))
-    x = e.reshape(x, [per_group, None, *spatial])
-    kern = e.transpose(gout, [1, 0] + list(range(2, nd + 2)))
-    ends, sizes = [], []
-    for i in range(nd):
-        reach = win.strides[i] * (out_spatial[i] - 1) + 1
-        end = max(win.span(i) + reach - 1 - spatial[i] - win.begin[i], 0)
-        ends.append(end)
-        sizes.append((spatial[i] + win.begin[i] + end - reach) // win.dilations[i] + 1)
-    gw = e.op("Conv", [x, kern], kernel_shape=out_spatial, strides=win.dilations, dilations=win.strides,
-              pads=win.begin + ends, group=group)
-    if sizes != win.kernel:
-        axes = list(range(2, nd + 2))
-        gw = e.op("Slice", [gw, e.ints([0] * nd), e.ints(win.kernel), e.ints(axes)])
-    return e.transpose(gw, [1, 0] + list(range(2, nd + 2)))
+    axes = list(range(2, nd + 2))
+    per_group, per_group_out = inp_shape[1] // group, out_channels // group
+    x = e.transpose(inp, [1, 0] + axes)
+    if any(win.begin) or any(win.end):
+        x = e.op("Pad", [x, e.ints([0, 0] + win.begin + [0, 0] + win.end)])
+    grads = e.reshape(e.transpose(gout, [1, 0] + axes), [group, per_group_out, None])
+    steps = [e.ints(win.strides)] if any(s != 1 for s in win.strides) else []
+    per_tap = []
+    for offsets in itertools.product(*(range(k) for k in win.kernel)):
+        starts = [o * d for o, d in zip(offsets, win.dilations)]
+        stops = [b + s * (n - 1) + 1 for b, s, n in zip(starts, win.strides, out_spatial)]
+        tap = e.op("Slice", [x, e.ints(starts), e.ints(stops), e.ints(axes)] + steps)
+        tap = e.transpose(e.reshape(tap, [group, per_group, None]), [0, 2, 1])
+        per_tap.append(e.unsqueeze(e.op("MatMul", [grads, tap]), [3]))
+    stacked = per_tap[0] if len(per_tap) == 1 else e.op("Concat", per_tap, axis=3)
+    return e.reshape(stacked, [out_channels, per_group, *win.kernel])
+
+
+def _flipped_kernel(e: Emitter, w: str, shape: list[int], group: int) -> str:
+    """Conv weight [M, C/g, *k] as the kernel of its adjoint: [C, M/g, *k], spatially reversed."""
+    nd = len(shape) - 2
+    m, per_group = shape[0], shape[1]
+    t = e.reshape(w, [group, m // group, per_group, *shape[2:]])
+    t = e.reshape(e.transpose(t, [0, 2, 1] + list(range(3, nd + 3))), [group * per_group, m // group, *shape[2:]])
+    axes = list(range(2, nd + 2))
+    return e.op("Slice", [t, e.ints([-1] * nd), e.ints([np.iinfo(np.int64).min] * nd), e.ints(axes),
+                          e.ints([-1] * nd)])
+
+
+def data_grad(e: Emitter, g: str, w: str, w_shape: list[int], win: Window, in_spatial: list[int],
+              out_spatial: list[int], group: int) -> str:
+    """Input gradient of a Conv: a Conv with the flipped kernel when strides are 1 (onnxruntime's Conv is
+    much faster than its ConvTranspose), else :func:`back_project`."""
+    nd = len(in_spatial)
+    reach = [win.span(i) - 1 for i in range(nd)]
+    if any(s != 1 for s in win.strides) or any(p > r for p, r in zip(win.begin + win.end, reach + reach)):
+        return back_project(e, g, w, win, in_spatial, out_spatial, group)
+    pads = [r - p for r, p in zip(reach + reach, win.begin + win.end)]
+    return e.op("Conv", [g, _flipped_kernel(e, w, w_shape, group)], pads=pads, **_conv_attrs(win, group))
 
 
 def _bias_grad(ctx: RuleContext, g: str) -> str | None:
@@ -121,8 +151,8 @@ def conv(ctx: RuleContext, gys: Grads) -> Grads:
     xs, ws, ys = ctx.shape(x), ctx.static_shape(w), ctx.shape(ctx.outputs[0])
     win = window(ctx, xs[2:], ws[2:])
     group = ctx.attr("group", 1)
-    gx = back_project(ctx.emit, g, w, win, xs[2:], ys[2:], group) if ctx.wants(0) else None
-    gw = weight_grad(ctx.emit, x, xs, g, ys[2:], win, group) if ctx.wants(1) else None
+    gx = data_grad(ctx.emit, g, w, ws, win, xs[2:], ys[2:], group) if ctx.wants(0) else None
+    gw = weight_grad(ctx.emit, x, xs, g, ys[2:], win, group, ws[0]) if ctx.wants(1) else None
     return [gx, gw, _bias_grad(ctx, g)]
 
 
@@ -156,7 +186,7 @@ def conv_transpose(ctx: RuleContext, gys: Grads) -> Grads:
         if sizes != xs[2:]:
             gx = e.op("Slice", [gx, e.ints([0] * nd), e.ints(xs[2:]), e.ints(list(range(2, nd + 2)))])
     if ctx.wants(1):
-        gw = weight_grad(e, g, ys, x, xs[2:], win, group)
+        gw = weight_grad(e, g, ys, x, xs[2:], win, group, ws[0])
     return [gx, gw, _bias_grad(ctx, g)]
 
 
@@ -171,13 +201,15 @@ def max_pool_opset(node: onnx.NodeProto) -> int:
 
 
 def max_pool(ctx: RuleContext, gys: Grads) -> Grads:
-    """Route each output gradient to its argmax, found by a MaxPool with an indices output."""
+    """Route each output gradient to its window's argmax, found by a MaxPool with an indices output.
+
+    (Comparing tiled blocks with their maximum instead is slower in onnxruntime: its broadcasting
+    Equal and Mul over interleaved size-1 axes cost more than MaxPool-with-indices and a scatter.)
+    """
     e = ctx.emit
     x = ctx.input(0)
-    xs = ctx.shape(x)
-    win = window(ctx, xs[2:], [])
-    overlap = win.overlapping()
-    if overlap and ctx.opset < 16:
+    win = window(ctx, ctx.shape(x)[2:], [])
+    if win.overlapping() and ctx.opset < 16:
         ctx.fail("overlapping MaxPool windows need opset 16 (ScatterElements with reduction) for the gradient")
     attrs = {a.name: a for a in ctx.node.attribute if a.name != "storage_order"}
     pool = e.op("MaxPool", [x], n_out=2)
