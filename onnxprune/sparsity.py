@@ -303,12 +303,22 @@ def _quota(s: float, units: int) -> int:
 
 
 def lowest(scores: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of exactly the ``k`` lowest scores (ties broken by position)."""
+    """Boolean mask of exactly the ``k`` lowest scores."""
     flat = scores.reshape(-1)
     mask = np.zeros(flat.shape, bool)
-    if k > 0:
-        mask[np.argsort(flat, kind="stable")[:k]] = True
+    if k >= flat.size:
+        mask[:] = True
+    elif k > 0:
+        mask[np.argpartition(flat, k - 1)[:k]] = True
     return mask.reshape(scores.shape)
+
+
+def _lowest_along_last(scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per slice along the last axis, the ``counts[...]`` lowest entries."""
+    order = np.argsort(scores, axis=-1)
+    mask = np.zeros(scores.shape, bool)
+    np.put_along_axis(mask, order, np.arange(scores.shape[-1]) < counts[..., None], axis=-1)
+    return mask
 
 
 def lowest_per_row(scores: np.ndarray, s: float) -> np.ndarray:
@@ -316,15 +326,13 @@ def lowest_per_row(scores: np.ndarray, s: float) -> np.ndarray:
     rows = scores.reshape(-1, scores.shape[-1])
     r, c = rows.shape
     cum = np.array([_quota(s, c * i) for i in range(r + 1)])
-    ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable")
-    return (ranks < np.diff(cum)[:, None]).reshape(scores.shape)
+    return _lowest_along_last(rows, np.diff(cum)).reshape(scores.shape)
 
 
 def lowest_nm(scores: np.ndarray, pattern: Pattern) -> np.ndarray:
     """In every block of ``m`` along the last axis, the ``m - n`` lowest."""
     blocks = scores.reshape(*scores.shape[:-1], -1, pattern.m)
-    ranks = np.argsort(np.argsort(blocks, axis=-1, kind="stable"), axis=-1, kind="stable")
-    return (ranks < pattern.m - pattern.n).reshape(scores.shape)
+    return _lowest_along_last(blocks, np.full(blocks.shape[:-1], pattern.m - pattern.n)).reshape(scores.shape)
 
 
 def select(scores: np.ndarray, opts: Options, per_row: bool) -> np.ndarray:
@@ -363,8 +371,25 @@ def wanda(w: np.ndarray, stats: Stats, opts: Options) -> tuple[np.ndarray, np.nd
     return np.where(mask, 0.0, w), mask
 
 
+def _inv_upper(r: np.ndarray) -> np.ndarray:
+    """Inverse of an upper-triangular matrix by 2x2 blocks (matrix products only, ~n^3/3 flops)."""
+    n = len(r)
+    if n <= 256:
+        return np.linalg.inv(r)
+    k = n // 2
+    a, d = _inv_upper(r[:k, :k]), _inv_upper(r[k:, k:])
+    out = np.zeros_like(r)
+    out[:k, :k], out[k:, k:] = a, d
+    out[:k, k:] = -(a @ r[:k, k:]) @ d
+    return out
+
+
 def _inverse_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``(H + damp*mean(diag H)*I)^-1`` (``= U^T U``)."""
+    """Upper-triangular ``U`` with ``U^T U = (H + damp*mean(diag H)*I)^-1``.
+
+    With ``P`` the reversal permutation, ``P H P = L L^T`` gives ``H = R R^T`` for the upper
+    ``R = P L P``, so ``H^-1 = (R^-1)^T R^-1`` and ``U = R^-1``: one Cholesky, one triangular inverse.
+    """
     h = h.copy()
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
@@ -372,11 +397,10 @@ def _inverse_upper(h: np.ndarray, damp: float) -> np.ndarray:
     eye = np.eye(len(h))
     for attempt in range(6):
         try:
-            low = np.linalg.cholesky(h + damp * (10 ** attempt) * mean * eye)
-            inv_low = np.linalg.inv(low)
-            return np.linalg.cholesky(inv_low.T @ inv_low).T
+            low = np.linalg.cholesky((h + damp * (10 ** attempt) * mean * eye)[::-1, ::-1])
         except np.linalg.LinAlgError:
             continue
+        return _inv_upper(np.ascontiguousarray(low[::-1, ::-1]))
     raise np.linalg.LinAlgError("Hessian not positive definite even with 1e5x damping")
 
 
@@ -507,16 +531,20 @@ def waves(proto: onnx.ModelProto, sites: list[Site]) -> list[list[Site]]:
 
 def collect_stats(proto: onnx.ModelProto, sites: list[Site], full: bool, data: ArrayData, opts: Options,
                   progress=None) -> dict[str, Stats]:
-    """Stream calibration batches through ``proto`` and accumulate each site's statistics."""
+    """Stream calibration batches through ``proto`` and accumulate each site's statistics.
+
+    Only the part of the model upstream of the tapped tensors runs; layers fed by a graph input
+    need no run at all.
+    """
     stats = {s.tensor: Stats(full) for s in sites}
 
     def visit(tapped, feed):
         for s in sites:
-            if s.input in tapped or s.input in feed:
-                x = tapped.get(s.input, feed.get(s.input))
-                stats[s.tensor].add(s.samples(np.asarray(x, np.float32)))
+            x = tapped[s.input] if s.input in tapped else feed[s.input]
+            stats[s.tensor].add(s.samples(np.asarray(x, np.float32)))
 
-    tensors = [s.input for s in sites if s.input not in {i.name for i in proto.graph.input}]
+    inputs = {i.name for i in proto.graph.input}
+    tensors = list(dict.fromkeys(s.input for s in sites if s.input not in inputs))
     fixed = fixed_batch(proto)
     limit = min(opts.calib_samples, data.num_samples)
     if fixed:
@@ -524,9 +552,44 @@ def collect_stats(proto: onnx.ModelProto, sites: list[Site], full: bool, data: A
         if not limit:
             raise OnnxPruneError(f"the model takes batches of exactly {fixed}; give at least {fixed} "
                                  "calibration samples")
-    calibrate.tap(proto, tensors, data, visit, batch_size=fixed or opts.batch_size, limit=limit,
-                  progress=progress, description="calibrating")
+    batch = fixed or opts.batch_size
+    if tensors:
+        calibrate.tap(upstream_model(proto, tensors), tensors, data, visit, batch_size=batch, limit=limit,
+                      progress=progress, description="calibrating")
+    else:
+        for feed in data.batches(batch, limit):
+            visit({}, feed)
     return stats
+
+
+def upstream_model(proto: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """The nodes and initializers of ``proto`` that ``tensors`` depend on, with no graph outputs
+    (a calibration run adds ``tensors`` as outputs); ``proto`` itself if it has subgraphs."""
+    nodes = proto.graph.node
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return proto
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    keep: set[int] = set()
+    stack = list(tensors)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(nodes[i].input)
+    used = {t for i in keep for t in nodes[i].input}
+    sub = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(sub, f, getattr(proto, f))
+    sub.opset_import.extend(proto.opset_import)
+    sub.functions.extend(proto.functions)
+    g = sub.graph
+    g.name = proto.graph.name
+    inits = {t.name for t in proto.graph.initializer}
+    g.input.extend(i for i in proto.graph.input if i.name not in inits or i.name in used)
+    g.node.extend(nodes[i] for i in sorted(keep))
+    g.initializer.extend(t for t in proto.graph.initializer if t.name in used)
+    g.value_info.extend(proto.graph.value_info)
+    return sub
 
 
 def fixed_batch(proto: onnx.ModelProto) -> int | None:
