@@ -141,9 +141,12 @@ def conv_t_case(x, w, group=1, **attrs):
     return Case("ConvTranspose", list(arrays), arrays, list(arrays), dict(group=group, **attrs))
 
 
-def unary(op, shape=(2, 3, 4), dtype=F64, low=None, high=None, opset=17, **attrs):
-    arrays = {"x": rand(*shape, dtype=dtype, low=low, high=high)}
-    return Case(op, ["x"], arrays, ["x"], attrs, opset=opset)
+def unary(op, shape=(2, 3, 4), dtype=F64, low=None, high=None, opset=17, kinks=(), **attrs):
+    """One input; values within 0.05 of a kink are moved off it, as float32 steps are 1e-2 wide."""
+    x = rand(*shape, dtype=dtype, low=low, high=high)
+    for kink in kinks:
+        x = np.where(np.abs(x - kink) < 0.05, x + 0.1, x).astype(dtype)
+    return Case(op, ["x"], {"x": x}, ["x"], attrs, opset=opset)
 
 
 def binary(op, a, b, positive_b=False):
@@ -169,6 +172,13 @@ def with_consts(op, shape, consts: dict, dtype=F64, opset=17, n_out=1, wrt=("x",
 
 def pool(op, shape=(1, 2, 6, 6), dtype=F32, **attrs):
     return unary(op, shape, dtype=dtype, **attrs)
+
+
+def distinct_max(x: np.ndarray) -> np.ndarray:
+    """Raise each channel's maximum by 0.5, so no 1e-2 step changes which element is largest."""
+    flat = x.reshape(x.shape[0] * x.shape[1], -1)
+    flat[np.arange(len(flat)), flat.argmax(1)] += 0.5
+    return x
 
 
 def resize(shape, scales=None, sizes=None, **attrs):
@@ -237,8 +247,8 @@ CASES = {
     "clip": with_consts("Clip", (3, 4), {"lo": np.array(-0.5), "hi": np.array(0.7)}),
     "clip-min-only": with_consts("Clip", (3, 4), {"lo": np.array(0.1)}),
     "sigmoid": unary("Sigmoid"),
-    "hardsigmoid": unary("HardSigmoid", dtype=F32, low=-4, high=4, alpha=0.25, beta=0.4),
-    "hardswish": unary("HardSwish", dtype=F32, low=-5, high=5, opset=17),
+    "hardsigmoid": unary("HardSigmoid", dtype=F32, low=-4, high=4, kinks=(-1.6, 2.4), alpha=0.25, beta=0.4),
+    "hardswish": unary("HardSwish", dtype=F32, low=-5, high=5, kinks=(-3, 3)),
     "tanh": unary("Tanh"),
     "erf": unary("Erf", dtype=F32),
     "gelu": unary("Gelu", dtype=F32, opset=20),
@@ -295,7 +305,7 @@ CASES = {
                                 pads=[1, 0, 1, 2], count_include_pad=1),
     "avgpool-ceil": pool("AveragePool", (1, 1, 7, 7), kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
     "globalavgpool": pool("GlobalAveragePool"),
-    "globalmaxpool": pool("GlobalMaxPool"),
+    "globalmaxpool": Case("GlobalMaxPool", ["x"], {"x": distinct_max(rand(1, 2, 6, 6, dtype=F32))}, ["x"]),
     "reducemean": unary("ReduceMean", (2, 3, 4), axes=[1, -1], keepdims=0),
     "reducemean-opset18": with_consts("ReduceMean", (2, 3, 4), {"axes": ints(0)}, opset=18),
     "reducesum-all": unary("ReduceSum", (2, 3), keepdims=0),
