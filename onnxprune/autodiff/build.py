@@ -45,6 +45,7 @@ class _Plan:
 
     relevant: set[str]
     nodes: list[onnx.NodeProto]
+    types: dict[str, int]  # element type of every tensor shape inference could type
 
 
 def build_gradient_model(proto: onnx.ModelProto, wrt: list[str], loss: str = "cross_entropy",
@@ -110,7 +111,7 @@ def _check_names(model: onnx.ModelProto, wrt: list[str], output: str) -> None:
 
 def _plan(model: onnx.ModelProto, wrt: list[str], output: str) -> _Plan:
     _check_names(model, wrt, output)
-    floats, _ = _float_tensors(model)
+    floats, types = _float_tensors(model)
     bad = [t for t in wrt if t not in floats]
     if bad:
         raise OnnxPruneError(f"tensor '{bad[0]}' is not floating point; gradients exist only for float tensors")
@@ -132,7 +133,7 @@ def _plan(model: onnx.ModelProto, wrt: list[str], output: str) -> _Plan:
                 f"no gradient rule for {op} (node {node.name or node.output[0]}); it lies between the "
                 f"requested tensors and the loss: ask for gradients of tensors after it, or add a rule to "
                 f"onnxprune.autodiff.RULES")
-    return _Plan(relevant, on_path)
+    return _Plan(relevant, on_path, types)
 
 
 def _shapes(model: onnx.ModelProto, plan: _Plan) -> dict[str, list]:
@@ -193,7 +194,7 @@ def _assemble(model: onnx.ModelProto, wrt: list[str], loss: str, output: str, pl
               trainable_as_inputs: bool, temperature: float) -> GradientModel:
     graph = model.graph
     shapes = _shapes(model, plan)
-    _, types = _float_tensors(model)
+    types = plan.types
     elem = types.get(output, onnx.TensorProto.FLOAT)
     if elem not in FLOAT_TYPES:
         raise OnnxPruneError(f"output '{output}' is not floating point; a loss needs float outputs")
