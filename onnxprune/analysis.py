@@ -149,12 +149,20 @@ class _Driver:
         for i, t in tainted:
             if i in foldable and t.name in self.static:
                 self._fold(node, i, t)
-            elif node.op in SHAPE_ARITH and node.domain in ("", "ai.onnx", None):
+            elif node.op in SHAPE_ARITH and node.domain in ("", "ai.onnx", None) and self._small(node):
                 for o in node.outputs:
                     self.taint.setdefault(o.name, []).extend(self.taint[t.name])
             else:
                 for ids, where in self.taint[t.name]:
                     self.fix(ids, f"{where}: its channel count is used at run time by {node.op} '{node.name}'")
+
+    def _small(self, node: gs.Node) -> bool:
+        """Shape arithmetic produces a handful of numbers; anything bigger is data."""
+        for o in node.outputs:
+            s = self.shapes.get(o.name)
+            if s is None or any(d is None for d in s) or int(np.prod(s)) > 64:
+                return False
+        return True
 
     def _fold(self, node: gs.Node, i: int, t: gs.Tensor) -> None:
         value = self.observed[t.name]
