@@ -28,7 +28,6 @@ fidelity was measured on), ``fidelity`` (see ``onnxprune.validate``), ``accuracy
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +36,8 @@ import onnx_graphsurgeon as gs
 
 from . import ir
 from .errors import OnnxPruneError
-from .sparsity import MIN_SIZE, Site, find_sites, initializer_arrays, set_initializers, weights_as_initializers
+from .sparsity import (MIN_SIZE, find_sites, initializer_arrays, relative_error, set_initializers,
+                       weights_as_initializers)
 
 MAX_CLUSTERS = 256
 PACK_MAX_CLUSTERS = 16
@@ -209,7 +209,7 @@ class ShareResult:
     codebooks: dict[str, Codebook] = field(default_factory=dict)
 
 
-def _plan(site: Site, cb: Codebook, w: np.ndarray, opts: ShareOptions, opset: int) -> tuple[bool, int] | None:
+def _plan(cb: Codebook, w: np.ndarray, opts: ShareOptions, opset: int) -> tuple[bool, int] | None:
     """``(packed, stored bytes)`` if sharing ``site`` saves bytes, else None."""
     packed = opts.pack and cb.packable() and opset >= BITSHIFT_OPSET
     stored = cb.stored_bytes(packed) + 64 * (5 if packed else 2)  # rough proto overhead of the decoder
@@ -228,14 +228,12 @@ def share(proto: onnx.ModelProto, opts: ShareOptions, progress=None) -> ShareRes
     for s in it:
         w = arrays[s.tensor]
         cb = make_codebook(w, opts)
-        plan = _plan(s, cb, w, opts, opset)
+        plan = _plan(cb, w, opts, opset)
         if plan is None:
             skipped.append({"name": s.name, "tensor": s.tensor, "reason": "codebook + indices not smaller"})
             continue
         books[s.tensor] = (cb, plan[0])
-        w64 = w.astype(np.float64)
-        norm = float(np.linalg.norm(w64))
-        err = float(np.linalg.norm(cb.dense().astype(np.float64) - w64) / norm) if norm else 0.0
+        err = relative_error(cb.dense(), w)
         layers.append(ShareLayer(s.name, s.tensor, s.op, list(w.shape), int(len(np.unique(cb.indices))),
                                  4 if plan[0] else 8, int(w.nbytes), int(cb.stored_bytes(plan[0])), err))
     if not books:
@@ -246,8 +244,3 @@ def share(proto: onnx.ModelProto, opts: ShareOptions, progress=None) -> ShareRes
         out = shared_graph(proto, books)
     return ShareResult(out, opts, layers, skipped, {t: cb for t, (cb, _) in books.items()})
 
-
-def bits_per_weight(result: ShareResult) -> float:
-    """Average stored index bits over the shared weights (codebooks excluded)."""
-    n = sum(math.prod(lr.shape) for lr in result.layers)
-    return sum(lr.bits * math.prod(lr.shape) for lr in result.layers) / n if n else 0.0

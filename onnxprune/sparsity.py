@@ -447,6 +447,13 @@ CRITERION_RULES: dict[str, tuple[Callable, bool | None]] = {
 }
 
 
+def relative_error(new: np.ndarray, old: np.ndarray) -> float:
+    """``||new - old|| / ||old||`` in float64 (0 for an all-zero ``old``)."""
+    old = np.asarray(old, np.float64)
+    norm = float(np.linalg.norm(old))
+    return float(np.linalg.norm(np.asarray(new, np.float64) - old) / norm) if norm else 0.0
+
+
 def output_error(w: np.ndarray, new: np.ndarray, stats: Stats | None) -> float | None:
     """``||X dW^T|| / ||X W^T||`` from the Gram matrix (None without one)."""
     if stats is None or not stats.full:
@@ -622,11 +629,10 @@ def _prune_site(site: Site, w: np.ndarray, opts: Options, stats: Stats | None, g
         new = np.where(mask, 0.0, wm)
     else:
         new, mask = CRITERION_RULES[criterion][0](wm, stats, opts)
-    norm = float(np.linalg.norm(wm))
     dense = site.layout.from_matrix(new).astype(w.dtype)
     res = LayerResult(site.name, site.tensor, site.op, list(site.layout.shape), site.numel, int(mask.sum()),
-                      float(np.mean(dense == 0)), criterion,
-                      float(np.linalg.norm(new - wm) / norm) if norm else 0.0, output_error(wm, new, stats), note)
+                      float(np.mean(dense == 0)), criterion, relative_error(new, wm), output_error(wm, new, stats),
+                      note)
     return dense, res
 
 

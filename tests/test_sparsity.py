@@ -311,3 +311,11 @@ def test_cli_bad_arguments_exit_2_in_a_real_process(cli, model_and_calib, tmp_pa
         res = cli("sparsify", model, "-o", tmp_path / "o.onnx", *args)
         assert res.code == 2 and msg in res.err and "Traceback" not in res.err, res
         assert len(res.err.strip().splitlines()) == 1
+
+
+def test_cli_checks_output_path_before_working(model_and_calib, tmp_path, capsys):
+    model, _ = model_and_calib
+    assert main(["sparsify", str(model), "-o", str(tmp_path / "missing" / "o.onnx"), "--sparsity", "0.5"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["share", str(model), "-o", str(model)]) == 2
+    assert "is the input model" in capsys.readouterr().err

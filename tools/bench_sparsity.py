@@ -1,7 +1,7 @@
 """Measure unstructured / N:M sparsity and weight sharing; write the results into docs/sparsity.md.
 
     python tools/bench_sparsity.py                       # Fashion-MNIST model + zoo ResNet-18
-    python tools/bench_sparsity.py --skip-zoo --json out/bench_sparsity.json
+    python tools/bench_sparsity.py --skip-zoo --reuse    # rerun Fashion-MNIST, keep the saved zoo rows
 
 For every model: magnitude, Wanda and SparseGPT-style sparsity at 50/70/90% and 2:4, then weight
 sharing at K = 16 and 256.  Each row gives accuracy (models with a labelled test set) or fidelity to
@@ -11,7 +11,8 @@ compressed file size (zstd if ``zstandard`` is installed, else gzip) and the wal
 The Fashion-MNIST model calibrates on ``models/fmnist_calib.npz`` and is scored on
 ``models/fmnist_test.npz``; the zoo model (ImageNet weights, no labelled data here) calibrates on
 random normal inputs and its fidelity is measured on other random inputs.  The results replace
-the part of docs/sparsity.md between the ``bench:start`` / ``bench:end`` markers.
+the part of docs/sparsity.md between the ``bench:start`` / ``bench:end`` markers.  Raw numbers per
+model go to ``out/bench_sparsity/<model>.json``; ``--reuse`` renders the saved ones of skipped models.
 """
 
 from __future__ import annotations
@@ -132,21 +133,22 @@ def _pct(x) -> str:
 
 def table(result: dict) -> list[str]:
     d = result["dense"]
-    quality = "top-1 acc" if d["top1"] is not None else "top-1 agreement"
+    labelled = d["top1"] is not None
     lines = [f"### {result['name']}", "", result["note"] + ".", "",
-             f"| method | target | achieved sparsity | {quality} | rel. output error | file | compressed | time |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| dense | - | - | {_pct(d['top1'] if d['top1'] is not None else d['agreement'])} | 0 | "
-                 f"{_mb(d['file_bytes'])} | {_mb(d['compressed_bytes'])} | - |")
+             "| method | target | achieved sparsity | " + ("top-1 acc | " if labelled else "")
+             + "top-1 agreement | rel. output error | file | compressed | time |",
+             "|---|---|---:|" + ("---:|" if labelled else "") + "---:|---:|---:|---:|---:|"]
+    acc = (lambda r: f" {_pct(r['top1'])} |") if labelled else (lambda r: "")
+    lines.append(f"| dense | - | - |{acc(d)} 100% | 0 | {_mb(d['file_bytes'])} | {_mb(d['compressed_bytes'])} | - |")
     for r in result["rows"]:
-        q = r["top1"] if d["top1"] is not None else r["agreement"]
         sp = "-" if r["sparsity"] is None else f"{100 * r['sparsity']:.1f}%"
-        lines.append(f"| {r['method']} | {r['target']} | {sp} | {_pct(q)} | {r['rel_error']:.4f} | "
-                     f"{_mb(r['file_bytes'])} | {_mb(r['compressed_bytes'])} | {r['seconds']:.1f} s |")
+        lines.append(f"| {r['method']} | {r['target']} | {sp} |{acc(r)} {_pct(r['agreement'])} | "
+                     f"{r['rel_error']:.4f} | {_mb(r['file_bytes'])} | {_mb(r['compressed_bytes'])} | "
+                     f"{r['seconds']:.1f} s |")
     return lines + [""]
 
 
-def render(results: list[dict], compression: str, seconds: float) -> str:
+def render(results: list[dict], compression: str) -> str:
     cpu = platform.processor() or platform.machine()
     head = [START, "",
             f"Measured {datetime.date.today().isoformat()} by `python tools/bench_sparsity.py` on a {os.cpu_count()}-core "
@@ -155,8 +157,8 @@ def render(results: list[dict], compression: str, seconds: float) -> str:
             f"({'level 10' if compression == 'zstd' else 'level 9'}). Sparsity is per layer; "
             "'achieved' counts zeros over the sparsified weight tensors (layers under 128 weights and, for 2:4, "
             "layers whose input channels are not a multiple of 4 are left dense). Time is the wall time of "
-            "`sparsify` / `share` alone, calibration included. Whole run: "
-            f"{seconds / 60:.1f} min.", ""]
+            "`sparsify` / `share` alone, calibration included. Whole run per model: "
+            + ", ".join(f"{r['name']} {r['minutes']:.0f} min" for r in results) + ".", ""]
     body = [line for r in results for line in table(r)]
     return "\n".join(head + body + [END])
 
@@ -182,18 +184,22 @@ def main(argv=None) -> int:
     p.add_argument("--skip-fmnist", action="store_true")
     p.add_argument("--skip-zoo", action="store_true")
     p.add_argument("--doc", default=str(ROOT / "docs/sparsity.md"))
-    p.add_argument("--json", help="also write the raw numbers here")
+    p.add_argument("--cache", default=str(ROOT / "out/bench_sparsity"), help="folder for the raw numbers")
+    p.add_argument("--reuse", action="store_true", help="also render saved results of models not run now")
     args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    results = []
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         for case in load_cases(args):
-            results.append(run_case(case, Path(d), lambda s: print(s, file=sys.stderr, flush=True)))
-    seconds = time.perf_counter() - t0
-    write_doc(Path(args.doc), render(results, sparsity.compression_method(), seconds))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.doc} ({seconds / 60:.1f} min)")
+            t0 = time.perf_counter()
+            result = run_case(case, Path(d), lambda s: print(s, file=sys.stderr, flush=True))
+            result["minutes"] = (time.perf_counter() - t0) / 60
+            (cache / f"{case.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    names = [n for n, skip in (("fmnist_resnet", args.skip_fmnist), (Path(args.zoo).stem, args.skip_zoo))
+             if not skip or args.reuse]
+    results = [json.loads((cache / f"{n}.json").read_text()) for n in names if (cache / f"{n}.json").exists()]
+    write_doc(Path(args.doc), render(results, sparsity.compression_method()))
+    print(f"wrote {args.doc}")
     return 0
 
 

@@ -22,7 +22,7 @@ import argparse
 
 from .. import ir, sharing
 from . import fmt, options
-from .sparsify import add_report, add_selection, finish, print_skipped, print_totals
+from .sparsify import add_report, add_selection, check_output, finish, print_skipped, print_totals
 
 
 def register(sub) -> None:
@@ -42,6 +42,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     json_out = options.json_path(args)
+    check_output(args)
     opts = sharing.ShareOptions(clusters=args.clusters, min_size=args.min_size, ignore=tuple(args.ignore),
                                 pack=args.pack, fold=args.fold)
     shapes = options.input_shapes(args)

@@ -25,10 +25,12 @@ accuracy, reference_accuracy.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .. import ir, sparsity, validate
 from ..data import ArrayData
+from ..errors import OnnxPruneError
 from . import fmt, options
 from .eval import load_data
 
@@ -83,6 +85,7 @@ def parse_options(args: argparse.Namespace) -> sparsity.Options:
 
 def run(args: argparse.Namespace) -> int:
     json_out = options.json_path(args)
+    check_output(args)
     opts = parse_options(args)
     shapes = options.input_shapes(args)
     model = ir.load(args.model)
@@ -110,6 +113,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- shared with ``share``
+
+def check_output(args: argparse.Namespace) -> None:
+    """Fail before the work, not after it, when ``-o`` cannot be written (``ir.save`` checks again)."""
+    out = Path(args.output)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise OnnxPruneError(f"-o {out}: is a directory; give a file path such as {out / 'model.onnx'}")
+    if not parent.is_dir():
+        raise OnnxPruneError(f"-o {out}: folder {parent} does not exist; create it first")
+    if out.exists() and Path(args.model).exists() and os.path.samefile(out, args.model):
+        raise OnnxPruneError(f"-o {out}: is the input model; choose another output path")
+
 
 def finish(model: ir.Model, proto, args: argparse.Namespace, shapes: dict[str, list[int]],
            fallback: ArrayData | None) -> dict:
