@@ -16,7 +16,7 @@ import pytest
 from builders import GraphBuilder
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import runtime
+from onnxprune import ir, runtime
 from onnxprune.autodiff import RULES, build_gradient_model
 from onnxprune.errors import OnnxPruneError
 
@@ -582,3 +582,27 @@ def test_bad_requests_raise_clear_errors(kwargs, message):
     model.graph.output.append(helper.make_tensor_value_info("h3", TensorProto.DOUBLE, None))
     with pytest.raises(OnnxPruneError, match=message):
         build_gradient_model(model, **kwargs)
+
+
+def test_shapes_that_inference_misses_are_measured():
+    """A Reshape target built from int32 Casts and Constant nodes (as paddle2onnx writes it) defeats ONNX shape
+    inference; one runtime pass over the static-shaped inputs fills in what the rules need."""
+    x, bias, teacher = rand(2, 3, 4), rand(12), rand(2, 12)
+
+    def constant(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["s32"], to=TensorProto.INT32),
+             constant("zero", ints(0)), constant("one", ints(1)), constant("width", np.array([12], np.int32)),
+             helper.make_node("Slice", ["s32", "zero", "one"], ["n"]),
+             helper.make_node("Cast", ["n"], ["n64"], to=TensorProto.INT64),
+             helper.make_node("Cast", ["width"], ["w64"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["n64", "w64"], ["target"], axis=-1),
+             helper.make_node("Reshape", ["x", "target"], ["flat"]), helper.make_node("Add", ["flat", "bias"], ["y"])]
+    model = graph_model(nodes, {"x": x}, ["y"], {"bias": bias}, opset=11)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 12]))
+    assert ir.infer_shapes(model).get("flat") is None
+    got = gradients(model, {"x": x, "teacher": teacher}, ["x", "bias"], loss="mse", output="y")
+    residual = 2 * (x.reshape(2, 12) + bias - teacher) / 24
+    assert relative_error(got["x"], residual.reshape(2, 3, 4)) < 1e-12
+    assert relative_error(got["bias"], residual.sum(0)) < 1e-12

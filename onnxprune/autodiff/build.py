@@ -136,21 +136,23 @@ def _plan(model: onnx.ModelProto, wrt: list[str], output: str) -> _Plan:
     return _Plan(relevant, on_path, types)
 
 
-def _shapes(model: onnx.ModelProto, plan: _Plan) -> dict[str, list]:
-    """Static shapes from ONNX shape inference; tensors of path nodes it misses (shape arithmetic
-    through Cast, for instance) are measured by one onnxruntime run when the inputs have static shapes."""
-    shapes = ir.infer_shapes(model)
+def _shapes(model: onnx.ModelProto, plan: _Plan) -> tuple[dict[str, list], dict[str, int]]:
+    """Static shapes (and element types) from ONNX inference; tensors of path nodes it misses (shape
+    arithmetic through int32 Casts, for instance) are measured by one onnxruntime run when the inputs
+    have static shapes."""
+    shapes, types = ir.infer_shapes(model), dict(plan.types)
     inputs = ir.graph_inputs(model)
     dims = {vi.name: ir.input_dims(vi) for vi in inputs}
     missing = list(dict.fromkeys(t for n in plan.nodes for t in list(n.input) + list(n.output)
-                                 if t and t not in shapes))
+                                 if t and (t not in shapes or t not in types)))
     if not missing or not all(isinstance(d, int) and d > 0 for ds in dims.values() for d in ds):
-        return shapes
+        return shapes, types
     sess = runtime.session(runtime.with_outputs(model, missing), optimize=False)
     feeds = {vi.name: np.zeros(dims[vi.name], dtype=ir.input_dtype(vi)) for vi in inputs}
     for name, value in zip(missing, sess.run(missing, feeds)):
         shapes[name] = list(value.shape)
-    return shapes
+        types[name] = helper.np_dtype_to_tensor_dtype(value.dtype)
+    return shapes, types
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -193,8 +195,7 @@ def _backward(e: Emitter, model: onnx.ModelProto, plan: _Plan, output: str, seed
 def _assemble(model: onnx.ModelProto, wrt: list[str], loss: str, output: str, plan: _Plan,
               trainable_as_inputs: bool, temperature: float) -> GradientModel:
     graph = model.graph
-    shapes = _shapes(model, plan)
-    types = plan.types
+    shapes, types = _shapes(model, plan)
     elem = types.get(output, onnx.TensorProto.FLOAT)
     if elem not in FLOAT_TYPES:
         raise OnnxPruneError(f"output '{output}' is not floating point; a loss needs float outputs")
