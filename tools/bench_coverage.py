@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Prune every zoo and real model at one ratio and tabulate what the engine could do.
+
+Each model goes through the real command line, ``onnxprune prune MODEL -o OUT
+--ratio R --report R.json``, in its own subprocess with a timeout, so a crash or
+a hang costs one row, not the run. The row records the groups found, pruned and
+frozen (with the two most common reasons for freezing), the parameters and MACs
+kept, whether the result was verified against the masked original, the worst
+relative error, and the wall time of the whole command. The saved model is
+checked with ``onnx.checker`` and then deleted.
+
+Results go to ``--json`` (merged by model name, so ``--only`` refreshes a few
+rows) and the table between the markers of ``--out``::
+
+    python tools/bench_coverage.py --out docs/coverage.md
+    python tools/bench_coverage.py --only resnet50 --only pnet
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = Path("/work/zoo")
+BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
+
+# Shapes for the real models' symbolic inputs, as their packages feed them (models/real/README.md).
+REAL_SHAPES: dict[str, list[str]] = {
+    "nmp": ["serving_default_input_2:0=1x43844x1"],
+    "ch_PP-OCRv4_det_infer": ["x=1x3x736x736"],
+    "ch_PP-OCRv4_rec_infer": ["x=1x3x48x320"],
+    "ch_ppocr_mobile_v2.0_cls_infer": ["x=1x3x48x192"],
+    "pnet": ["input_1=1x64x64x3"],
+    "silero_vad_16k_op15": ["input=1x576", "state=2x1x128"],
+}
+# Not plain convolutional networks: attention, or a LayerNorm over channels on the residual stream.
+NOT_CNN = {"vit_b_16", "swin_t", "maxvit_t", "convnext_tiny", "timm_deit_tiny_patch16_224", "timm_convnext_atto",
+           "timm_convnext_nano", "timm_mobilevit_xs", "timm_efficientformer_l1", "timm_levit_128s",
+           "timm_poolformer_s12", "nmp", "silero_vad_16k_op15", "ch_PP-OCRv4_rec_infer"}
+
+
+@dataclass
+class Case:
+    name: str
+    path: Path
+    source: str
+    shapes: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "other" if self.name in NOT_CNN else "cnn"
+
+
+def _producer(path: Path, provenance: dict[str, dict]) -> str:
+    p = provenance.get(path.name, {})
+    prod = p.get("producer_name") or ""
+    if prod == "PaddlePaddle" or "pd_op" in json.dumps(p.get("outputs", "")) or p.get("package", "").startswith(
+            ("rapid", "paddle")):
+        return "paddle2onnx"
+    return prod or "?"
+
+
+def discover(zoo: Path, real_dirs: list[Path]) -> list[Case]:
+    """Zoo exports in manifest order, then the real models (first folder wins for a file name)."""
+    cases: list[Case] = []
+    manifest = zoo / "manifest.json"
+    names = list(json.loads(manifest.read_text())["models"]) if manifest.exists() else []
+    names += sorted(p.stem for p in zoo.glob("*.onnx") if p.stem not in names)
+    for n in names:
+        if (zoo / f"{n}.onnx").exists():
+            cases.append(Case(n, zoo / f"{n}.onnx", "timm" if n.startswith("timm_") else "torchvision"))
+    seen: set[str] = set()
+    for d in real_dirs:
+        prov_file = d / "provenance.json"
+        prov = {p["file"]: p for p in json.loads(prov_file.read_text())} if prov_file.exists() else {}
+        for path in sorted(d.glob("*.onnx")):
+            if path.name not in seen:
+                seen.add(path.name)
+                cases.append(Case(path.stem, path, _producer(path, prov), REAL_SHAPES.get(path.stem, [])))
+    return cases
+
+
+def short_reason(reason: str) -> str:
+    """'LayerNormalization '/blk/ln': normalizes over ...' -> 'LayerNormalization: normalizes over ...'."""
+    s = re.sub(r"\s*'[^']*'", "", reason)
+    s = re.sub(r"\s+:", ":", s)
+    return s[:70]
+
+
+def top_reasons(report: dict, n: int = 2) -> list[tuple[str, int]]:
+    """The most common (shortened) first reasons among frozen groups with more than one channel."""
+    count: collections.Counter[str] = collections.Counter()
+    for fz in report.get("frozen", []):
+        for r in {short_reason(x) for x in fz["reasons"][:1]}:
+            count[r] += 1
+    return count.most_common(n)
+
+
+def _loadavg() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return -1.0
+
+
+def _check_saved(path: Path) -> str:
+    import onnx
+    try:
+        onnx.checker.check_model(str(path))
+        return ""
+    except Exception as e:  # noqa: BLE001 - any checker failure is a row, not a crash
+        return f"saved model fails onnx.checker: {str(e).splitlines()[0][:200]}"
+
+
+def run_case(case: Case, ratio: float, timeout: float, workdir: Path) -> dict:
+    out, rep_path = workdir / f"{case.name}.pruned.onnx", workdir / f"{case.name}.report.json"
+    cmd = [sys.executable, "-m", "onnxprune", "prune", str(case.path), "-o", str(out), "--ratio", str(ratio),
+           "--report", str(rep_path)]
+    for s in case.shapes:
+        cmd += ["--input-shape", s]
+    row: dict = {"model": case.name, "source": case.source, "kind": case.kind, "path": str(case.path),
+                 "input_shapes": case.shapes, "ratio": ratio, "load_before": _loadavg()}
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, "COLUMNS": "120"})
+        row["exit_code"] = proc.returncode
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        row["exit_code"], tail = None, [f"timeout after {timeout:.0f} s"]
+    row["seconds"] = round(time.perf_counter() - t, 2)
+    if row["exit_code"] == 0 and rep_path.exists():
+        row.update(_from_report(json.loads(rep_path.read_text())))
+        row["error"] = _check_saved(out)
+    else:
+        row["error"] = " | ".join(tail)[-400:] or f"exit code {row['exit_code']}"
+    for p in workdir.glob(f"{case.name}.*"):
+        p.unlink()
+    return row
+
+
+def _from_report(rep: dict) -> dict:
+    ver = rep.get("verification") or {}
+    worst = max((o["max_abs"] / o["scale"] if o["scale"] else o["max_abs"] for o in ver.get("outputs", [])),
+                default=None)
+    return {"groups_found": rep["groups_found"], "groups_pruned": rep["groups_pruned"],
+            "groups_frozen": rep["groups_frozen"], "params_before": rep["params_before"],
+            "params_after": rep["params_after"], "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
+            "params_kept": rep["params_after"] / rep["params_before"] if rep["params_before"] else None,
+            "macs_kept": rep["macs_after"] / rep["macs_before"] if rep["macs_before"] else None,
+            "verified": bool(rep["verified"]), "worst_rel_error": worst, "steps": rep.get("seconds", {}),
+            "top_frozen": top_reasons(rep), "barriers": collections.Counter(
+                f"{b['op']}: {b['reason']}" for b in rep.get("barriers", [])).most_common(3)}
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def table(rows: list[dict]) -> str:
+    head = ["model", "source", "found", "pruned", "frozen", "top frozen reasons", "params kept", "MACs kept",
+            "verified", "worst rel. err", "s"]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        if r.get("groups_found") is None:
+            lines.append(f"| {r['model']} | {r['source']} | | | | **failed**: {_cell(r['error'])} | | | no | | "
+                         f"{r['seconds']:.1f} |")
+            continue
+        reasons = "; ".join(f"{_cell(t)} ×{c}" for t, c in r["top_frozen"]) or "—"
+        flag = " ⚠" if r["kind"] == "cnn" and (r["params_kept"] or 0) > 0.6 else ""
+        ok = "yes" if r["verified"] and not r["error"] else f"**no** {_cell(r['error'])}"
+        err = "—" if r["worst_rel_error"] is None else f"{r['worst_rel_error']:.1e}"
+        lines.append(f"| {r['model']} | {r['source']} | {r['groups_found']} | {r['groups_pruned']} | "
+                     f"{r['groups_frozen']} | {reasons} | {_pct(r['params_kept'])}{flag} | {_pct(r['macs_kept'])} | "
+                     f"{ok} | {err} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def _cell(s: str) -> str:
+    return s.replace("|", "/").replace("\n", " ")
+
+
+def machine() -> dict:
+    import onnx
+    import onnxruntime
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+
+
+def summary(result: dict) -> str:
+    rows = result["rows"]
+    ok = [r for r in rows if r.get("verified") and not r.get("error")]
+    cnn = [r for r in ok if r["kind"] == "cnn"]
+    m = result["machine"]
+    over = [r["model"] for r in cnn if r["params_kept"] > 0.6]
+    return "\n".join([
+        f"Ratio {result['ratio']}, default criterion (l2), random verification batches. "
+        f"{len(ok)}/{len(rows)} models pruned, valid and verified; {len(cnn) - len(over)}/{len(cnn)} CNNs keep "
+        f"≤ 60% of their parameters (⚠ marks the others). Machine: {m['cpu']}, {m['cores']} cores, no GPU, "
+        f"Python {m['python']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}; {m['date']}; load average "
+        f"{result['load'][0]} at the start, {result['load'][1]} at the end (shared machine: seconds are wall "
+        f"time of the whole `onnxprune prune` command under that load).", ""])
+
+
+def write_doc(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Coverage\n\n" + BEGIN + "\n" + END + "\n"
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < 0:
+        text = text.rstrip() + "\n\n" + BEGIN + "\n" + END + "\n"
+        i, j = text.find(BEGIN), text.find(END)
+    path.write_text(text[:i + len(BEGIN)] + "\n" + section + "\n" + text[j:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
+                   help="run only these models (repeatable, or comma-separated)")
+    p.add_argument("--merge", type=Path, action="append", default=[], metavar="JSON",
+                   help="take the rows of another run's JSON (e.g. a shard) before running; with no --only "
+                        "and --render, run nothing")
+    p.add_argument("--render", action="store_true", help="rewrite the table from the JSON without running")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--timeout", type=float, default=1200, help="seconds per model (default 1200)")
+    p.add_argument("--zoo", type=Path, default=ZOO)
+    p.add_argument("--real", type=Path, action="append", default=None,
+                   help="folders of real models (default: models/real and ZOO/real)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "coverage.md")
+    p.add_argument("--json", type=Path, default=None, help="default: next to --out, .json")
+    p.add_argument("--list", action="store_true", help="list the models and exit")
+    args = p.parse_args()
+    cases = all_cases = discover(args.zoo, args.real or [ROOT / "models" / "real", args.zoo / "real"])
+    only = {n for o in args.only for n in o.split(",") if n}
+    if only:
+        unknown = only - {c.name for c in cases}
+        if unknown:
+            sys.exit(f"unknown model(s): {', '.join(sorted(unknown))}; see --list")
+        cases = [c for c in cases if c.name in only]
+    if args.list:
+        for c in cases:
+            print(f"{c.name:34s} {c.source:12s} {c.kind:6s} {' '.join(c.shapes)}")
+        return
+    json_path = args.json or args.out.with_suffix(".json")
+    old = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = {r["model"]: r for r in old.get("rows", [])} if old.get("ratio") == args.ratio else {}
+    for extra in args.merge:
+        rows.update({r["model"]: r for r in json.loads(extra.read_text())["rows"]})
+    if args.render:
+        cases = []
+    order = [c.name for c in all_cases]
+    result = {"ratio": args.ratio, "machine": old.get("machine") if args.render else machine(),
+              "load": old.get("load") if args.render else [_loadavg(), None]}
+
+    def save() -> None:
+        result["rows"] = sorted(rows.values(), key=lambda r: order.index(r["model"]) if r["model"] in order
+                                else len(order))
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+
+    save()
+    with tempfile.TemporaryDirectory(prefix="onnxprune-coverage-") as tmp:
+        for c in cases:
+            print(f"{c.name} ...", end=" ", file=sys.stderr, flush=True)
+            r = rows[c.name] = run_case(c, args.ratio, args.timeout, Path(tmp))
+            print(f"{r['seconds']:.1f}s params {_pct(r.get('params_kept'))} verified {r.get('verified')} "
+                  f"{r['error'][:120]}", file=sys.stderr)
+            result["load"][1] = _loadavg()
+            save()
+    section = summary(result) + "\n" + table(result["rows"])
+    write_doc(args.out, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""ResNet-50 at ratio 0.3: the ``onnxprune prune`` command end to end vs Torch-Pruning's prune step.
+
+onnxprune: wall time of the subprocess ``onnxprune prune resnet50.onnx -o OUT --ratio
+0.3`` (Python start, imports, load, analyze, score, plan, rewrite, verify in
+onnxruntime, measure, save). Torch-Pruning: in one long-lived process of the
+torch venv, on a fresh torchvision ``resnet50()`` each run, the time to build
+the pruner (which traces the model and builds its DependencyGraph) with L2
+magnitude importance, ratio 0.3 and the classifier ignored, plus
+``pruner.step()``; importing torch and building the model are not counted.
+
+Runs alternate between the two tools so that both see the same load on a shared
+machine; the load average is recorded before each run. Medians go to stdout and
+everything to ``--json``::
+
+    python tools/bench_prune_speed.py --runs 5 --json docs/prune_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torch_pruning_runs(runs: int, ratio: float) -> list[dict]:
+    """Executed inside the torch venv (``--torch-worker``): Torch-Pruning's prune step, timed per run."""
+    import torch
+    import torch_pruning as tp
+    import torchvision
+
+    example = torch.randn(1, 3, 224, 224)
+    out = []
+    for _ in range(runs + 1):  # the first run also warms up torch's dispatcher; reported, not counted
+        model = torchvision.models.resnet50().eval()
+        before = tp.utils.count_ops_and_params(model, example)
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                           pruning_ratio=ratio, ignored_layers=[model.fc])
+        t1 = time.perf_counter()
+        pruner.step()
+        t2 = time.perf_counter()
+        after = tp.utils.count_ops_and_params(model, example)
+        out.append({"build_s": t1 - t0, "step_s": t2 - t1, "total_s": t2 - t0, "load": load,
+                    "params_kept": after[1] / before[1], "macs_kept": after[0] / before[0]})
+    return out
+
+
+def onnxprune_run(model: Path, ratio: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="onnxprune-speed-") as tmp:
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "onnxprune", "prune", str(model), "-o", f"{tmp}/out.onnx",
+                               "--ratio", str(ratio), "--report", f"{tmp}/r.json"],
+                              capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"onnxprune prune failed: {proc.stderr.strip().splitlines()[-1:]}")
+        rep = json.loads(Path(f"{tmp}/r.json").read_text())
+    return {"wall_s": wall, "load": load, "steps": rep["seconds"], "verified": rep["verified"],
+            "params_kept": rep["params_after"] / rep["params_before"], "macs_kept": rep["macs_after"] / rep["macs_before"]}
+
+
+def torch_run(python: str, ratio: float) -> dict:
+    """One warm-up plus one timed Torch-Pruning run in a fresh torch process (the timed one is returned)."""
+    proc = subprocess.run([python, str(Path(__file__).resolve()), "--torch-worker", "--runs", "1",
+                           "--ratio", str(ratio)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"Torch-Pruning worker failed: {proc.stderr.strip().splitlines()[-3:]}")
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**runs[-1], "warmup_total_s": runs[0]["total_s"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=Path("/work/zoo/resnet50.onnx"))
+    p.add_argument("--torch-python", default="/work/zoo-venv/bin/python")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.torch_worker:
+        print(json.dumps(torch_pruning_runs(args.runs, args.ratio)))
+        return
+    onx, tor = [], []
+    for i in range(args.runs):
+        tor.append(torch_run(args.torch_python, args.ratio))
+        onx.append(onnxprune_run(args.model, args.ratio))
+        print(f"run {i + 1}: Torch-Pruning {tor[-1]['total_s']:.2f}s (load {tor[-1]['load']:.1f}), "
+              f"onnxprune CLI {onx[-1]['wall_s']:.2f}s (load {onx[-1]['load']:.1f})", file=sys.stderr)
+    med = {"torch_pruning_s": statistics.median(r["total_s"] for r in tor),
+           "torch_pruning_build_s": statistics.median(r["build_s"] for r in tor),
+           "torch_pruning_step_s": statistics.median(r["step_s"] for r in tor),
+           "onnxprune_cli_s": statistics.median(r["wall_s"] for r in onx),
+           **{f"onnxprune_{k}_s": statistics.median(r["steps"].get(k, 0.0) for r in onx) for k in onx[0]["steps"]}}
+    result = {"model": str(args.model), "ratio": args.ratio, "runs": args.runs, "cores": os.cpu_count(),
+              "median": {k: round(v, 3) for k, v in med.items()}, "onnxprune": onx, "torch_pruning": tor}
+    for k, v in result["median"].items():
+        print(f"{k:28s} {v:8.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
