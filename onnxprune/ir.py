@@ -263,10 +263,28 @@ def from_graph(graph: gs.Graph, template: Model | onnx.ModelProto) -> onnx.Model
     out = onnx.ModelProto()
     _copy_header(tmpl, out)  # never copy the template's graph (and its weights) only to replace it
     out.graph.CopyFrom(exported.graph)
+    _hoist_subgraph_initializers(out.graph)
     # graph value_info of a structurally changed graph is stale: shapes are re-inferred
     del out.graph.value_info[:]
     return out
 
+
+def _hoist_subgraph_initializers(graph: onnx.GraphProto) -> None:
+    """graphsurgeon exports an outer-scope constant read inside a subgraph as an initializer of
+    every subgraph that reads it (an LSTM weight used by both branches of an If is stored twice).
+    Names are unique across scopes, so each moves to the main graph once."""
+    have = {t.name for t in graph.initializer}
+    stack = [graph]
+    while stack:
+        for node in stack.pop().node:
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                    for t in sub.initializer:
+                        if t.name not in have:
+                            have.add(t.name)
+                            graph.initializer.append(t)
+                    del sub.initializer[:]
+                    stack.append(sub)
 
 def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):

@@ -1,9 +1,11 @@
 """Regressions found by tools/bench_coverage.py on the model zoo, each reduced to a small graph."""
 
 import numpy as np
+import onnx
 from builders import GraphBuilder
+from onnx import TensorProto, helper
 
-from onnxprune import runtime, verify
+from onnxprune import ir, runtime, verify
 from onnxprune.data import random_feed
 
 
@@ -41,3 +43,25 @@ def test_verification_still_fails_when_the_candidate_itself_is_broken():
     ver = verify.compare(broken, m, feeds, taps={shortcut: (shortcut, 1, np.array([], dtype=np.int64))})
     assert not ver.passed and "missing_weight" in ver.error
     assert runtime.session(m) is not None
+
+
+def test_outer_weight_read_by_both_if_branches_is_stored_once():
+    """silero_vad: an LSTM weight read inside both branches of an If came back from the graph
+    round trip as an initializer of each branch, so the pruned file grew by 19%."""
+    w = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    branches = [helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"y{i}"])], f"b{i}", [],
+                                  [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, 4])])
+                for i in range(2)]
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branches[0], else_branch=branches[1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out = ir.from_graph(ir.to_graph(m), m)
+    assert [t.name for t in out.graph.initializer] == ["w"]
+    assert all(len(a.g.initializer) == 0 for a in out.graph.node[0].attribute)
+    onnx.checker.check_model(out, full_check=True)
+    x = np.ones((2, 3), np.float32)
+    got = runtime.session(out).run(None, {"x": x, "c": np.array(True)})[0]
+    np.testing.assert_array_equal(got, x @ onnx.numpy_helper.to_array(w))
