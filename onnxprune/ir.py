@@ -286,6 +286,7 @@ def _hoist_subgraph_initializers(graph: onnx.GraphProto) -> None:
                     del sub.initializer[:]
                     stack.append(sub)
 
+
 def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(dst, name, getattr(src, name))
