@@ -486,3 +486,18 @@ def test_lasso_homotopy_satisfies_the_optimality_conditions_along_the_path(rows)
     if rows > 8:                                   # full rank: at λ = 0 the plain least squares answer, β = 1
         assert lams[-1] == pytest.approx(0.0, abs=1e-9)
         np.testing.assert_allclose(path[-1][1], np.ones(8), atol=1e-6)
+
+
+def test_constants_behind_identity_and_constant_nodes_are_values():
+    g = GraphBuilder("x", [1, 3, 4, 4], seed=1, dynamic_batch=True)
+    w = g.weight([2, 3, 1, 1])
+    wid = g.op("Identity", [w])                                      # torch dedups equal initializers so
+    c = g.op("Constant", [], value=numpy_helper.from_array(np.full(2, 0.5, np.float32), "cv"))
+    g.output(g.op("Conv", ["x", wid, c], kernel_shape=[1, 1]))
+    m = g.build()
+    ctx = ctx_for(m, [])
+    np.testing.assert_array_equal(ctx.value(wid), init(m, w))
+    np.testing.assert_array_equal(ctx.value(c), np.full(2, 0.5, np.float32))
+    assert ctx.is_constant(wid) and not ctx.is_constant("x")
+    with pytest.raises(KeyError):
+        ctx.value("x")

@@ -55,6 +55,8 @@ class ScoreContext:
                 self._nodes.setdefault(n.name, n)
             if n.op_type == "Constant" and len(n.output) == 1:
                 self._sources.setdefault(n.output[0], n)
+            elif n.op_type == "Identity" and n.input and n.input[0] in self._sources:
+                self._sources.setdefault(n.output[0], self._sources[n.input[0]])  # exporters dedup constants so
 
     def is_constant(self, name: str) -> bool:
         self._index()
