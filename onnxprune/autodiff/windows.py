@@ -7,7 +7,8 @@ Two building blocks serve all four:
   and group, cropped or zero-extended so its output has the input's size.
 * ``weight_grad`` — the gradient of a convolution's kernel: per kernel tap, a
   strided Slice of the input times the output gradient, one MatMul per group
-  that contracts over samples and positions at once.
+  that contracts over samples and positions at once; kernels with many taps
+  use one Conv instead, with batch as channels and strides and dilations swapped.
 
 Stride-1 convolutions get their input gradient from a Conv with the flipped
 kernel instead, which onnxruntime runs much faster than ConvTranspose.
@@ -89,14 +90,22 @@ def back_project(e: Emitter, g: str, weight: str, win: Window, in_spatial: list[
     return gx
 
 
+MAX_TAPS = 25  # kernels with more taps get their weight gradient from one Conv instead of a MatMul per tap
+
+
 def weight_grad(e: Emitter, inp: str, inp_shape: list, gout: str, out_spatial: list[int], win: Window,
                 group: int, out_channels: int) -> str:
-    """Kernel gradient [M, C/group, *kernel] of a Conv from its input [N, C, *S] and output gradient [N, M, *O].
+    """Kernel gradient [M, C/group, *kernel] of a Conv from its input [N, C, *S] and output gradient [N, M, *O]."""
+    if int(np.prod(win.kernel)) > MAX_TAPS:
+        return _weight_grad_by_conv(e, inp, inp_shape, gout, out_spatial, win, group)
+    return _weight_grad_by_taps(e, inp, inp_shape, gout, out_spatial, win, group, out_channels)
 
-    With the batch moved behind the channels, each kernel tap is one strided Slice of the (padded)
+
+def _weight_grad_by_taps(e: Emitter, inp: str, inp_shape: list, gout: str, out_spatial: list[int], win: Window,
+                         group: int, out_channels: int) -> str:
+    """With the batch moved behind the channels, each kernel tap is one strided Slice of the (padded)
     input, [C, N, *O], and its gradient is one MatMul per group that contracts samples and positions:
-    [M/g, N*P] x [N*P, C/g]. No im2col matrix is ever materialised.
-    """
+    [M/g, N*P] x [N*P, C/g]. No im2col matrix is ever materialised."""
     nd = len(win.kernel)
     axes = list(range(2, nd + 2))
     per_group, per_group_out = inp_shape[1] // group, out_channels // group
@@ -114,6 +123,31 @@ def weight_grad(e: Emitter, inp: str, inp_shape: list, gout: str, out_spatial: l
         per_tap.append(e.unsqueeze(e.op("MatMul", [grads, tap]), [3]))
     stacked = per_tap[0] if len(per_tap) == 1 else e.op("Concat", per_tap, axis=3)
     return e.reshape(stacked, [out_channels, per_group, *win.kernel])
+
+
+def _weight_grad_by_conv(e: Emitter, inp: str, inp_shape: list, gout: str, out_spatial: list[int], win: Window,
+                         group: int) -> str:
+    """One Conv: the batch becomes the channel axis (grouped per conv group), the output gradient the kernel,
+    and strides and dilations swap places. Few nodes for any kernel size, but slower than per-tap MatMuls."""
+    nd = len(win.kernel)
+    channels, spatial = inp_shape[1], inp_shape[2:]
+    per_group = channels // group
+    x = e.reshape(inp, [None, group, per_group, *spatial])
+    x = e.transpose(x, [2, 1, 0] + list(range(3, nd + 3)))
+    x = e.reshape(x, [per_group, None, *spatial])
+    kern = e.transpose(gout, [1, 0] + list(range(2, nd + 2)))
+    ends, sizes = [], []
+    for i in range(nd):
+        reach = win.strides[i] * (out_spatial[i] - 1) + 1
+        end = max(win.span(i) + reach - 1 - spatial[i] - win.begin[i], 0)
+        ends.append(end)
+        sizes.append((spatial[i] + win.begin[i] + end - reach) // win.dilations[i] + 1)
+    gw = e.op("Conv", [x, kern], kernel_shape=out_spatial, strides=win.dilations, dilations=win.strides,
+              pads=win.begin + ends, group=group)
+    if sizes != win.kernel:
+        axes = list(range(2, nd + 2))
+        gw = e.op("Slice", [gw, e.ints([0] * nd), e.ints(win.kernel), e.ints(axes)])
+    return e.transpose(gw, [1, 0] + list(range(2, nd + 2)))
 
 
 def _flipped_kernel(e: Emitter, w: str, shape: list[int], group: int) -> str:
