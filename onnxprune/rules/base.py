@@ -215,6 +215,17 @@ class NodeCtx:
     def fixup(self, fn: Fixup) -> None:
         self._a.fixups.append((self.node, fn))
 
+    def unless_over_channels(self, axes, reason: str, outputs=(0,)) -> None:
+        """Freeze the channels if the op works across them (``axes`` holds the channel axis), else pass them."""
+        lab = self.label(0)
+        if lab is None:
+            return
+        if lab.axis in axes:
+            self.fix(lab.ids, reason)
+            return
+        for out in outputs:
+            self.passthrough(0, out)
+
     def passthrough(self, src: int = 0, out: int = 0) -> None:
         """Output ``out`` carries the labels of input ``src`` unchanged (same rank, same axis)."""
         lab = self.label(src)

@@ -114,28 +114,25 @@ def matmul(ctx: NodeCtx) -> None:
             ctx.fix_input(i, "1-D MatMul operand")
         return
     if b_const:  # x @ W: features on the last axis
-        lab = ctx.label(0)
-        if lab is not None:
-            if lab.axis == ra - 1:
-                ctx.member(1, rb - 2, lab.ids, WEIGHT_IN)
-            else:
-                ctx.fix(lab.ids, "channels on a non-contracted axis of x in x @ W")
-        out = ctx.new_ids(ctx.shape(1)[-1])
-        ctx.member(1, rb - 1, out, WEIGHT_OUT)
-        ctx.set(0, ro - 1, out)
+        _dense(ctx, x=0, w=1, x_axis=ra - 1, w_in=rb - 2, w_out=rb - 1, out_axis=ro - 1)
         return
     if a_const:  # W @ x: features on the row axis
-        lab = ctx.label(1)
-        if lab is not None:
-            if lab.axis == rb - 2:
-                ctx.member(0, ra - 1, lab.ids, WEIGHT_IN)
-            else:
-                ctx.fix(lab.ids, "channels on a non-contracted axis of x in W @ x")
-        out = ctx.new_ids(ctx.shape(0)[-2])
-        ctx.member(0, ra - 2, out, WEIGHT_OUT)
-        ctx.set(0, ro - 2, out)
+        _dense(ctx, x=1, w=0, x_axis=rb - 2, w_in=ra - 1, w_out=ra - 2, out_axis=ro - 2)
         return
     _matmul_activations(ctx, ra, rb, ro)
+
+
+def _dense(ctx: NodeCtx, *, x: int, w: int, x_axis: int, w_in: int, w_out: int, out_axis: int) -> None:
+    """MatMul with a constant operand: x's channels are W's input axis, W's output axis is a new root."""
+    lab = ctx.label(x)
+    if lab is not None:
+        if lab.axis == x_axis:
+            ctx.member(w, w_in, lab.ids, WEIGHT_IN)
+        else:
+            ctx.fix(lab.ids, "channels on a non-contracted axis of a MatMul with constant weights")
+    out = ctx.new_ids(ctx.shape(w)[w_out])
+    ctx.member(w, w_out, out, WEIGHT_OUT)
+    ctx.set(0, out_axis, out)
 
 
 def _matmul_activations(ctx: NodeCtx, ra: int, rb: int, ro: int) -> None:

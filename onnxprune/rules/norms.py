@@ -68,20 +68,12 @@ def group_norm(ctx: NodeCtx) -> None:
 
 @rule("LRN")
 def lrn(ctx: NodeCtx) -> None:
-    lab = ctx.label(0)
-    if lab is not None and lab.axis == 1:
-        ctx.fix(lab.ids, "normalises across neighbouring channels")
-        return
-    ctx.passthrough(0, 0)
+    ctx.unless_over_channels([1], "normalises across neighbouring channels")
 
 
 @rule("MeanVarianceNormalization")
 def mvn(ctx: NodeCtx) -> None:
-    lab = ctx.label(0)
-    if lab is None:
+    if ctx.label(0) is None:
         return
     axes = [a % ctx.rank(0) for a in ctx.attr("axes", [0, 2, 3])]
-    if lab.axis in axes:
-        ctx.fix(lab.ids, "normalises over the channel axis")
-        return
-    ctx.passthrough(0, 0)
+    ctx.unless_over_channels(axes, "normalises over the channel axis")

@@ -70,41 +70,27 @@ def arg_reduce(ctx: NodeCtx) -> None:
 
 @rule("Softmax", "LogSoftmax", "Hardmax")
 def softmax(ctx: NodeCtx) -> None:
-    lab = ctx.label(0)
-    if lab is None:
+    if ctx.label(0) is None:
         return
     rank = ctx.rank(0)
-    opset = ctx.opset
-    axis = int(ctx.attr("axis", -1 if opset >= 13 else 1)) % rank
-    mixes = lab.axis == axis if opset >= 13 else lab.axis >= axis
-    if mixes:
-        ctx.fix(lab.ids, f"{ctx.op} normalises over the channel axis")
-        return
-    ctx.passthrough(0, 0)
+    axis = int(ctx.attr("axis", -1 if ctx.opset >= 13 else 1)) % rank
+    mixed = [axis] if ctx.opset >= 13 else list(range(axis, rank))  # before 13: the input is coerced to 2-D
+    ctx.unless_over_channels(mixed, f"{ctx.op} normalises over the channel axis")
 
 
 @rule("CumSum")
 def cumsum(ctx: NodeCtx) -> None:
-    lab = ctx.label(0)
-    if lab is None:
+    if ctx.label(0) is None:
         return
     axis = ctx.static(1)
     if axis is None:
         raise Unsupported("axis computed at run time")
-    if int(axis) % ctx.rank(0) == lab.axis:
-        ctx.fix(lab.ids, "cumulative sum over the channel axis")
-        return
-    ctx.passthrough(0, 0)
+    ctx.unless_over_channels([int(axis) % ctx.rank(0)], "cumulative sum over the channel axis")
 
 
 @rule("TopK")
 def topk(ctx: NodeCtx) -> None:
-    lab = ctx.label(0)
-    if lab is None:
+    if ctx.label(0) is None:
         return
-    axis = int(ctx.attr("axis", -1)) % ctx.rank(0)
-    if axis == lab.axis:
-        ctx.fix(lab.ids, "TopK over the channel axis")
-        return
-    ctx.passthrough(0, 0)
-    ctx.passthrough(0, 1)
+    ctx.unless_over_channels([int(ctx.attr("axis", -1)) % ctx.rank(0)], "TopK over the channel axis",
+                             outputs=(0, 1))
