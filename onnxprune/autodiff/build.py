@@ -27,7 +27,14 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 
 @dataclass
 class GradientModel:
-    """A model whose outputs are the original outputs, the loss, and one gradient per ``wrt`` tensor."""
+    """A model whose outputs are the original outputs, the loss, and one gradient per ``wrt`` tensor.
+
+    ``loss_name`` is the scalar loss output; ``grad_names`` maps each ``wrt`` tensor to the output
+    holding its gradient (same shape); ``extra_inputs`` names the inputs the loss adds (``labels``,
+    ``teacher``) with a description of each; ``param_inputs`` are the initializers that became graph
+    inputs (``trainable_as_inputs``), whose current values are in ``param_values``; ``output`` is the
+    tensor the loss is computed on and ``opset`` the opset of ``proto``.
+    """
 
     proto: onnx.ModelProto
     loss_name: str

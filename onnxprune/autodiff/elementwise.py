@@ -196,8 +196,8 @@ def add(ctx: RuleContext, gys: Grads) -> Grads:
 
 def sub(ctx: RuleContext, gys: Grads) -> Grads:
     g = gys[0]
-    minus = ctx.emit.op("Neg", [g]) if ctx.wants(1) else None
-    return [_unbroadcast_input(ctx, g, 0), minus and _unbroadcast_input(ctx, minus, 1)]
+    gb = _unbroadcast_input(ctx, ctx.emit.op("Neg", [g]), 1) if ctx.wants(1) else None
+    return [_unbroadcast_input(ctx, g, 0), gb]
 
 
 def mul(ctx: RuleContext, gys: Grads) -> Grads:
