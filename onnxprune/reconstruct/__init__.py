@@ -18,16 +18,20 @@ changed. Safety: the last ``holdout`` fraction of the data is never fitted on; a
 is kept only if it lowers the layer's error on it (computed exactly from the held-out
 sums), so reconstruction never makes a layer worse on held-out data.
 
-Order versus cost. Exact layer-by-layer order would need one pass of both models per
-refit (about 50 on a ResNet-50, roughly 20x the model's cost). Refits are therefore
-grouped by dependency level (refits of one level never feed each other, so sharing a
-pass loses nothing), and each pass runs both models only up to the tensors it taps,
-so a full schedule costs about half a forward pass of both models per level.
-``stages`` caps the number of passes by merging adjacent levels; a refit then sees the
-inputs as they were before the refits of its own stage, which costs some accuracy
-(measured in docs/reconstruction.md). Large feature maps are subsampled
-(``positions`` output positions per sample and layer), which keeps the Gram updates
-cheap without changing the solution's expectation.
+Order versus cost. Exact layer-by-layer order needs one pass of both models per
+dependency level (refits of one level never feed each other, so they share a pass):
+about 50 levels on a ResNet-50, each pass running both models up to the tensors it
+taps, some 25 full forward passes of each model in all. That is ``stages=None``. By
+default the levels are merged into ``stages=4`` passes: the first level of each pass
+fits on the pruned model's input as rebuilt so far (exact), the later levels of the
+same pass fit on the original model's input restricted to the kept channels
+(ThiNet-style: consistent with upstream refits that reproduce the original, and never
+over-correcting an error that an upstream refit of the same pass removes). Fitting
+later levels on stale pruned inputs instead was tried and diverged on a ResNet-50.
+docs/reconstruction.md has the accuracy and time of each choice. Large feature maps
+are subsampled (``positions`` output positions per sample and layer), which keeps the
+Gram updates cheap; Gram rows are buffered so that small batches still make large
+matrix products.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
                 data: ArrayData, *, mode: str = "ls", ridge: float = 1e-3, holdout: float = 0.25,
                 batch_size: int = 32, progress: passes.Progress | None = None,
                 kept_outputs: dict[str, np.ndarray] | None = None, bn_recalibrate: bool = True,
-                stages: int | None = None, positions: int | None = 64, fidelity: bool = True,
+                stages: int | None = 4, positions: int | None = 64, fidelity: bool = True,
                 seed: int = 0) -> tuple[onnx.ModelProto, ReconstructReport]:
     """Refit the pruned layers listed in ``kept_inputs``; returns the new model and a report.
 
@@ -73,8 +77,15 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
     report = ReconstructReport(mode, ridge, holdout, positions=positions)
     if mode == "none":
         return pruned, report
+    fixed = _fixed_batch(original)
+    if fixed and fixed != batch_size:
+        batch_size = fixed
+        if data.num_samples % fixed:
+            data = data.split(data.num_samples - data.num_samples % fixed)[0]
+        report.notes.append(f"the model's batch dimension is fixed: batches of {fixed}")
     n_held = int(round(data.num_samples * holdout))
     n_held = min(max(n_held, 1), data.num_samples - 1) if holdout > 0 else 0
+    n_held -= n_held % (fixed or 1)
     fit_data, held_data = data.split(data.num_samples - n_held)
     report.fit_samples, report.holdout_samples = fit_data.num_samples, held_data.num_samples
     if not n_held:
@@ -89,6 +100,11 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
     for f in todo:
         f.result.stage = passes.stage_of(level[f.result.node], report.levels, stages)
         schedule.setdefault(f.result.stage, []).append(f)
+    for stage in schedule.values():
+        first = min(level[f.result.node] for f in stage)
+        for f in stage:
+            if level[f.result.node] > first:
+                f.from_original()
     report.stages = len(schedule)
 
     for i, stage in enumerate(sorted(schedule)):
@@ -117,6 +133,13 @@ def _check_args(mode, ridge, holdout, batch_size, stages, positions, data) -> No
         raise OnnxPruneError("batch_size, stages and positions must be positive")
     if data is None or data.num_samples < 2:
         raise OnnxPruneError("reconstruction needs calibration data with at least 2 samples (--calib FILE.npz)")
+
+
+def _fixed_batch(proto: onnx.ModelProto) -> int | None:
+    """The batch size every input of ``proto`` fixes, if any (exports often fix it to 1)."""
+    firsts = {(ir.input_dims(vi) or [None])[0] for vi in ir.graph_inputs(proto)}
+    b = firsts.pop() if len(firsts) == 1 else None
+    return b if isinstance(b, int) and b > 0 else None
 
 
 def _run_stage(todo: list[fits.Fit], original: onnx.ModelProto, current: onnx.ModelProto, fit_data: ArrayData,
@@ -177,7 +200,7 @@ def _layer_fit(mode, name, kin, node, ref, kout, ridge, positions, seed) -> fits
     kout = np.asarray(kout, dtype=np.int64).reshape(-1)
     result = LayerResult(name, node.op, kind, kept_in=len(kin), total_in=olin.cin)
     if mode == "ls":
-        return fits.LeastSquares(lin, kout, result, ridge=ridge, positions=positions, seed=seed)
+        return fits.LeastSquares(lin, kin, kout, result, ridge=ridge, positions=positions, seed=seed)
     if len(kin) == olin.cin:
         return why("no input channel was removed")
     return fits.BiasShift(lin, olin, kin, kout, result)

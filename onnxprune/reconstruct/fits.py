@@ -32,22 +32,44 @@ def _decide(result: LayerResult, before: float, after: float) -> bool:
 
 
 class Gram:
-    """Running sums of G grouped regressions: XᵀX, Σx, XᵀY, Σy, Σy² and the row count (float64)."""
+    """Running sums of G grouped regressions: XᵀX, Σx, XᵀY, Σy, Σy² and the row count (float64).
 
-    def __init__(self, g: int, k: int, c: int):
-        self.n = 0
+    Rows are buffered up to ``chunk`` so that small batches still make large matrix products.
+    """
+
+    def __init__(self, g: int, k: int, c: int, chunk: int = 2048):
+        self._n = 0
         self.xx, self.sx = np.zeros((g, k, k)), np.zeros((g, k))
         self.xy, self.sy, self.yy = np.zeros((g, k, c)), np.zeros((g, c)), np.zeros(g)
+        self.chunk = chunk
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_rows = 0
+
+    @property
+    def n(self) -> int:
+        self.flush()
+        return self._n
 
     def add(self, X: np.ndarray, Y: np.ndarray) -> None:
         """Rows ``X`` [G, R, K] and targets ``Y`` [G, R, C]."""
+        self.pending.append((X, Y))
+        self.pending_rows += X.shape[1]
+        if self.pending_rows >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        X = np.concatenate([p[0] for p in self.pending], axis=1)
+        Y = np.concatenate([p[1] for p in self.pending], axis=1)
+        self.pending, self.pending_rows = [], 0
         Xt = X.transpose(0, 2, 1)
         self.xx += Xt @ X
         self.sx += X.sum(1)
         self.xy += Xt @ Y
         self.sy += Y.sum(1)
         self.yy += np.einsum("grc,grc->g", Y, Y)
-        self.n += X.shape[1]
+        self._n += X.shape[1]
 
     def solve(self, W0: np.ndarray, b0: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
         """Least squares with intercept, damped towards ``W0`` by ``ridge * mean(diag(cov(X)))``.
@@ -55,7 +77,7 @@ class Gram:
         Damping towards the current weights (not towards zero) means a huge ridge returns the
         layer unchanged, and the fit's error on its own data is never above ``W0``'s.
         """
-        n = self.n
+        n = max(self.n, 1)
         mx, my = self.sx / n, self.sy / n
         cxx = self.xx / n - mx[:, :, None] * mx[:, None, :]
         cxy = self.xy / n - mx[:, :, None] * my[:, None, :]
@@ -72,6 +94,7 @@ class Gram:
 
     def error(self, W: np.ndarray, b: np.ndarray) -> float:
         """Σ‖y - Wx - b‖² / Σ‖y‖² over the accumulated rows, from the sums alone."""
+        self.flush()
         sse = (self.yy - 2 * np.einsum("gck,gkc->g", W, self.xy) - 2 * np.einsum("gc,gc->g", b, self.sy)
                + np.einsum("gck,gck->g", W @ self.xx, W) + 2 * np.einsum("gc,gck,gk->g", b, W, self.sx)
                + self.n * np.einsum("gc,gc->g", b, b))
@@ -95,25 +118,41 @@ class Fit:
     def apply(self, graph: gs.Graph) -> None:
         raise NotImplementedError
 
+    def from_original(self) -> None:
+        """Take the layer's input from the original model (a refit upstream shares this pass)."""
+
 
 class LeastSquares(Fit):
     """Refit W, b so the layer fed the pruned model's input reproduces the original layer's output."""
 
     kind = "ls"
 
-    def __init__(self, lin: Linear, kept_out: np.ndarray, result: LayerResult, *, ridge: float,
-                 positions: int | None, seed: int):
+    def __init__(self, lin: Linear, kept_in: np.ndarray, kept_out: np.ndarray, result: LayerResult, *,
+                 ridge: float, positions: int | None, seed: int):
         self.lin, self.kept_out, self.result = lin, kept_out, result
+        self.channels_in = kept_in
         self.ridge, self.positions = ridge, positions
         self.rng = np.random.default_rng(seed)
         self.original, self.pruned = [lin.node.outputs[0].name], [lin.node.inputs[0].name]
+        self.kept_in: np.ndarray | None = None
         g, c, k = lin.W.shape
         self.grams = {False: Gram(g, k, c), True: Gram(g, k, c)}
         self.new: tuple[np.ndarray, np.ndarray] | None = None
 
+    def from_original(self) -> None:
+        """Fit on the original model's input restricted to the kept channels (ThiNet-style):
+        consistent with upstream refits that aim at the original, when they cannot run first."""
+        self.kept_in = self.channels_in
+        self.result.source = "original"
+        self.original = self.original + self.pruned
+        self.pruned = []
+
     def add(self, original, pruned, held):
         rule = self.lin.rule
-        x = pruned[self.pruned[0]]
+        if self.kept_in is None:
+            x = pruned[self.pruned[0]]
+        else:
+            x = np.take(original[self.original[1]], self.kept_in, axis=rule.channel_axis)
         y = np.take(original[self.original[0]], self.kept_out, axis=rule.channel_axis)
         rows = sample_rows(x.shape[0], rule.positions(x, y), self.positions, self.rng)
         X = rule.features(self.lin, x, rows).astype(np.float64)

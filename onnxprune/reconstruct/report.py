@@ -21,6 +21,7 @@ class LayerResult:
     status: str = SKIPPED           # "kept", "rejected" or "skipped"
     reason: str = ""
     stage: int = -1                 # which pass over the data fitted it
+    source: str = "pruned"          # whose activations fed the fit: the pruned model's or the original's
 
     def row(self) -> list:
         err = lambda e: "-" if e is None else f"{e:.4g}"  # noqa: E731

