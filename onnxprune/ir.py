@@ -8,7 +8,6 @@ original's opsets, IR version and metadata, and ``save`` writes atomically.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import tempfile
@@ -34,6 +33,7 @@ class Model:
     path: Path | None = None
     file_bytes: int = 0
     meta: dict = field(default_factory=dict)
+    external: bool = False   # weights were read from external data files (saving keeps that layout)
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -110,26 +110,29 @@ def load(path: str | os.PathLike) -> Model:
         raise OnnxPruneError(
             f"{p}: external data file '{sorted(set(missing))[0]}' is missing; keep it next to the model"
         )
+    external = _has_external(proto)
     try:
         onnx.load_external_data_for_model(proto, str(p.parent))
     except Exception as e:  # unreadable or short external data
         raise OnnxPruneError(f"{p}: cannot read external data ({e})") from None
-    return Model(proto=proto, path=p, file_bytes=model_size_bytes(p))
+    try:
+        check(proto, full=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxPruneError(f"{p}: onnx.checker rejects the model ({first}); repair or re-export it") from None
+    return Model(proto=proto, path=p, file_bytes=model_size_bytes(p), external=external)
 
 
 def check(proto: onnx.ModelProto, full: bool = True) -> None:
-    """Run onnx.checker; large models are checked through a temporary file."""
-    if proto.ByteSize() < TWO_GB:
-        onnx.checker.check_model(proto, full_check=full)
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            f = os.path.join(d, "m.onnx")
-            onnx.save_model(proto, f, save_as_external_data=True, location="m.data")
-            onnx.checker.check_model(f, full_check=full)
+    """Run onnx.checker. Models over 2 GB are checked on their weight-free skeleton
+    (same graph, large weights as typed inputs), never by writing them out."""
+    onnx.checker.check_model(proto if proto.ByteSize() < TWO_GB else skeleton(proto), full_check=full)
 
 
-def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> int:
-    """Write ``proto`` to ``path`` atomically; models over 2 GB get a ``.data`` file beside them.
+def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
+         external: bool = False) -> int:
+    """Write ``proto`` to ``path`` atomically; models over 2 GB (or with ``external=True``)
+    get their weights in a ``.data`` file beside them.
 
     Refuses to overwrite ``source`` (the input model). Returns bytes written.
     """
@@ -139,56 +142,90 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
     if out.exists() and out.is_dir():
         raise OnnxPruneError(f"{out}: output path is a directory")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
+    if not parent.is_dir():
         raise OnnxPruneError(f"{parent}: output folder does not exist")
     if not os.access(parent, os.W_OK):
         raise OnnxPruneError(f"{parent}: output folder is not writable")
-    big = proto.ByteSize() >= TWO_GB or _has_external(proto)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp_data = None
+    big = external or proto.ByteSize() >= TWO_GB or _has_external(proto)
     try:
-        if big:
-            proto = copy.copy(proto)
-            _inline_external(proto)  # stale external locations would otherwise be written beside the output
-            data_name = out.name + ".data"
-            tmp_data = str(parent / (f".{data_name}.tmp"))
-            # external data must be written under its final name, so write it beside a temp name first
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(tmp_data), size_threshold=1024)
-            _relocate_external(tmp, os.path.basename(tmp_data), data_name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise OnnxPruneError(f"{parent}: cannot write the output there ({e.strerror}); choose another -o folder") \
+            from None
+    os.close(fd)
+    data_name = out.name + ".data"
+    tmp_data = str(parent / f".{data_name}.tmp") if big else None
+    try:
+        if big:  # external data is written under its final name's reference, then both files renamed
+            write_external(proto, tmp, data_name, data_file=tmp_data)
             os.replace(tmp_data, parent / data_name)
         else:
             onnx.save_model(proto, tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         for f in (tmp, tmp_data):
             if f and os.path.exists(f):
                 os.unlink(f)
+        if isinstance(e, OSError):
+            raise OnnxPruneError(f"{out}: cannot write the model ({e.strerror or e})") from None
         raise
     return model_size_bytes(out)
 
 
+def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_name: str, *,
+                   data_file: str | os.PathLike | None = None, extra: onnx.ModelProto | None = None,
+                   threshold: int = 1024) -> None:
+    """Write ``proto`` as a model file plus one external data file, without changing ``proto``.
+
+    Initializers of ``threshold`` bytes or more go to ``data_file`` (default: ``data_name``
+    beside the model), referenced as ``data_name``; one tensor is copied at a time.
+    Initializers that ``proto``'s nodes read but ``proto`` lacks are taken from ``extra``
+    (a model and a weight-free variant of it can so share one set of weights).
+    """
+    header = onnx.ModelProto()
+    _copy_header(proto, header)
+    for fd, value in proto.graph.ListFields():
+        if fd.name == "initializer":
+            continue
+        target = getattr(header.graph, fd.name)
+        if isinstance(value, (str, bytes)):
+            setattr(header.graph, fd.name, value)
+        elif hasattr(target, "extend"):
+            target.extend(value)
+        else:
+            target.CopyFrom(value)
+    tensors = list(proto.graph.initializer)
+    if extra is not None:
+        have = {t.name for t in tensors}
+        wanted = {i for n in proto.graph.node for i in n.input} - have
+        tensors += [t for t in extra.graph.initializer if t.name in wanted]
+    data_file = Path(data_file) if data_file is not None else Path(model_file).parent / data_name
+    with open(data_file, "wb") as fh:
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data"):
+                raise ValueError(f"tensor '{t.name}' has no data in memory")
+            if t.ByteSize() < threshold or t.data_type == onnx.TensorProto.STRING:
+                header.graph.initializer.append(t)
+                if t.data_location == onnx.TensorProto.EXTERNAL:  # stale marking: the data is in memory
+                    del header.graph.initializer[-1].external_data[:]
+                    header.graph.initializer[-1].data_location = onnx.TensorProto.DEFAULT
+                continue
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            ref = header.graph.initializer.add()
+            ref.name, ref.data_type, ref.doc_string = t.name, t.data_type, t.doc_string
+            ref.dims.extend(t.dims)
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", fh.tell()), ("length", len(raw))):
+                e = ref.external_data.add()
+                e.key, e.value = key, str(value)
+            fh.write(raw)
+            del raw
+    with open(model_file, "wb") as fh:
+        fh.write(header.SerializeToString())
+
+
 def _has_external(proto: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph))
-
-
-def _inline_external(proto: onnx.ModelProto) -> None:
-    """Mark tensors whose data is already in memory as internal, so saving decides their location afresh."""
-    for t in _all_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL and t.HasField("raw_data"):
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-
-
-def _relocate_external(model_file: str, old: str, new: str) -> None:
-    m = onnx.load(model_file, load_external_data=False)
-    for t in _all_tensors(m.graph):
-        for e in t.external_data:
-            if e.key == "location" and e.value == old:
-                e.value = new
-    with open(model_file, "wb") as fh:
-        fh.write(m.SerializeToString())
 
 
 # ---------------------------------------------------------------- graphsurgeon layer

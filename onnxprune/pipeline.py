@@ -256,4 +256,4 @@ def _culprits(analysis: Analysis, plan: Plan, original: ir.Model, feeds, rtol: f
 
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
-    return ir.save(result.proto, path, source=result.original.path)
+    return ir.save(result.proto, path, source=result.original.path, external=result.original.external)

@@ -15,8 +15,13 @@ from .errors import OnnxPruneError
 
 
 def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: bool = True,
-            sequential: bool = True) -> ort.InferenceSession:
-    """A CPU session for ``proto``; ``optimize=False`` keeps every tensor name intact."""
+            sequential: bool = True, weights: onnx.ModelProto | None = None) -> ort.InferenceSession:
+    """A CPU session for ``proto``; ``optimize=False`` keeps every tensor name intact.
+
+    ``weights``: a model whose initializers fill in those ``proto`` reads but lacks (a
+    weight-free variant of a large model shares the original's weights, never a copy).
+    Models over 2 GB, and those, go through a temporary file with external data.
+    """
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -28,11 +33,11 @@ def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: boo
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
     try:
-        if proto.ByteSize() < ir.TWO_GB:
+        if weights is None and proto.ByteSize() < ir.TWO_GB:
             return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
         with tempfile.TemporaryDirectory() as d:
             f = os.path.join(d, "m.onnx")
-            onnx.save_model(proto, f, save_as_external_data=True, location="m.data")
+            ir.write_external(proto, f, "m.data", extra=weights)
             return ort.InferenceSession(f, so, providers=providers)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__

@@ -14,6 +14,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import ir, runtime
+from .errors import OnnxPruneError
+
+SHARE_WEIGHTS_BYTES = 2**28  # originals this large share their weights with the masked reference
 
 
 @dataclass
@@ -80,8 +83,13 @@ def masked_reference(original: onnx.ModelProto, removed: dict[str, tuple[int, np
 
 def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
             rtol: float = 1e-4, atol: float = 1e-5,
-            taps: dict[str, tuple[str, int, np.ndarray]] | None = None) -> Verification:
+            taps: dict[str, tuple[str, int, np.ndarray]] | None = None,
+            reference_weights: onnx.ModelProto | None = None) -> Verification:
     """Run both models on ``feeds`` and compare every output.
+
+    Outputs of a low-precision float type (float16, bfloat16) are compared with a relative
+    tolerance of at least 8 units in the last place of that type. ``reference_weights``
+    supplies initializers the reference reads but lacks (see :func:`verify`).
 
     ``taps`` also compares intermediate tensors: candidate tensor name -> (reference tensor name,
     axis, positions to delete from the reference value), so a pruned layer whose effect on the
@@ -92,12 +100,12 @@ def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[
     # dead branches are cleaned away from both models
     taps = {c: v for c, v in (taps or {}).items() if c in have and v[0] in have_ref}
     try:
-        s_cand, s_ref = _sessions(candidate, reference, taps)
+        s_cand, s_ref = _sessions(candidate, reference, taps, reference_weights)
     except Exception as e:  # the candidate must load; if it does not, that is a failed verification
         return Verification(False, error=str(e), rtol=rtol, atol=atol)
     outs = [o.name for o in s_ref.get_outputs() if o.name not in {r for r, _, _ in taps.values()}]
     pairs = [(n, n, None, None) for n in outs] + [(c, r, ax, pos) for c, (r, ax, pos) in taps.items()]
-    worst: dict[str, list[float]] = {c: [0.0, 0.0] for c, *_ in pairs}
+    worst: dict[str, list[float]] = {c: [0.0, 0.0, rtol] for c, *_ in pairs}
     for feed in feeds:
         try:
             a = runtime.run(s_cand, feed, [c for c, *_ in pairs])
@@ -108,6 +116,7 @@ def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[
             y = np.asarray(b[r], dtype=np.float64)
             if ax is not None:
                 y = np.delete(y, pos, axis=ax)
+            worst[n][2] = max(worst[n][2], _precision_rtol(np.asarray(a[n]).dtype))
             x = np.asarray(a[n], dtype=np.float64)
             if x.shape != y.shape:
                 return Verification(False, error=f"output '{n}' has shape {list(x.shape)}, expected {list(y.shape)}",
@@ -119,34 +128,67 @@ def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[
             worst[n][0] = max(worst[n][0], float(diff.max(initial=0.0)))
             worst[n][1] = max(worst[n][1], float(np.abs(y[finite]).max(initial=0.0)))
     checks = []
-    for n, (err, scale) in worst.items():
-        tol = atol + rtol * scale
+    for n, (err, scale, rel) in worst.items():
+        tol = atol + rel * scale
         checks.append(OutputCheck(n, err, scale, tol, err <= tol))
     return Verification(all(c.passed for c in checks), checks, len(feeds), rtol, atol)
 
 
-def _sessions(candidate: onnx.ModelProto, reference: onnx.ModelProto, taps: dict):
+def _precision_rtol(dtype: np.dtype) -> float:
+    """8 units in the last place of a float type (0 for others)."""
+    if dtype.name == "bfloat16":
+        return 8 * 2.0 ** -7
+    return 8 * float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
+
+
+def _sessions(candidate: onnx.ModelProto, reference: onnx.ModelProto, taps: dict,
+              weights: onnx.ModelProto | None = None):
     """Sessions for both models with the taps as extra outputs. onnxruntime's NCHWc layout pass
     can lose a tapped tensor (1.32: a Conv output feeding a fused Add); then the candidate must
     still load untapped and optimised, and the tapped pair runs unoptimised."""
     if not taps:
-        return runtime.session(candidate), runtime.session(reference)
+        return runtime.session(candidate), runtime.session(reference, weights=weights)
     cand_t = runtime.with_outputs(candidate, list(taps))
     ref_t = runtime.with_outputs(reference, [r for r, _, _ in taps.values()])
     try:
-        return runtime.session(cand_t), runtime.session(ref_t)
+        return runtime.session(cand_t), runtime.session(ref_t, weights=weights)
     except Exception:
         runtime.session(candidate)  # a candidate that cannot load as it is fails for real
-        return runtime.session(cand_t, optimize=False), runtime.session(ref_t, optimize=False)
+        return runtime.session(cand_t, optimize=False), runtime.session(ref_t, optimize=False, weights=weights)
 
 
 def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, removed: dict[str, tuple[int, np.ndarray]],
            shapes: dict[str, list[int]], feeds: list[dict[str, np.ndarray]], rtol: float = 1e-4,
            atol: float = 1e-5, max_taps: int = 48) -> Verification:
     """Compare ``pruned`` with the masked original on ``feeds``: outputs and up to ``max_taps``
-    intermediate tensors that lost channels (spread evenly over the graph)."""
+    intermediate tensors that lost channels (spread evenly over the graph).
+
+    The masked reference of a large original (``SHARE_WEIGHTS_BYTES`` or more) is built from
+    its weight-free skeleton and reads the original's weights when its session is made, so
+    verification never holds a second copy of them. An original that onnxruntime cannot run
+    on ``feeds`` is the user's problem, not a failed verification: :class:`OnnxPruneError`.
+    """
     names = [n for n, (_, pos) in removed.items() if len(pos)]
     pick = names if len(names) <= max_taps else [names[i] for i in np.linspace(0, len(names) - 1, max_taps)
                                                      .round().astype(int)]
     taps = {n: (f"{n}__masked", removed[n][0], removed[n][1]) for n in pick}
-    return compare(pruned, masked_reference(original, removed, shapes), feeds, rtol, atol, taps)
+    share = original.ByteSize() >= SHARE_WEIGHTS_BYTES
+    reference = masked_reference(ir.skeleton(original) if share else original, removed, shapes)
+    ver = compare(pruned, reference, feeds, rtol, atol, taps, reference_weights=original if share else None)
+    if not ver.passed and ver.error:
+        _require_runnable(original, feeds[0] if feeds else None)
+    return ver
+
+
+def _require_runnable(original: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> None:
+    """Raise :class:`OnnxPruneError` when onnxruntime cannot run the input model itself."""
+    try:
+        sess = runtime.session(original, optimize=False)
+        if feed is not None:
+            sess.run(None, feed)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in (feed or {}).items())
+        raise OnnxPruneError(f"onnxruntime cannot run the input model at {shapes or 'its input shapes'} "
+                             f"({msg.removeprefix('onnxruntime cannot load the model: ')}); onnxprune verifies in "
+                             "onnxruntime: fix the model, or pass --input-shape with real sizes") from None
