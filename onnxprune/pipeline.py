@@ -214,6 +214,20 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
     return out
 
 
+def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None, log=None) -> dict:
+    """Fine-tune the pruned model against the original (distillation, plus cross-entropy when ``data``
+    has labels; see :mod:`onnxprune.finetune`). ``result.proto`` becomes the best checkpoint and
+    ``result.extra["finetune"]`` the run summary, which is returned."""
+    from . import finetune as ft
+
+    with _timed(result.seconds, "finetune"):
+        run = ft.finetune(result.proto, data, teacher=result.original.proto, config=config, progress=progress,
+                          log=log)
+    result.proto = run.proto
+    result.extra["finetune"] = run.to_json()
+    return result.extra["finetune"]
+
+
 def _check_like(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
     """onnx.checker must pass on the pruned model at every level it passes on the original."""
     for full in (True, False):

@@ -9,8 +9,8 @@ One reverse-mode rule per op type lives in :data:`RULES`; an op on the path
 without a rule raises :class:`~onnxprune.errors.OnnxPruneError` naming it.
 """
 
-from .build import GradientModel, build_gradient_model
+from .build import GradientModel, build_gradient_model, differentiable
 from .losses import LOSSES
 from .rules import RULES
 
-__all__ = ["GradientModel", "LOSSES", "RULES", "build_gradient_model"]
+__all__ = ["GradientModel", "LOSSES", "RULES", "build_gradient_model", "differentiable"]

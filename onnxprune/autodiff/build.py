@@ -143,6 +143,28 @@ def _plan(model: onnx.ModelProto, wrt: list[str], output: str) -> _Plan:
     return _Plan(relevant, on_path, types)
 
 
+def differentiable(proto: onnx.ModelProto, output: str | None = None) -> set[str]:
+    """Float tensors that may be passed in ``wrt`` for ``output`` (default: the first graph output):
+    every path from them to the output runs through ops with a rule. Tensors on no path are
+    included (their gradient is zero)."""
+    output = output or proto.graph.output[0].name
+    floats, _ = _float_tensors(proto)
+    nodes = list(proto.graph.node)
+    upstream = {output}
+    for node in reversed(nodes):
+        if any(t in upstream for t in node.output):
+            upstream |= set(node.input)
+    blocked: set[str] = set()
+    for node in reversed(nodes):
+        outs = [t for t in node.output if t in floats and t in upstream]
+        ruled = node.domain in ("", "ai.onnx") and node.op_type in RULES
+        if outs and (not ruled or any(t in blocked for t in outs)):
+            blocked |= set(node.input)
+    names = {t for n in nodes for t in n.output} | {i.name for i in proto.graph.input}
+    names |= {i.name for i in proto.graph.initializer}
+    return {t for t in names if t in floats and t not in blocked}
+
+
 def _shapes(model: onnx.ModelProto, plan: _Plan) -> tuple[dict[str, list], dict[str, int]]:
     """Static shapes (and element types) from ONNX inference; tensors of path nodes it misses (shape
     arithmetic through int32 Casts, for instance) are measured by one onnxruntime run when the inputs

@@ -97,6 +97,22 @@ def mse(e: Emitter, out: LossInput) -> LossParts:
     return LossParts(loss, seed, [info], descriptions)
 
 
+def distill(e: Emitter, out: LossInput) -> LossParts:
+    """alpha * kl + (1 - alpha) * cross_entropy: distillation mixed with labels; ``alpha`` is a float
+    scalar input, so one graph serves every mix."""
+    soft, hard = kl(e, out), cross_entropy(e, out)
+    alpha = out.fresh_input("alpha")
+    beta = e.op("Sub", [e.const(1.0), alpha])
+
+    def mix(a: str, b: str) -> str:
+        return e.op("Add", [e.op("Mul", [a, alpha]), e.op("Mul", [b, beta])])
+
+    info = helper.make_tensor_value_info(alpha, e.elem_type, [])
+    descriptions = {**soft.descriptions, **hard.descriptions, alpha: f"{e.dtype.name} []: weight of the kl term"}
+    return LossParts(mix(soft.loss, hard.loss), mix(soft.seed, hard.seed), soft.inputs + hard.inputs + [info],
+                     descriptions)
+
+
 def total(e: Emitter, out: LossInput) -> LossParts:
     """The sum of every element of the output (handy for tests and for plain output sensitivities)."""
     return LossParts(e.reduce_sum(out.name, None, keepdims=False), e.ones_like(out.name))
@@ -106,5 +122,6 @@ LOSSES: dict[str, Callable[[Emitter, LossInput], LossParts]] = {
     "cross_entropy": cross_entropy,
     "kl": kl,
     "mse": mse,
+    "distill": distill,
     "sum": total,
 }

@@ -16,6 +16,7 @@ from .. import budget, pipeline
 from ..data import open_data
 from ..errors import OnnxPruneError
 from ..plan import Plan, Policy
+from . import finetune as finetune_cli
 from . import fmt, options
 
 
@@ -63,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--bench-runs", type=int, default=20, metavar="N",
                    help="timed onnxruntime runs per model for the latency row (with --data; 0 = skip)")
     options.add_input_shapes(d)
+    d.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                   help="after pruning, fine-tune N steps distilling the original (see 'onnxprune finetune')")
+    d.add_argument("--finetune-data", metavar="DATA", help="training data for --finetune-steps (default: --calib)")
+    finetune_cli.add_training_options(p, prefix="finetune-")
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="PATH", help="write the JSON report here")
     o.add_argument("--report-md", metavar="PATH", help="write a Markdown report here")
@@ -142,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
             raise OnnxPruneError("--max-drop goes with a --target-* budget")
         result = pruner.finish(plan if plan is not None else pruner.plan(policy), verify=not args.no_verify,
                                reconstruct=args.reconstruct)
+    if args.finetune_steps and not args.dry_run:
+        _finetune(args, pruner, result)
     if data is not None:
         pipeline.validate(result, data, bench_runs=args.bench_runs)
     if args.save_plan:
@@ -159,6 +166,17 @@ def run(args: argparse.Namespace) -> int:
         fmt.write_text(args.report_md, markdown_report(result, rep))
     print_summary(result, size)
     return 0
+
+
+def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
+    cfg = finetune_cli.config_from(args, args.finetune_steps, prefix="finetune-")
+    spec = args.finetune_data or args.calib
+    if spec in (None, "random"):
+        raise OnnxPruneError("--finetune-steps needs real training data: pass --finetune-data DATA.npz "
+                             "(or an .npz --calib)")
+    data = pruner.data if spec == args.calib and pruner.data is not None else open_data(
+        spec, pruner.original.proto, pruner.analysis.input_shapes)
+    pipeline.finetune(result, data, cfg, progress=fmt.progress, log=finetune_cli.log)
 
 
 def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:

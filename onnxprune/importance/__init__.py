@@ -14,12 +14,13 @@ import numpy as np
 
 from ..errors import OnnxPruneError
 from ..groups import Group
-from . import activations, second_order, weights
+from . import activations, gradient, second_order, weights
 from .base import REDUCTIONS, Criterion, resolve
 from .context import ScoreContext
 from .stats import CalibrationStats, Needs
 
-CRITERIA: dict[str, Criterion] = {c.name: c for c in weights.CRITERIA + activations.CRITERIA + second_order.CRITERIA}
+CRITERIA: dict[str, Criterion] = {c.name: c for c in weights.CRITERIA + activations.CRITERIA + second_order.CRITERIA
+                                  + gradient.CRITERIA}
 
 __all__ = ["CRITERIA", "CalibrationStats", "Criterion", "Needs", "ScoreContext", "get", "requires_data",
            "score_groups", "fallback_summary"]
