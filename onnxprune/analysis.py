@@ -288,22 +288,23 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
             shapes[name] = list(v.shape)
             if name in want_values and v.size <= 64 and v.dtype.kind in "iu":
                 observed[name] = v
-        static = _static_values(proto, shapes_in, input_shapes, observed)
+        static = _static_values(proto, shapes_in, observed)
     return graph, shapes, observed, static, shapes_in
 
 
-def _static_values(proto: onnx.ModelProto, shapes_in: dict, given: dict | None, observed: dict) -> set[str]:
-    """Observed values that do not change when the symbolic input dimensions do (safe to fold)."""
-    given = given or {}
+def _static_values(proto: onnx.ModelProto, shapes_in: dict, observed: dict) -> set[str]:
+    """Observed values that do not change when the symbolic input dimensions do (safe to fold).
+
+    A size given with --input-shape is where the analysis runs, not a promise: the saved model
+    keeps the symbolic dimension, so it is varied too (doubled, which keeps strides dividing it)."""
     varied, changed = {}, False
     for vi in ir.graph_inputs(proto):
         dims = ir.input_dims(vi)
         shape = list(shapes_in[vi.name])
-        if vi.name not in given:
-            for k, d in enumerate(dims):
-                if not (isinstance(d, int) and d > 0):
-                    shape[k] += 1
-                    changed = True
+        for k, d in enumerate(dims):
+            if not (isinstance(d, int) and d > 0):
+                shape[k] *= 2
+                changed = True
         varied[vi.name] = shape
     if not changed or not observed:
         return set(observed)

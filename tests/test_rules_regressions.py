@@ -5,6 +5,7 @@ import onnx
 from builders import GraphBuilder
 from onnx import TensorProto, helper
 
+import onnxprune
 from onnxprune import ir, runtime, verify
 from onnxprune.data import random_feed
 
@@ -65,3 +66,25 @@ def test_outer_weight_read_by_both_if_branches_is_stored_once():
     x = np.ones((2, 3), np.float32)
     got = runtime.session(out).run(None, {"x": x, "c": np.array(True)})[0]
     np.testing.assert_array_equal(got, x @ onnx.numpy_helper.to_array(w))
+
+
+def test_given_input_shape_does_not_bake_the_batch_into_folded_shape_arithmetic(tmp_path):
+    """ch_ppocr_mobile_v2.0_cls (Paddle): Reshape(pool, Concat(Shape(pool)[:1], [C])) before the
+    classifier. Analysed at a given --input-shape, the rewrite folded the shape to [1, C'] although
+    the batch stays symbolic, so the pruned model no longer ran at batch 2."""
+    g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True)
+    y = g.gap(g.relu(g.conv("x", 16)))
+    batch = g.op("Slice", [g.op("Shape", [y]), g.const(np.array([0])), g.const(np.array([1]))])
+    flat = g.op("Reshape", [y, g.op("Concat", [batch, g.const(np.array([16]))], axis=0)])
+    g.output(g.op("Gemm", [flat, g.weight([5, 16]), g.const(np.zeros(5, np.float32))], transB=1))
+    m = g.build()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    r = onnxprune.prune(path, policy=onnxprune.Policy(ratio=0.25), input_shapes={"x": [1, 3, 8, 8]})
+    assert r.verification.passed
+    onnx.checker.check_model(r.proto, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert runtime.session(r.proto).run(None, {"x": x})[0].shape == (2, 5)
+    # the conv's channel count is read together with the batch: same decision as without the given shape
+    r_default = onnxprune.prune(path, policy=onnxprune.Policy(ratio=0.25))
+    assert r.report()["groups_pruned"] == r_default.report()["groups_pruned"]
