@@ -95,8 +95,9 @@ def discover(zoo: Path, real_dirs: list[Path]) -> list[Case]:
 def short_reason(reason: str) -> str:
     """'LayerNormalization '/blk/ln': normalizes over ...' -> 'LayerNormalization: normalizes over ...'."""
     s = re.sub(r"\s*'[^']*'", "", reason)
-    s = re.sub(r"\s+:", ":", s)
-    return s[:70]
+    s = re.sub(r"\s+:", ":", s).split(", so ")[0]
+    s = re.sub(r"^(\w+): \1 ", r"\1: ", s)
+    return s if len(s) <= 80 else s[:79] + "…"
 
 
 def top_reasons(report: dict, n: int = 2) -> list[tuple[str, int]]:
@@ -153,14 +154,17 @@ def run_case(case: Case, ratio: float, timeout: float, workdir: Path) -> dict:
 
 def _from_report(rep: dict) -> dict:
     ver = rep.get("verification") or {}
-    worst = max((o["max_abs"] / o["scale"] if o["scale"] else o["max_abs"] for o in ver.get("outputs", [])),
-                default=None)
+    outs = ver.get("outputs", [])
+    # relative to the largest reference value, over tensors that are not all ~0 (those pass on atol)
+    worst = max((o["max_abs"] / o["scale"] for o in outs if o["scale"] >= 1e-2), default=None)
+    used = max((o["max_abs"] / o["tolerance"] for o in outs if o["tolerance"]), default=None)
     return {"groups_found": rep["groups_found"], "groups_pruned": rep["groups_pruned"],
             "groups_frozen": rep["groups_frozen"], "params_before": rep["params_before"],
             "params_after": rep["params_after"], "macs_before": rep["macs_before"], "macs_after": rep["macs_after"],
             "params_kept": rep["params_after"] / rep["params_before"] if rep["params_before"] else None,
             "macs_kept": rep["macs_after"] / rep["macs_before"] if rep["macs_before"] else None,
-            "verified": bool(rep["verified"]), "worst_rel_error": worst, "steps": rep.get("seconds", {}),
+            "verified": bool(rep["verified"]), "worst_rel_error": worst, "tolerance_used": used,
+            "compared_tensors": len(outs), "steps": rep.get("seconds", {}),
             "top_frozen": top_reasons(rep), "barriers": collections.Counter(
                 f"{b['op']}: {b['reason']}" for b in rep.get("barriers", [])).most_common(3)}
 
@@ -257,13 +261,15 @@ def main() -> None:
     json_path = args.json or args.out.with_suffix(".json")
     old = json.loads(json_path.read_text()) if json_path.exists() else {}
     rows = {r["model"]: r for r in old.get("rows", [])} if old.get("ratio") == args.ratio else {}
-    for extra in args.merge:
-        rows.update({r["model"]: r for r in json.loads(extra.read_text())["rows"]})
+    merged = [json.loads(extra.read_text()) for extra in args.merge]
+    for m in merged:
+        rows.update({r["model"]: r for r in m["rows"]})
     if args.render:
         cases = []
     order = [c.name for c in all_cases]
-    result = {"ratio": args.ratio, "machine": old.get("machine") if args.render else machine(),
-              "load": old.get("load") if args.render else [_loadavg(), None]}
+    meta = next((m for m in [old, *merged] if m.get("machine")), {}) if args.render else {}
+    result = {"ratio": args.ratio, "machine": meta.get("machine") or machine(),
+              "load": meta.get("load") or [_loadavg(), None]}
 
     def save() -> None:
         result["rows"] = sorted(rows.values(), key=lambda r: order.index(r["model"]) if r["model"] in order
