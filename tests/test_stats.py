@@ -189,3 +189,26 @@ def test_progress_wraps_the_calibration_pass_and_the_scoring():
     ctx = ctx_for(m, [grp], data=rand_data([1, 3, 8, 8], n=10), batch_size=4, progress=progress)
     score_groups([grp], ctx, "wanda")
     assert seen == [("calibration statistics", 3), ("scoring (wanda)", 1)]
+
+
+def test_gram_rows_are_sampled_per_sample_when_capped():
+    m, h, r = small_net()
+    data = rand_data([1, 3, 6, 6], n=40)
+    conv = (("auto_pad", "NOTSET"), ("dilations", (1, 1)), ("group", 1), ("kernel_shape", (3, 3)),
+            ("pads", (1, 1, 1, 1)), ("strides", (1, 1)))
+    needs = Needs(grams={"c": GramSpec(r, 1, conv), "d": GramSpec(r, 1)})
+    full = collect(m, needs, data, batch_size=16, gram_rows_per_sample=None)
+    same = collect(m, needs, data, batch_size=16, gram_rows_per_sample=36)      # 6x6 positions: all of them
+    capped = collect(m, needs, data, batch_size=16, gram_rows_per_sample=9)
+    np.testing.assert_allclose(same.grams["c"].gram, full.grams["c"].gram, rtol=1e-12)
+    assert full.grams["c"].rows == 40 * 36 and capped.grams["c"].rows == 40 * 9
+    assert capped.grams["d"].rows == 40 * 9
+    ratio = np.trace(capped.grams["c"].gram[0]) * 4 / np.trace(full.grams["c"].gram[0])
+    assert 0.8 < ratio < 1.25
+    again = collect(m, needs, data, batch_size=16, gram_rows_per_sample=9)
+    np.testing.assert_array_equal(again.grams["c"].gram, capped.grams["c"].gram)   # seeded
+    flat = ArrayData({"x": np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)})
+    g = GraphBuilder("x", [1, 8], dynamic_batch=True)
+    g.output(g.relu("x"))
+    st = collect(g.build(), Needs(grams={"x": GramSpec("x", 1)}), flat, gram_rows_per_sample=1)
+    assert st.grams["x"].rows == 10                                            # one row per sample: all kept

@@ -34,6 +34,7 @@ class ScoreContext:
     seed: int = 0                     # for ``random``
     damp: float = 0.01                # OBS / LASSO: H + damp * mean(diag H) * I
     bins: int = _stats.DEFAULT_BINS   # entropy histogram bins
+    gram_rows: int | None = _stats.GRAM_ROWS   # OBS / LASSO: rows (patches, tokens) per sample, None: all
     reduction: str = "mean"           # how member scores combine when a criterion is called directly
     fallbacks: dict[int, str] = field(default_factory=dict)   # group id -> criterion used instead (report)
     _values: dict = field(default_factory=dict, init=False, repr=False)
@@ -102,7 +103,8 @@ class ScoreContext:
         missing = self._needs.missing(self._stats)
         if self._stats is None or missing:
             got = _stats.collect(self.proto, missing, self.data, batch_size=self.batch_size, limit=self.limit,
-                                 bins=self.bins, progress=self.progress)
+                                 bins=self.bins, gram_rows_per_sample=self.gram_rows, seed=self.seed,
+                                 progress=self.progress)
             self._stats = got if self._stats is None else self._stats.merge(got)
         return self._stats
 

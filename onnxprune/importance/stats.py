@@ -26,6 +26,7 @@ from ..errors import OnnxPruneError
 
 DEFAULT_BINS = 32                 # even: the streaming histogram merges bin pairs
 _GRAM_CHUNK_BYTES = 64 << 20      # float64 bytes of im2col rows handled at once
+GRAM_ROWS = 256                   # rows per sample in a Gram matrix (None: all)
 MAX_OUTPUTS = 64                  # tapped tensors per onnxruntime session (more -> more passes)
 
 
@@ -191,23 +192,49 @@ class CalibrationStats:
 
 # ---------------------------------------------------------------- accumulation
 
-def gram_rows(x: np.ndarray, spec: GramSpec):
-    """Yield [groups, R, D] float64 row blocks of a layer input, in bounded chunks."""
+def _sampled(n: int, per_sample: int, keep: int | None, rng: np.random.Generator | None) -> np.ndarray | None:
+    """Flat sample-major row indices: ``keep`` random rows of each sample, or None for all rows."""
+    if keep is None or rng is None or per_sample <= keep:
+        return None
+    pick = np.argsort(rng.random((n, per_sample)), axis=1)[:, :keep]
+    return (np.arange(n)[:, None] * per_sample + np.sort(pick, axis=1)).ravel()
+
+
+def gram_rows(x: np.ndarray, spec: GramSpec, keep: int | None = None, rng: np.random.Generator | None = None):
+    """Yield [groups, R, D] float64 row blocks of a layer input, in bounded chunks.
+
+    With ``keep``, at most that many rows (im2col patches, tokens) per sample, drawn from ``rng``.
+    """
     if spec.conv is None:
-        rows = np.moveaxis(x, spec.x_axis, -1).reshape(-1, x.shape[spec.x_axis])
+        rows = np.moveaxis(x, spec.x_axis, -1)
+        n = rows.shape[0] if rows.ndim >= 2 else 1                    # the batch axis leads
+        rows = rows.reshape(-1, rows.shape[-1])
+        pick = _sampled(n, len(rows) // n, keep, rng)
+        rows = rows if pick is None else rows[pick]
         step = max(1, _GRAM_CHUNK_BYTES // (8 * rows.shape[1]))
         for s in range(0, rows.shape[0], step):
             yield rows[s:s + step].astype(np.float64)[None]
         return
     attrs = spec.conv_attrs
-    per_sample = max(1, int(np.prod(x.shape[1:])) * int(np.prod(attrs["kernel_shape"])))
-    step = max(1, _GRAM_CHUNK_BYTES // (8 * per_sample))
+    nd = x.ndim - 2
+    k, st, d, pads = attrs["kernel_shape"], attrs["strides"], attrs["dilations"], attrs["pads"]
+    if attrs["auto_pad"] in ("SAME_UPPER", "SAME_LOWER"):
+        out = [-(-x.shape[2 + i] // st[i]) for i in range(nd)]
+    else:
+        if attrs["auto_pad"] == "VALID":
+            pads = [0] * (2 * nd)
+        out = [(x.shape[2 + i] + pads[i] + pads[i + nd] - (k[i] - 1) * d[i] - 1) // st[i] + 1 for i in range(nd)]
+    per_sample = int(np.prod(out))
+    rows_per = min(per_sample, keep) if keep else per_sample
+    step = max(1, _GRAM_CHUNK_BYTES // (8 * rows_per * max(1, x.shape[1] * int(np.prod(k)))))
     for s in range(0, x.shape[0], step):
-        yield calibrate.conv_patches(x[s:s + step].astype(np.float64), **attrs)
+        xs = x[s:s + step].astype(np.float64)
+        yield calibrate.conv_patches(xs, **attrs, rows=_sampled(len(xs), per_sample, keep, rng))
 
 
-def _add_gram(store: dict[str, GramStats], key: str, x: np.ndarray, spec: GramSpec) -> None:
-    for p in gram_rows(x, spec):
+def _add_gram(store: dict[str, GramStats], key: str, x: np.ndarray, spec: GramSpec, keep: int | None,
+              rng: np.random.Generator) -> None:
+    for p in gram_rows(x, spec, keep, rng):
         g = np.einsum("grd,gre->gde", p, p) if p.shape[0] > 1 else (p[0].T @ p[0])[None]
         if key not in store:
             store[key] = GramStats(np.zeros_like(g))
@@ -216,13 +243,15 @@ def _add_gram(store: dict[str, GramStats], key: str, x: np.ndarray, spec: GramSp
 
 
 def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_size: int = 32,
-            limit: int | None = None, bins: int = DEFAULT_BINS,
-            progress: Callable | None = None) -> CalibrationStats:
+            limit: int | None = None, bins: int = DEFAULT_BINS, gram_rows_per_sample: int | None = GRAM_ROWS,
+            seed: int = 0, progress: Callable | None = None) -> CalibrationStats:
     """Stream ``data`` through ``proto`` once and accumulate what ``needs`` asks for.
 
     A model whose batch dimension is fixed gets batches of exactly that size (samples
-    that do not fill the last one are left out).
+    that do not fill the last one are left out). Gram matrices use at most
+    ``gram_rows_per_sample`` rows (conv patches, tokens) of each sample, drawn with ``seed``.
     """
+    rng = np.random.default_rng(seed)
     bins = max(2, bins + bins % 2)
     batch_size, limit = _fit_fixed_batch(proto, data, batch_size, limit)
     inputs = {vi.name for vi in ir.graph_inputs(proto)}
@@ -250,7 +279,7 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
                 stats.tensors[key].add(x, bins if key in hist_keys else None)
         for key, spec in needs.grams.items():
             if spec.x in values:
-                _add_gram(stats.grams, key, values[spec.x], spec)
+                _add_gram(stats.grams, key, values[spec.x], spec, gram_rows_per_sample, rng)
         if first:
             stats.samples += len(next(iter(feed.values())))
 
