@@ -139,7 +139,8 @@ def check_recovered(original, pruned, kept_inputs, x, tol=1e-4, **kw):
     after = list(outputs(out, x).values())
     assert rel_error(before[0], ref[0]) > 0.05, "the planted pruning should hurt before reconstruction"
     assert rel_error(after[0], ref[0]) < tol, rep.layers
-    assert all(r.status == "kept" for r in rep.layers if r.kind == "ls"), rep.layers
+    # every layer that had something to fix kept its refit (the depthwise one has nothing to fix)
+    assert all(r.status == "kept" for r in rep.layers if r.kind == "ls" and r.error_before > 1e-9), rep.layers
     return out, rep
 
 

@@ -168,7 +168,8 @@ def _build(mode, work: gs.Graph, ref: gs.Graph, kept_inputs, kept_outputs, bn_re
                                ridge, positions, seed + i))
     if bn_recalibrate:
         below = passes.downstream(work, {n for n in kept_inputs if n in nodes})
-        made += [_bn_fit(n, refs.get(n.name)) for n in work.nodes if n.op == "BatchNormalization" and n.name in below]
+        made += [_bn_fit(n, refs.get(n.name), positions, seed + len(made) + i) for i, n in enumerate(work.nodes)
+                 if n.op == "BatchNormalization" and n.name in below]
     report.layers += [m if isinstance(m, LayerResult) else m.result for m in made]
     return [m for m in made if not isinstance(m, LayerResult)]
 
@@ -206,7 +207,7 @@ def _layer_fit(mode, name, kin, node, ref, kout, ridge, positions, seed) -> fits
     return fits.BiasShift(lin, olin, kin, kout, result)
 
 
-def _bn_fit(node: gs.Node, ref: gs.Node | None) -> fits.Fit | LayerResult:
+def _bn_fit(node: gs.Node, ref: gs.Node | None, positions: int | None, seed: int) -> fits.Fit | LayerResult:
     why = lambda reason: fits.skipped(node.name, node.op, "bn", reason)  # noqa: E731
     if ref is None:
         return why("not in the original model")
@@ -215,13 +216,13 @@ def _bn_fit(node: gs.Node, ref: gs.Node | None) -> fits.Fit | LayerResult:
     params = [layers.const_input(n, i) for n in (node, ref) for i in range(1, 5)]
     if any(p is None for p in params):
         return why("parameters are not constants")
-    rows = lambda ps: [np.stack([p.values.astype(np.float64) for p in ps], 1)[c].tobytes()  # noqa: E731
-                       for c in range(ps[0].values.shape[0])]
+    rows = lambda ps: [r.tobytes() for r in np.stack([p.values.astype(np.float64) for p in ps], 1)]  # noqa: E731
     kept = layers.match_rows(rows(params[4:]), rows(params[:4]))
     if kept is None:
         return why("cannot match channels to the original's")
     c = len(kept)
-    return fits.BatchNormStats(node, ref, kept, LayerResult(node.name, node.op, "bn", c, len(params[4].values)))
+    return fits.BatchNormStats(node, ref, kept, LayerResult(node.name, node.op, "bn", c, len(params[4].values)),
+                               positions=positions, seed=seed)
 
 
 def _fidelity(original, before, after, data: ArrayData, batch_size: int) -> dict:

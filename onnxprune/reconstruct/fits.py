@@ -25,8 +25,9 @@ def sample_rows(n: int, per_sample: int, cap: int | None, rng: np.random.Generat
 
 
 def _decide(result: LayerResult, before: float, after: float) -> bool:
+    """Keep a refit only if it lowers the held-out error by more than rounding noise."""
     result.error_before, result.error_after = float(before), float(after)
-    keep = bool(np.isfinite(after) and after < before)
+    keep = bool(np.isfinite(after) and after < before * (1 - 1e-6) - 1e-12)
     result.status = KEPT if keep else REJECTED
     return keep
 
@@ -238,8 +239,10 @@ class BatchNormStats(Fit):
 
     kind = "bn"
 
-    def __init__(self, node: gs.Node, original: gs.Node, kept: np.ndarray, result: LayerResult):
+    def __init__(self, node: gs.Node, original: gs.Node, kept: np.ndarray, result: LayerResult, *,
+                 positions: int | None, seed: int):
         self.node, self.kept, self.result = node, kept, result
+        self.positions, self.rng = positions, np.random.default_rng(seed)
         self.eps = float(node.attrs.get("epsilon", 1e-5))
         self.params = [const_input(node, i).values.astype(np.float64) for i in range(1, 5)]
         self.reference = [const_input(original, i).values.astype(np.float64)[kept] for i in range(1, 5)]
@@ -249,13 +252,14 @@ class BatchNormStats(Fit):
         self.new: tuple[np.ndarray, np.ndarray] | None = None
 
     def add(self, original, pruned, held):
-        xo = np.moveaxis(np.take(original[self.original[0]], self.kept, axis=1), 1, -1)
-        xp = np.moveaxis(pruned[self.pruned[0]], 1, -1)
-        xo = xo.reshape(-1, xo.shape[-1]).astype(np.float64)
-        xp = xp.reshape(-1, xp.shape[-1]).astype(np.float64)
-        s = self.sums[held]
-        s[0] += xp.shape[0]
-        s[1:] += np.stack([xp.sum(0), (xp * xp).sum(0), xo.sum(0), (xo * xo).sum(0), (xp * xo).sum(0)])
+        xo, xp = original[self.original[0]], pruned[self.pruned[0]]
+        n, per_sample = xp.shape[0], int(np.prod(xp.shape[2:]))
+        s, p = np.divmod(sample_rows(n, per_sample, self.positions, self.rng), per_sample)
+        xo = xo.reshape(n, xo.shape[1], -1)[s, :, p][:, self.kept].astype(np.float64)
+        xp = xp.reshape(n, xp.shape[1], -1)[s, :, p].astype(np.float64)
+        sums = self.sums[held]
+        sums[0] += xp.shape[0]
+        sums[1:] += np.stack([xp.sum(0), (xp * xp).sum(0), xo.sum(0), (xo * xo).sum(0), (xp * xo).sum(0)])
 
     def _affine(self, mean, var, params):
         scale, shift = params[0], params[1]
