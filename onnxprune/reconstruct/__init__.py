@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import ir
+from .. import ir, validate
 from ..data import ArrayData
 from ..errors import OnnxPruneError
 from . import fits, layers, passes
@@ -226,23 +226,10 @@ def _bn_fit(node: gs.Node, ref: gs.Node | None, positions: int | None, seed: int
 
 
 def _fidelity(original, before, after, data: ArrayData, batch_size: int) -> dict:
-    """Relative L2 error and top-1 agreement of the first output, pruned and reconstructed vs original."""
+    """Relative error and top-1 agreement of the first output, pruned and reconstructed vs original."""
     name = original.graph.output[0].name
-    taps = [passes.Tapper(m, [name]) for m in (original, before, after)]
-    sq = np.zeros(3)
-    agree = np.zeros(3)
-    count = 0
-    for feed in data.batches(batch_size):
-        ys = [t(feed)[name].astype(np.float64) for t in taps]
-        for i, y in enumerate(ys):
-            sq[i] += float(((y - ys[0]) ** 2).sum()) if i else float((y * y).sum())
-            if y.ndim == 2 and y.shape[1] > 1:
-                agree[i] += int((y.argmax(1) == ys[0].argmax(1)).sum())
-        count += len(ys[0])
     out = {}
-    for i, key in ((1, "pruned"), (2, "reconstructed")):
-        out[key] = {"rel_error": float(np.sqrt(sq[i] / max(sq[0], 1e-30)))}
-        if agree[0]:
-            out[key]["top1_agreement"] = float(agree[i] / count)
+    for key, model in (("pruned", before), ("reconstructed", after)):
+        got = validate.fidelity(model, original, data, batch_size)[name]
+        out[key] = {k: got[k] for k in ("rel_error", "top1_agreement") if got.get(k) is not None}
     return out
-
