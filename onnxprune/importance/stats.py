@@ -114,16 +114,17 @@ class TensorStats:
 
     def add(self, x: np.ndarray, bins: int | None) -> None:
         x = np.asarray(x)
-        if x.dtype != np.float64:
+        if x.dtype.kind != "f":
             x = x.astype(np.float64)
-        other = tuple(i for i in range(x.ndim) if i != self.axis)
+        # [before, positions, after]: the inner reduction is contiguous, partial sums are float64
+        x3 = x.reshape(int(np.prod(x.shape[:self.axis])), x.shape[self.axis], -1)
         self.count += x.size // x.shape[self.axis]
-        self.abs_sum += np.abs(x).sum(axis=other)
-        self.sum += x.sum(axis=other)
-        self.sumsq += (x * x).sum(axis=other)
-        self.nonpos += (x <= 0).sum(axis=other)
+        self.abs_sum += np.abs(x3).sum(axis=2, dtype=np.float64).sum(axis=0)
+        self.sum += x3.sum(axis=2, dtype=np.float64).sum(axis=0)
+        self.sumsq += np.einsum("apb,apb->ap", x3, x3, dtype=np.float64).sum(axis=0)
+        self.nonpos += np.count_nonzero(x3 <= 0, axis=(0, 2))
         if bins:
-            self._add_hist(x, bins)
+            self._add_hist(x.astype(np.float64, copy=False), bins)
         self.samples += x.shape[0] if self.axis != 0 and x.ndim > 1 else 1
 
     def _add_hist(self, x: np.ndarray, bins: int) -> None:
