@@ -34,6 +34,13 @@ SHAPE_ARITH = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cas
                "Slice", "Identity", "Floor", "Ceil", "Mod", "Max", "Min", "ReduceProd", "Neg", "Abs", "Sqrt",
                "Reshape", "Equal", "Where"}
 
+# why common ops without a rule stop channels (the default reason is "no rule for this op")
+NO_RULE = {op: "quantized tensors keep their channels (prune the float model, then quantize)"
+           for op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                      "ConvInteger", "MatMulInteger")}
+NO_RULE.update({op: "control flow: values entering its subgraph keep their shape" for op in ("Loop", "Scan")})
+NO_RULE_LAYERS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")  # reported even if untouched
+
 
 @dataclass
 class _Record:
@@ -70,7 +77,7 @@ class _Driver:
     # -------------------------------------------------- services for NodeCtx
     def shape_of(self, t: gs.Tensor) -> list[int]:
         if isinstance(t, gs.Constant):
-            return list(np.shape(t.values))
+            return list(t.shape)  # without loading the values: weights stay lazy
         s = self.shapes.get(t.name)
         if s is None or any(d is None for d in s):
             raise Unsupported(f"shape of '{t.name}' is unknown")
@@ -121,10 +128,10 @@ class _Driver:
         self._follow_taint(node)
         fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
         if fn is None:
-            reason = "no rule for this op" if node.domain in ("", "ai.onnx", None) else \
+            reason = NO_RULE.get(node.op, "no rule for this op") if node.domain in ("", "ai.onnx", None) else \
                 f"op from custom domain '{node.domain}'"
             self._barrier(node, "reads channel-carrying tensors inside its subgraphs" if outer else reason,
-                          touched=bool(outer))
+                          touched=bool(outer) or node.op in NO_RULE_LAYERS)
             return
         mark = (len(self.records), len(self.fixups))
         ctx = NodeCtx(self, node)
@@ -138,7 +145,8 @@ class _Driver:
             del self.fixups[mark[1]:]
             for o in node.outputs:
                 self.labels.pop(o.name, None)
-            self._barrier(node, str(e))
+            # a layer that declines is reported even when nothing prunable reaches it: its own channels stay
+            self._barrier(node, str(e), touched=node.op in ir.WEIGHT_OPS)
 
     def _follow_taint(self, node: gs.Node) -> None:
         """Channel counts read at run time must end folded into a shape input, or freeze their channels."""

@@ -96,11 +96,12 @@ def search(pruner, policy: Policy, budget: Budget, data: ArrayData | None = None
     lo, hi = 0.0, cap
     fr_hi = _fractions(pruner, replace(policy, ratio=hi), budget, latency_runs)
     outcome.log.append({"ratio": hi, **fr_hi})
-    if not _meets(fr_hi, budget):
-        lo = hi  # even the strongest ratio misses: settle for it and say so
-        outcome.met = False
-        outcome.message = (f"target not reachable: at ratio {hi:.2f} the model keeps "
-                           + ", ".join(f"{k} {v:.3f}" for k, v in fr_hi.items()))
+    if not _meets(fr_hi, budget):  # even the strongest ratio misses: nothing worth saving
+        k = next(k for k in ("macs", "params", "latency") if getattr(budget, k) is not None
+                 and fr_hi[k] > getattr(budget, k) + 1e-9)
+        raise OnnxPruneError(f"--target-{k} {getattr(budget, k):g} cannot be met: removing {hi:.0%} of every "
+                             f"prunable group still keeps {fr_hi[k]:.3f} of the {k} (frozen groups keep the rest); "
+                             f"ask for {math.ceil(fr_hi[k] * 100) / 100:.2f} or more")
     else:
         it = range(steps) if progress is None else progress(range(steps), steps, "searching the budget")
         for _ in it:

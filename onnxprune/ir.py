@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from .errors import OnnxPruneError
 
 TWO_GB = 2**31
+CHECK_WEIGHTS_BYTES = 2**26  # larger models are checked without their weights (see check)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -116,17 +117,42 @@ def load(path: str | os.PathLike) -> Model:
     except Exception as e:  # unreadable or short external data
         raise OnnxPruneError(f"{p}: cannot read external data ({e})") from None
     try:
-        check(proto, full=False)
+        check_structure(proto)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxPruneError(f"{p}: onnx.checker rejects the model ({first}); repair or re-export it") from None
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        raise OnnxPruneError(f"{p}: onnx.checker rejects the model ({why}); repair or re-export it") from None
     return Model(proto=proto, path=p, file_bytes=model_size_bytes(p), external=external)
 
 
+def proto_bytes(proto: onnx.ModelProto) -> int:
+    """Size of ``proto`` from its initializers' shapes plus its nodes, without serializing the weights
+    (``ByteSize()`` of the python protobuf serializes the whole model: a copy, and it fails over 2 GB)."""
+    return sum(tensor_bytes(t) for t in proto.graph.initializer) + sum(n.ByteSize() for n in proto.graph.node)
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from its shape and type (strings: their serialized size)."""
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return t.ByteSize()
+    return int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize
+
+
+def check_structure(proto: onnx.ModelProto) -> None:
+    """onnx.checker's structural check (nodes, references, order, attributes, opsets) on the
+    weight-free skeleton. Value infos without a shape, which onnxruntime accepts, pass."""
+    sk = skeleton(proto)
+    for vi in list(sk.graph.input) + list(sk.graph.output) + list(sk.graph.value_info):
+        if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"):
+            vi.type.tensor_type.shape.SetInParent()
+    onnx.checker.check_model(sk, full_check=False)
+
+
 def check(proto: onnx.ModelProto, full: bool = True) -> None:
-    """Run onnx.checker. Models over 2 GB are checked on their weight-free skeleton
-    (same graph, large weights as typed inputs), never by writing them out."""
-    onnx.checker.check_model(proto if proto.ByteSize() < TWO_GB else skeleton(proto), full_check=full)
+    """Run onnx.checker. Models of ``CHECK_WEIGHTS_BYTES`` or more are checked on their weight-free
+    skeleton (same graph, large weights as typed inputs): the checker would otherwise serialize
+    and copy every weight several times (and cannot take a model over 2 GB at all)."""
+    onnx.checker.check_model(proto if proto_bytes(proto) < CHECK_WEIGHTS_BYTES else skeleton(proto),
+                             full_check=full)
 
 
 def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
@@ -146,7 +172,7 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
         raise OnnxPruneError(f"{parent}: output folder does not exist")
     if not os.access(parent, os.W_OK):
         raise OnnxPruneError(f"{parent}: output folder is not writable")
-    big = external or proto.ByteSize() >= TWO_GB or _has_external(proto)
+    big = external or proto_bytes(proto) >= TWO_GB or _has_external(proto)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
     except OSError as e:
@@ -204,7 +230,7 @@ def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_n
         for t in tensors:
             if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data"):
                 raise ValueError(f"tensor '{t.name}' has no data in memory")
-            if t.ByteSize() < threshold or t.data_type == onnx.TensorProto.STRING:
+            if tensor_bytes(t) < threshold or t.data_type == onnx.TensorProto.STRING:
                 header.graph.initializer.append(t)
                 if t.data_location == onnx.TensorProto.EXTERNAL:  # stale marking: the data is in memory
                     del header.graph.initializer[-1].external_data[:]
@@ -296,10 +322,10 @@ def from_graph(graph: gs.Graph, template: Model | onnx.ModelProto) -> onnx.Model
     """A model from an edited graph, keeping the template's IR version, opsets and metadata."""
     tmpl = template.proto if isinstance(template, Model) else template
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    exported = gs.export_onnx(graph, do_type_check=False)
-    out = onnx.ModelProto()
+    out = gs.export_onnx(graph, do_type_check=False)  # used as it is: copying its graph copies the weights
+    for name in ("opset_import", "metadata_props", "functions"):
+        del getattr(out, name)[:]
     _copy_header(tmpl, out)  # never copy the template's graph (and its weights) only to replace it
-    out.graph.CopyFrom(exported.graph)
     _hoist_subgraph_initializers(out.graph)
     # graph value_info of a structurally changed graph is stale: shapes are re-inferred
     del out.graph.value_info[:]

@@ -6,6 +6,7 @@ its own module and this file only wires them together and times them.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ class Pruner:
         the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan, analysis)
         with _timed(seconds, "rewrite"):
             result = rewrite.apply(analysis, the_plan.removed, original)
+            gc.collect()  # the rewrite's graph holds sliced weights in reference cycles: free them now
             _check_like(result.proto, original.proto)
         ver = None
         if verify:

@@ -23,7 +23,7 @@ def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: boo
     Models over 2 GB, and those, go through a temporary file with external data.
     """
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures become our one-line errors, not onnxruntime log lines
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -33,7 +33,7 @@ def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: boo
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
     try:
-        if weights is None and proto.ByteSize() < ir.TWO_GB:
+        if weights is None and ir.proto_bytes(proto) < ir.TWO_GB:
             return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
         with tempfile.TemporaryDirectory() as d:
             f = os.path.join(d, "m.onnx")

@@ -172,7 +172,7 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, removed: dict[str
     pick = names if len(names) <= max_taps else [names[i] for i in np.linspace(0, len(names) - 1, max_taps)
                                                      .round().astype(int)]
     taps = {n: (f"{n}__masked", removed[n][0], removed[n][1]) for n in pick}
-    share = original.ByteSize() >= SHARE_WEIGHTS_BYTES
+    share = ir.proto_bytes(original) >= SHARE_WEIGHTS_BYTES
     reference = masked_reference(ir.skeleton(original) if share else original, removed, shapes)
     ver = compare(pruned, reference, feeds, rtol, atol, taps, reference_weights=original if share else None)
     if not ver.passed and ver.error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from .. import ir
@@ -58,15 +59,28 @@ def name_values(name: str, specs: list[str] | None, **kw) -> dict[str, float]:
 
 def json_path(args: argparse.Namespace) -> Path | None:
     """The ``--json`` path, checked before any work is done: its folder must exist and be writable."""
-    value = getattr(args, "json", None)
+    return writable_file("--json", getattr(args, "json", None))
+
+
+def writable_file(flag: str, value: str | None) -> Path | None:
+    """Check, before any work is done, that a file can be created at ``value`` (None passes).
+
+    The folder must exist and take a new file: a probe file is created and removed, since
+    permission bits alone say nothing for root or read-only mounts.
+    """
     if not value:
         return None
     p = Path(value)
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
-        raise OnnxPruneError(f"--json {p}: is a directory; give a file path such as {p / 'report.json'}")
+        raise OnnxPruneError(f"{flag} {p}: is a directory; give a file path such as {p / 'out'}")
     if not parent.is_dir():
-        raise OnnxPruneError(f"--json {p}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OnnxPruneError(f"--json {p}: folder {parent} is not writable")
+        raise OnnxPruneError(f"{flag} {p}: folder {parent} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OnnxPruneError(f"{flag} {p}: folder {parent} is not writable ({e.strerror}); choose another folder") \
+            from None
     return p

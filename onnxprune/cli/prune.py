@@ -121,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
         raise OnnxPruneError(f"{out}: output path is the input model; choose another -o path")
     if args.bench_runs < 0:
         raise OnnxPruneError(f"--bench-runs {args.bench_runs}: must be 0 or more")
-    for path in (args.report, args.save_plan, args.report_md):
-        if path and not (Path(path).parent if str(Path(path).parent) else Path(".")).is_dir():
-            raise OnnxPruneError(f"{path}: folder does not exist")
+    for flag, path in (("-o", None if args.dry_run else args.output), ("--report", args.report),
+                       ("--save-plan", args.save_plan), ("--report-md", args.report_md)):
+        options.writable_file(flag, path)
     target = budget_from(args)
     plan = _read_plan(args.plan)
     if plan is not None and target.active:
@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
                              input_shapes=options.input_shapes(args), calib=args.calib,
                              split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
                              score=plan is None)
+    if plan is None and not pruner.analysis.prunable:
+        raise OnnxPruneError(nothing_to_prune(pruner.analysis))
     if args.ratios_from:
         policy.ratio_for.update(_read_ratios(args.ratios_from))
         policy.check()
@@ -177,6 +179,17 @@ def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipelin
     data = pruner.data if spec == args.calib and pruner.data is not None else open_data(
         spec, pruner.original.proto, pruner.analysis.input_shapes)
     pipeline.finetune(result, data, cfg, progress=fmt.progress, log=finetune_cli.log)
+
+
+def nothing_to_prune(analysis) -> str:
+    """The one-line error for a model without a prunable channel group."""
+    if not analysis.groups:
+        return ("nothing to prune: the model has no Conv, ConvTranspose, Gemm or MatMul layer with constant "
+                "weights" + (f" (first barrier: {analysis.barriers[0].op} '{analysis.barriers[0].node}': "
+                             f"{analysis.barriers[0].reason})" if analysis.barriers else ""))
+    first = next((r for g in analysis.groups for r in g.reasons), "single channels")
+    return (f"nothing to prune: all {len(analysis.groups)} channel group(s) are frozen (first reason: {first}); "
+            "only layers whose channels flow to other prunable layers can shrink")
 
 
 def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:

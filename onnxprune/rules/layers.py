@@ -9,11 +9,21 @@ from . import rule
 from .base import NodeCtx, Unsupported
 
 
-def _weight(ctx: NodeCtx, i: int) -> np.ndarray:
-    w = ctx.const(i)
-    if w is None:
-        raise Unsupported("weights are computed at run time, not a constant")
-    return w
+# why a layer whose weight input is produced by this op is left alone
+_COMPUTED_WEIGHTS = {
+    "DequantizeLinear": "weights are dequantized at run time (QDQ): quantized layers keep their channels; "
+                        "prune the float model, then quantize",
+    "Cast": "weights are cast at run time (e.g. float16/bfloat16 storage), not a constant the pruner can slice",
+}
+
+
+def _weight(ctx: NodeCtx, i: int) -> list[int]:
+    """Shape of a constant weight input (its values are not loaded: large weights stay on the proto)."""
+    if not ctx.is_const(i):
+        t = ctx.inputs[i]
+        op = t.inputs[0].op if t.inputs else None
+        raise Unsupported(_COMPUTED_WEIGHTS.get(op, "weights are computed at run time, not a constant"))
+    return ctx.shape(i)
 
 
 def _grouped(ctx: NodeCtx, in_ids: np.ndarray, groups: int, per_group_out: int) -> np.ndarray:
@@ -53,7 +63,7 @@ def conv(ctx: NodeCtx) -> None:
     w = _weight(ctx, 1)
     groups = int(ctx.attr("group", 1))
     in_ids = _channel_input(ctx)
-    cout = w.shape[0]
+    cout = w[0]
     if groups == 1:
         if ctx.label(0) is not None and ctx.label(0).axis == 1:
             ctx.member(1, 1, in_ids, WEIGHT_IN)
@@ -71,7 +81,7 @@ def conv_transpose(ctx: NodeCtx) -> None:
     w = _weight(ctx, 1)
     groups = int(ctx.attr("group", 1))
     in_ids = _channel_input(ctx)
-    per_group_out = w.shape[1]
+    per_group_out = w[1]
     if groups == 1:
         out = ctx.new_ids(per_group_out)
         ctx.member(1, 1, out, WEIGHT_OUT)
@@ -96,7 +106,7 @@ def gemm(ctx: NodeCtx) -> None:
             ctx.member(1, k_axis_w, lab.ids, WEIGHT_IN)
         else:
             ctx.fix(lab.ids, "channels on the row axis of a Gemm input")
-    out = ctx.new_ids(w.shape[n_axis_w])
+    out = ctx.new_ids(w[n_axis_w])
     ctx.member(1, n_axis_w, out, WEIGHT_OUT)
     _bias(ctx, 2, out)
     ctx.set(0, 1, out)
