@@ -221,13 +221,14 @@ def summary(result: dict) -> str:
         f"time of the whole `onnxprune prune` command under that load).", ""])
 
 
-def write_doc(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Coverage\n\n" + BEGIN + "\n" + END + "\n"
-    i, j = text.find(BEGIN), text.find(END)
+def write_doc(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what is between the ``begin`` and ``end`` markers of ``path`` (appended if missing)."""
+    text = path.read_text() if path.exists() else "# Coverage\n"
+    i, j = text.find(begin), text.find(end)
     if i < 0 or j < 0:
-        text = text.rstrip() + "\n\n" + BEGIN + "\n" + END + "\n"
-        i, j = text.find(BEGIN), text.find(END)
-    path.write_text(text[:i + len(BEGIN)] + "\n" + section + "\n" + text[j:])
+        text = text.rstrip() + "\n\n" + begin + "\n" + end + "\n"
+        i, j = text.find(begin), text.find(end)
+    path.write_text(text[:i + len(begin)] + "\n" + section + "\n" + text[j:])
 
 
 def main() -> None:

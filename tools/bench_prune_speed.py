@@ -11,9 +11,10 @@ magnitude importance, ratio 0.3 and the classifier ignored, plus
 
 Runs alternate between the two tools so that both see the same load on a shared
 machine; the load average is recorded before each run. Medians go to stdout and
-everything to ``--json``::
+everything to ``--json``; ``--doc`` replaces the marked section of
+docs/coverage.md::
 
-    python tools/bench_prune_speed.py --runs 5 --json docs/prune_speed.json
+    python tools/bench_prune_speed.py --runs 5 --json docs/prune_speed.json --doc docs/coverage.md
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
 
 
 def torch_pruning_runs(runs: int, ratio: float) -> list[dict]:
@@ -80,6 +82,36 @@ def torch_run(python: str, ratio: float) -> dict:
     return {**runs[-1], "warmup_total_s": runs[0]["total_s"]}
 
 
+def _versions(torch_python: str) -> dict:
+    import onnxruntime
+    proc = subprocess.run([torch_python, "-c", "import torch, torch_pruning as tp, torchvision; "
+                           "print(torch.__version__, tp.__version__, torchvision.__version__)"],
+                          capture_output=True, text=True)
+    torch_v, tp_v, tv_v = (proc.stdout.split() + ["?"] * 3)[:3]
+    return {"onnxruntime": onnxruntime.__version__, "torch": torch_v, "torch_pruning": tp_v, "torchvision": tv_v}
+
+
+def section(r: dict) -> str:
+    """The markdown table of medians and every run."""
+    m, v = r["median"], r["versions"]
+    steps = ", ".join(f"{k[len('onnxprune_'):-2]} {m[k]:.2f}" for k in m
+                      if k.startswith("onnxprune_") and k != "onnxprune_cli_s")
+    rows = "\n".join(f"| {i + 1} | {t['total_s']:.2f} ({t['build_s']:.2f} + {t['step_s']:.2f}) | {t['load']:.1f} | "
+                      f"{o['wall_s']:.2f} | {o['load']:.1f} |" for i, (t, o) in
+                      enumerate(zip(r["torch_pruning"], r["onnxprune"])))
+    o, t = r["onnxprune"][0], r["torch_pruning"][0]
+    return "\n".join([
+        f"ResNet-50, ratio {r['ratio']}, {r['runs']} alternating runs on {r['cores']} cores, {r['date']} "
+        f"(onnxruntime {v['onnxruntime']}; torch {v['torch']}, torchvision {v['torchvision']}, "
+        f"Torch-Pruning {v['torch_pruning']}). Medians: **onnxprune CLI {m['onnxprune_cli_s']:.2f} s** end to end, "
+        f"**Torch-Pruning {m['torch_pruning_s']:.2f} s** in process (pruner construction with its "
+        f"DependencyGraph {m['torch_pruning_build_s']:.2f} s + `step()` {m['torch_pruning_step_s']:.2f} s). "
+        f"onnxprune steps (median s): {steps}; the rest is Python start, imports and save. "
+        f"Kept: onnxprune {o['params_kept']:.1%} params / {o['macs_kept']:.1%} MACs, Torch-Pruning "
+        f"{t['params_kept']:.1%} / {t['macs_kept']:.1%}.", "",
+        "| run | Torch-Pruning s (build + step) | load | onnxprune CLI s | load |",
+        "| ---: | ---: | ---: | ---: | ---: |", rows])
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=Path("/work/zoo/resnet50.onnx"))
@@ -87,6 +119,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--json", type=Path)
+    p.add_argument("--doc", type=Path, help="markdown file whose speed section is replaced")
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torch_worker:
@@ -104,9 +137,14 @@ def main() -> None:
            "onnxprune_cli_s": statistics.median(r["wall_s"] for r in onx),
            **{f"onnxprune_{k}_s": statistics.median(r["steps"].get(k, 0.0) for r in onx) for k in onx[0]["steps"]}}
     result = {"model": str(args.model), "ratio": args.ratio, "runs": args.runs, "cores": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "versions": _versions(args.torch_python),
               "median": {k: round(v, 3) for k, v in med.items()}, "onnxprune": onx, "torch_pruning": tor}
     for k, v in result["median"].items():
         print(f"{k:28s} {v:8.3f}")
+    if args.doc:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_coverage import write_doc
+        write_doc(args.doc, section(result), BEGIN, END)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
