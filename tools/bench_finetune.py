@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""Fashion-MNIST at about 0.25x MACs: reconstruction alone, then ``onnxprune finetune``, next to Torch-Pruning.
+
+onnxprune side (this interpreter, the project venv):
+
+1. ``onnxprune prune models/fmnist_resnet.onnx --target-macs 0.25 --calib models/fmnist_calib.npz
+   --criterion C`` for each ``--criteria`` entry (least-squares reconstruction by default), test accuracy;
+2. ``finetune()`` of that model for ``--steps`` Adam steps on the 60,000 TRAIN images read from the Debian
+   package ``dataset-fashion-mnist`` (10 % held out to pick the best checkpoint), distilling the
+   original (alpha, T) plus cross-entropy to the labels; test accuracy of the kept checkpoint;
+3. gradient cost: one gradient batch (64 images, every trainable weight, the fine-tuning graph) against
+   one forward batch of the deployed model, in CPU time on one thread and wall time on the default threads.
+
+Torch-Pruning side (``--torch-python``, the ``tools`` extra: torch, torch-pruning; run as
+``--torch-worker``): ``tools/fmnist_model.py`` with ``models/fmnist_resnet.pt``, ``MetaPruner`` with L2
+group importance, the classifier ignored, the uniform ratio bisected to the same MACs fraction; then
+PyTorch fine-tuning with the same split, the same batches in the same order, the same steps, optimizer,
+schedule and loss, checkpoint picked on the same held-out images.
+
+Writes ``docs/finetune.md`` (and ``--json``)::
+
+    python tools/bench_finetune.py --data-dir /tmp/fmnist/usr/share/datasets/fashion-mnist --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"      # --models replaces it (fmnist_resnet.onnx/.pt, fmnist_calib.npz, fmnist_test.npz)
+MEAN, STD = 0.2860, 0.3530
+
+
+# ------------------------------------------------------------------ shared by both sides
+def read_images(data_dir: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Normalised float32 [N, 1, 28, 28] images and int64 labels of a Fashion-MNIST idx split."""
+    prefix = "train" if split == "train" else "t10k"
+    with gzip.open(data_dir / f"{prefix}-images-idx3-ubyte.gz", "rb") as fh:
+        raw = np.frombuffer(fh.read(), dtype=np.uint8, offset=16)
+    with gzip.open(data_dir / f"{prefix}-labels-idx1-ubyte.gz", "rb") as fh:
+        labels = np.frombuffer(fh.read(), dtype=np.uint8, offset=8).astype(np.int64)
+    images = ((raw.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0 - MEAN) / STD).astype(np.float32)
+    return images, labels
+
+
+def split_and_batches(n: int, holdout: float, seed: int, batch: int, steps: int):
+    """The held-out indices and the batch indices of every step, exactly as ``onnxprune.finetune`` draws them."""
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, int(round(holdout * n)))
+    train, test = order[: n - held], order[n - held:]
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    while len(out) < steps:
+        perm = rng.permutation(len(train))
+        for s in range(0, len(train) - batch + 1, batch):
+            out.append(train[np.sort(perm[s:s + batch])])
+    return test, out[:steps]
+
+
+# ------------------------------------------------------------------ Torch-Pruning (torch venv)
+def torch_worker(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+    import torch_pruning as tp
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fmnist_model import FmnistResNet
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    x, y = read_images(Path(args.data_dir), "train")
+    test = np.load(MODELS / "fmnist_test.npz")
+    tx, ty = torch.from_numpy(test["input"]), torch.from_numpy(test["labels"])
+
+    def fresh():
+        m = FmnistResNet()
+        m.load_state_dict(torch.load(MODELS / "fmnist_resnet.pt"))
+        return m.eval()
+
+    def accuracy(model, xs, ys) -> float:
+        model.eval()
+        with torch.no_grad():
+            hits = sum(int((model(xs[i:i + 500]).argmax(1) == ys[i:i + 500]).sum()) for i in range(0, len(xs), 500))
+        return hits / len(xs)
+
+    example = torch.randn(1, 1, 28, 28)
+    base_macs, base_params = tp.utils.count_ops_and_params(fresh(), example)
+
+    def pruned(ratio):
+        m = fresh()
+        pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=ratio, ignored_layers=[m.fc])
+        pruner.step()
+        macs, params = tp.utils.count_ops_and_params(m, example)
+        return m, macs / base_macs, params / base_params
+
+    lo, hi = 0.0, 0.95
+    for _ in range(12):                                  # bisection on the uniform ratio to the MACs target
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if pruned(mid)[1] > args.macs else (lo, mid)
+    student, macs, params = pruned(hi)
+    teacher = fresh()
+    out = {"ratio": hi, "macs_kept": macs, "params_kept": params, "acc_unpruned": accuracy(teacher, tx, ty),
+           "acc_pruned": accuracy(student, tx, ty)}
+    held, batches = split_and_batches(len(x), args.holdout, args.seed, args.batch, args.steps)
+    hx, hy = torch.from_numpy(x[held]), torch.from_numpy(y[held])
+    opt = torch.optim.Adam(student.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / args.steps)))
+    best, best_step, best_state = accuracy(student, hx, hy), 0, {k: v.clone() for k, v in student.state_dict().items()}
+    t_train, t = 0.0, args.temperature
+    for step, idx in enumerate(batches, start=1):
+        xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+        t0 = time.perf_counter()
+        student.train()
+        with torch.no_grad():
+            soft = F.log_softmax(teacher(xb) / t, dim=1)
+        logits = student(xb)
+        kl = F.kl_div(F.log_softmax(logits / t, dim=1), soft, log_target=True, reduction="batchmean") * t * t
+        loss = args.alpha * kl + (1 - args.alpha) * F.cross_entropy(logits, yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        t_train += time.perf_counter() - t0
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = accuracy(student, hx, hy)
+            if acc > best:
+                best, best_step = acc, step
+                best_state = {k: v.clone() for k, v in student.state_dict().items()}
+    student.load_state_dict(best_state)
+    out.update({"acc_finetuned": accuracy(student, tx, ty), "best_holdout": best, "best_step": best_step,
+                "train_seconds": t_train, "ms_per_step": 1000 * t_train / max(args.steps, 1),
+                "torch": torch.__version__, "torch_pruning": tp.__version__, "threads": torch.get_num_threads()})
+    return out
+
+
+# ------------------------------------------------------------------ onnxprune (project venv)
+def prune_cli(criterion: str, macs: float, out: Path) -> dict:
+    report = out.with_suffix(".json")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", "prune", str(MODELS / "fmnist_resnet.onnx"),
+                           "-o", str(out), "--target-macs", str(macs), "--criterion", criterion,
+                           "--calib", str(MODELS / "fmnist_calib.npz"), "--report", str(report)],
+                          capture_output=True, text=True, env={**os.environ, "ONNXPRUNE_NO_PROGRESS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"onnxprune prune failed:\n{proc.stderr}")
+    rep = json.loads(report.read_text())
+    rep["wall_s"] = time.perf_counter() - t0
+    return rep
+
+
+def gradient_cost(proto, batch: int = 64, repeats: int = 8) -> dict:
+    """Forward of the model vs one step of the fine-tuning graph (all trainable weights), per batch."""
+    from onnxprune import finetune as ft
+    from onnxprune import runtime
+    from onnxprune.autodiff import build_gradient_model
+
+    x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    params = ft.trainable(proto)
+    gm = build_gradient_model(proto, params, loss="distill", trainable_as_inputs=True, temperature=2.0)
+    roles = ft._roles(gm)
+    feed = {"input": x, **gm.param_values, roles["labels"]: np.zeros(batch, np.int64),
+            roles["teacher"]: np.zeros((batch, 10), np.float32), roles["alpha"]: np.asarray(0.5, np.float32)}
+    fetch = [gm.loss_name] + [gm.grad_names[p] for p in params]
+    out = {}
+    for threads, clock, tag in ((1, time.process_time, "cpu1"), (None, time.perf_counter, "wall")):
+        fwd, grad = runtime.session(proto, threads=threads), runtime.session(gm.proto, threads=threads)
+        for name, sess, f, names in (("forward", fwd, {"input": x}, None), ("gradient", grad, feed, fetch)):
+            sess.run(names, f)
+            times = []
+            for _ in range(repeats):
+                t0 = clock()
+                sess.run(names, f)
+                times.append(clock() - t0)
+            out[f"{name}_{tag}_ms"] = 1000 * float(np.median(times))
+        out[f"ratio_{tag}"] = out[f"gradient_{tag}_ms"] / out[f"forward_{tag}_ms"]
+    return out
+
+
+def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
+    import onnx
+
+    from onnxprune import finetune as ft
+    from onnxprune import validate
+    from onnxprune.data import ArrayData, load_npz
+
+    original = onnx.load(MODELS / "fmnist_resnet.onnx")
+    test = load_npz(MODELS / "fmnist_test.npz", original)
+    x, y = read_images(Path(args.data_dir), "train")
+    train = ArrayData({"input": x}, y, source="fashion-mnist train")
+    res = {"acc_unpruned": validate.accuracy(original, test)["top1"], "cost_unpruned": gradient_cost(original),
+           "runs": {}}
+    for crit in args.criteria.split(","):
+        path = tmp / f"{crit}.onnx"
+        rep = prune_cli(crit, args.macs, path)
+        pruned = onnx.load(path)
+        run = {"macs_kept": rep["macs_after"] / rep["macs_before"], "params_kept": rep["params_after"] / rep["params_before"],
+               "prune_s": rep["wall_s"], "reconstruct": rep.get("reconstruct_mode"),
+               "acc_reconstructed": validate.accuracy(pruned, test)["top1"]}
+        cfg = ft.FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, alpha=args.alpha,
+                                temperature=args.temperature, holdout=args.holdout, eval_every=args.eval_every,
+                                seed=args.seed)
+        t0 = time.perf_counter()
+        tuned = ft.finetune(pruned, train, teacher=original, config=cfg, log=lambda s: print(f"  [{crit}] {s}"))
+        run["finetune_s"] = time.perf_counter() - t0
+        run["finetune"] = tuned.to_json()
+        run["ms_per_step"] = 1000 * sum(tuned.seconds.get(k, 0) for k in ("teacher", "gradient", "update")) / args.steps
+        run["acc_finetuned"] = validate.accuracy(tuned.proto, test)["top1"]
+        run["cost"] = gradient_cost(pruned)
+        res["runs"][crit] = run
+        print(f"{crit}: reconstructed {run['acc_reconstructed']:.4f} -> fine-tuned {run['acc_finetuned']:.4f}")
+    return res
+
+
+def torch_side(args: argparse.Namespace, macs: float) -> dict | None:
+    cmd = [args.torch_python, str(Path(__file__).resolve()), "--torch-worker", "--macs", str(macs)]
+    for k in ("models", "data_dir", "steps", "lr", "batch", "alpha", "temperature", "holdout", "eval_every", "seed", "threads"):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        print(f"Torch-Pruning side failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ report
+def markdown(args: argparse.Namespace, ours: dict, theirs: dict | None, load: tuple) -> str:
+    base = ours["acc_unpruned"]
+
+    def pct(a):
+        return f"{100 * a:.2f} %"
+
+    def drop(a):
+        return f"{100 * (a - base):+.2f}"
+    imgs = args.steps * args.batch
+    lines = [
+        "# Fine-tuning after pruning: measured", "",
+        "Generated by `tools/bench_finetune.py`; do not edit by hand. The Fashion-MNIST sample model",
+        "(`models/fmnist_resnet.onnx`, see `models/README.md`) is pruned to about "
+        f"{args.macs:.2f}x MACs, then fine-tuned for a fixed budget of **{args.steps} steps of {args.batch} "
+        f"training images** ({imgs:,} images, {imgs / 60000:.2f} epochs) drawn from the 60,000 TRAIN "
+        f"images, of which {args.holdout:.0%} are held out to pick the best checkpoint (evaluated every "
+        f"{args.eval_every} steps). Accuracy is top-1 on all 10,000 TEST images, which are never used for "
+        "training or selection.", "",
+        f"Both sides: Adam, learning rate {args.lr} with cosine decay to 0, loss "
+        f"`{args.alpha}·T²·KL(teacher‖student, T={args.temperature}) + {1 - args.alpha:g}·CE(labels)` with the "
+        "unpruned model as teacher, the same split and the same batches in the same order, no augmentation. "
+        "onnxprune trains the ONNX graph's initializers (BatchNorm is folded into the convolutions by the "
+        "exporter, so it trains conv weights and biases); Torch-Pruning prunes the PyTorch model with L2 "
+        "group importance (uniform ratio bisected to the same MACs fraction, classifier ignored) and "
+        "fine-tunes it in train mode (BatchNorm statistics update).", "",
+        "| model | MACs kept | params kept | test top-1 | vs unpruned (points) | steps | wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| unpruned (onnxruntime) | 1.000 | 1.000 | {pct(base)} | | | |"]
+    for crit, r in ours["runs"].items():
+        f = r["finetune"]
+        lines.append(f"| onnxprune `{crit}` + reconstruction (`{r['reconstruct']}`) | {r['macs_kept']:.3f} | "
+                     f"{r['params_kept']:.3f} | {pct(r['acc_reconstructed'])} | {drop(r['acc_reconstructed'])} | 0 | "
+                     f"{r['prune_s']:.0f} s (prune) |")
+        lines.append(f"| … + `onnxprune finetune` (best at step {f['best_step']}) | {r['macs_kept']:.3f} | "
+                     f"{r['params_kept']:.3f} | **{pct(r['acc_finetuned'])}** | {drop(r['acc_finetuned'])} | "
+                     f"{args.steps} | {r['finetune_s']:.0f} s ({r['ms_per_step']:.0f} ms/step) |")
+    if theirs:
+        lines.append(f"| Torch-Pruning L2, ratio {theirs['ratio']:.3f} (no reconstruction) | {theirs['macs_kept']:.3f} | "
+                     f"{theirs['params_kept']:.3f} | {pct(theirs['acc_pruned'])} | {drop(theirs['acc_pruned'])} | 0 | |")
+        lines.append(f"| … + PyTorch fine-tuning (best at step {theirs['best_step']}) | {theirs['macs_kept']:.3f} | "
+                     f"{theirs['params_kept']:.3f} | **{pct(theirs['acc_finetuned'])}** | "
+                     f"{drop(theirs['acc_finetuned'])} | {args.steps} | {theirs['train_seconds']:.0f} s "
+                     f"({theirs['ms_per_step']:.0f} ms/step) |")
+    else:
+        lines.append("| Torch-Pruning | | | not run (`--torch-python` missing or failed) | | | |")
+    lines += ["", "Wall times include evaluating the held-out images (onnxprune) and are from a shared 2-core "
+              f"machine (load average {load[0]:.1f} at the start, {load[1]:.1f} at the end), so they are only "
+              "indicative; the Torch-Pruning time counts training steps only.", "",
+              "## Gradient cost per batch", "",
+              "One batch of 64 images: the forward pass of the deployed model against one run of the "
+              "fine-tuning graph (forward, `distill` loss and the gradient of every trainable weight, weights "
+              "fed as graph inputs). CPU time on one thread (the steadier number on a shared machine) and "
+              "wall time with onnxruntime's default threads; medians of 8 runs.", "",
+              "| model | forward (1 thread) | gradient (1 thread) | ratio | forward (wall) | gradient (wall) | ratio |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    costs = [("unpruned", ours["cost_unpruned"])] + [(f"pruned (`{c}`)", r["cost"]) for c, r in ours["runs"].items()]
+    for name, c in costs:
+        lines.append(f"| {name} | {c['forward_cpu1_ms']:.1f} ms | {c['gradient_cpu1_ms']:.1f} ms | "
+                     f"{c['ratio_cpu1']:.1f}x | {c['forward_wall_ms']:.1f} ms | {c['gradient_wall_ms']:.1f} ms | "
+                     f"{c['ratio_wall']:.1f}x |")
+    lines += ["", "Software: onnxprune with onnxruntime " + ours.get("ort", "?") + ", Python "
+              + platform.python_version()
+              + (f"; torch {theirs['torch']}, torch-pruning {theirs['torch_pruning']} ({theirs['threads']} threads)"
+                 if theirs else "") + ".", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
+                   help="folder with the Fashion-MNIST idx files (Debian package dataset-fashion-mnist)")
+    p.add_argument("--criteria", default="l2,taylor")
+    p.add_argument("--macs", type=float, default=0.25)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--holdout", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (onnxruntime uses its default)")
+    p.add_argument("--torch-python", default="/work/zoo-venv/bin/python")
+    p.add_argument("--models", default=str(ROOT / "models"), help="folder with the sample model files")
+    p.add_argument("--doc", default=str(ROOT / "docs" / "finetune.md"))
+    p.add_argument("--json")
+    p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    global MODELS
+    MODELS = Path(args.models)
+    if args.torch_worker:
+        print(json.dumps(torch_worker(args)))
+        return
+    import onnxruntime
+
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+        ours = onnxprune_side(args, Path(tmp))
+    ours["ort"] = onnxruntime.__version__
+    macs = next(iter(ours["runs"].values()))["macs_kept"]
+    theirs = torch_side(args, macs) if args.torch_python and Path(args.torch_python).exists() else None
+    load = (load0, os.getloadavg()[0])
+    Path(args.doc).write_text(markdown(args, ours, theirs, load))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "onnxprune": ours, "torch_pruning": theirs,
+                                               "load": load}, indent=2))
+    print(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
