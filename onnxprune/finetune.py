@@ -219,9 +219,9 @@ def _roles(gm) -> dict[str, str]:
 
 
 def _trainer(student: onnx.ModelProto, teacher: onnx.ModelProto | None, data: ArrayData,
-             cfg: FinetuneConfig) -> tuple[_Trainer, str]:
+             cfg: FinetuneConfig, batch: int) -> tuple[_Trainer, str]:
     output = student.graph.output[0].name
-    sample = next(data.batches(2))
+    sample = next(data.batches(batch))
     y = runtime.session(student).run([output], sample)[0]
     classification = y.ndim == 2 and y.shape[1] > 1
     loss = _loss_for(classification, data.labels is not None, teacher is not None, cfg.alpha)
@@ -322,11 +322,12 @@ def finetune(student: onnx.ModelProto, data: ArrayData, *, teacher: onnx.ModelPr
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     train, held = split(data, cfg.holdout, cfg.seed)
-    with _timed(seconds, "build"):
-        trainer, loss_name = _trainer(student, teacher, train, cfg)
-    batch = _fixed_batch(student) or cfg.batch_size
+    batch = _fixed_batch(student) or min(cfg.batch_size, train.num_samples)
     if batch > train.num_samples:
-        raise OnnxPruneError(f"batch {batch} is larger than the {train.num_samples} training samples")
+        raise OnnxPruneError(f"the model's batch dimension is fixed at {batch}, larger than the "
+                             f"{train.num_samples} training samples")
+    with _timed(seconds, "build"):
+        trainer, loss_name = _trainer(student, teacher, train, cfg, batch)
     sel = _Selector(student, teacher, held, max(batch, 64))
     opt = Optimizer(trainer.params, cfg)
     with _timed(seconds, "evaluate"):
