@@ -107,15 +107,23 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
                 f.from_original()
     report.stages = len(schedule)
 
+    clock = {"passes": 0.0, "solve": 0.0, "fidelity": 0.0}
     for i, stage in enumerate(sorted(schedule)):
+        t = time.perf_counter()
         _run_stage(schedule[stage], original, ir.from_graph(work, pruned), fit_data, held_data, batch_size,
                    progress, f"reconstructing {i + 1}/{report.stages}")
+        clock["passes"] += time.perf_counter() - t
+        t = time.perf_counter()
         for f in schedule[stage]:
             f.solve()
             f.apply(work)
+        clock["solve"] += time.perf_counter() - t
     result = ir.from_graph(work, pruned)
     if fidelity:
+        t = time.perf_counter()
         report.fidelity = _fidelity(original, pruned, result, held_data if n_held else fit_data, batch_size)
+        clock["fidelity"] = time.perf_counter() - t
+    report.timing = {k: round(v, 2) for k, v in clock.items()}
     report.seconds = time.perf_counter() - start
     return result, report
 

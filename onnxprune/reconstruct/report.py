@@ -40,6 +40,7 @@ class ReconstructReport:
     stages: int = 0                 # passes over the data actually made
     positions: int | None = None    # output positions sampled per sample and layer (None: all)
     seconds: float = 0.0
+    timing: dict = field(default_factory=dict)      # seconds per phase: passes, solve, fidelity
     layers: list[LayerResult] = field(default_factory=list)
     fidelity: dict = field(default_factory=dict)    # {"pruned": {...}, "reconstructed": {...}} on held-out data
     notes: list[str] = field(default_factory=list)
