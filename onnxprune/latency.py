@@ -143,7 +143,7 @@ def benchmark(models: dict[str, ModelLike], feeds: Feeds = None, *, warmup: int 
         check_same_inputs(protos[0], p)
     feed = make_feeds(protos[0], feeds, batch_size, input_shapes)
     batch = len(next(iter(feed.values())))
-    sessions = [runtime.session(p, threads=threads) for p in protos]
+    sessions = [runtime.session(p, threads=threads, spinning=not interleave) for p in protos]
     for n, s in zip(names, sessions):
         _check_batch(n, s, feed)
     order = _schedule(len(sessions), warmup + runs, interleave)
