@@ -15,8 +15,12 @@ from .errors import OnnxPruneError
 
 
 def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: bool = True,
-            sequential: bool = True, weights: onnx.ModelProto | None = None) -> ort.InferenceSession:
+            sequential: bool = True, weights: onnx.ModelProto | None = None, spinning: bool = True
+            ) -> ort.InferenceSession:
     """A CPU session for ``proto``; ``optimize=False`` keeps every tensor name intact.
+
+    ``spinning=False`` stops idle worker threads from busy-waiting, so two sessions timed in turn
+    (interleaved benchmarks) do not steal each other's cores.
 
     ``weights``: a model whose initializers fill in those ``proto`` reads but lacks (a
     weight-free variant of a large model shares the original's weights, never a copy).
@@ -24,6 +28,8 @@ def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: boo
     """
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures become our one-line errors, not onnxruntime log lines
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
