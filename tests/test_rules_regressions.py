@@ -88,3 +88,26 @@ def test_given_input_shape_does_not_bake_the_batch_into_folded_shape_arithmetic(
     # the conv's channel count is read together with the batch: same decision as without the given shape
     r_default = onnxprune.prune(path, policy=onnxprune.Policy(ratio=0.25))
     assert r.report()["groups_pruned"] == r_default.report()["groups_pruned"]
+
+
+def test_group_norm_with_one_group_exported_as_instance_norm_freezes_the_channels(tmp_path):
+    """timm poolformer_s12: GroupNorm(1, C) exports as Reshape to [N, 1, C*H*W] ->
+    InstanceNormalization -> Reshape back -> affine. The statistics then run over the channels,
+    so the stream's channels must stay; passing them through failed verification."""
+    g = GraphBuilder("x", [1, 3, 6, 6])
+    y = g.relu(g.conv("x", 8))
+    flat = g.op("Reshape", [y, g.const(np.array([1, 1, -1]))])
+    normed = g.op("InstanceNormalization", [flat, g.const(np.ones(1, np.float32)),
+                                            g.const(np.zeros(1, np.float32))], epsilon=1e-5)
+    y = g.op("Reshape", [normed, g.const(np.array([1, 8, 6, 6]))])
+    y = g.add(g.mul(y, g.weight([8, 1, 1])), g.weight([8, 1, 1]))
+    g.shapes[y] = [1, 8, 6, 6]
+    g.output(g.conv(g.relu(g.conv(y, 6)), 4))
+    m = g.build()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    r = onnxprune.prune(path, policy=onnxprune.Policy(ratio=0.5))
+    assert r.verification.passed
+    first = next(grp for grp in r.analysis.groups if grp.size == 8)
+    assert first.frozen and any("InstanceNormalization" in x for x in first.reasons)
+    assert r.report()["groups_pruned"] == 1  # the 6-channel conv between the two plain convs

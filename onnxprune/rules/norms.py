@@ -16,6 +16,10 @@ def channel_norm(ctx: NodeCtx) -> None:
         raise Unsupported("training-mode outputs (running statistics) are used")
     if lab is None:
         return
+    if ctx.op == "InstanceNormalization" and lab.axis >= 2:  # e.g. GroupNorm(1, C) reshaped to [N, 1, C*H*W]
+        ctx.fix(lab.ids, "normalises over the axis that carries the channels, so removing channels changes "
+                         "every output")
+        return
     if lab.axis == 1:
         for i in range(1, len(ctx.inputs)):
             if ctx.present(i):
