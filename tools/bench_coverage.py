@@ -212,13 +212,15 @@ def summary(result: dict) -> str:
     cnn = [r for r in ok if r["kind"] == "cnn"]
     m = result["machine"]
     over = [r["model"] for r in cnn if r["params_kept"] > 0.6]
+    loads = [r["load_before"] for r in rows if r.get("load_before", -1) >= 0] or [0.0]
     return "\n".join([
         f"Ratio {result['ratio']}, default criterion (l2), random verification batches. "
         f"{len(ok)}/{len(rows)} models pruned, valid and verified; {len(cnn) - len(over)}/{len(cnn)} CNNs keep "
         f"≤ 60% of their parameters (⚠ marks the others). Machine: {m['cpu']}, {m['cores']} cores, no GPU, "
-        f"Python {m['python']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}; {m['date']}; load average "
-        f"{result['load'][0]} at the start, {result['load'][1]} at the end (shared machine: seconds are wall "
-        f"time of the whole `onnxprune prune` command under that load).", ""])
+        f"Python {m['python']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}; {m['date']}. The machine was "
+        f"shared: the 1-minute load average was {min(loads):.1f}–{max(loads):.1f} when the models started "
+        f"(`load_before` in the JSON), so the seconds, wall time of the whole `onnxprune prune` command, are "
+        f"several times what an idle machine gives.", ""])
 
 
 def write_doc(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:

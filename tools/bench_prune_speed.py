@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,14 +46,14 @@ def torch_pruning_runs(runs: int, ratio: float) -> list[dict]:
         model = torchvision.models.resnet50().eval()
         before = tp.utils.count_ops_and_params(model, example)
         load = os.getloadavg()[0]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
                                            pruning_ratio=ratio, ignored_layers=[model.fc])
         t1 = time.perf_counter()
         pruner.step()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         after = tp.utils.count_ops_and_params(model, example)
-        out.append({"build_s": t1 - t0, "step_s": t2 - t1, "total_s": t2 - t0, "load": load,
+        out.append({"build_s": t1 - t0, "step_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c0, "load": load,
                     "params_kept": after[1] / before[1], "macs_kept": after[0] / before[0]})
     return out
 
@@ -60,16 +61,23 @@ def torch_pruning_runs(runs: int, ratio: float) -> list[dict]:
 def onnxprune_run(model: Path, ratio: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="onnxprune-speed-") as tmp:
         load = os.getloadavg()[0]
+        c = _children_cpu()
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "onnxprune", "prune", str(model), "-o", f"{tmp}/out.onnx",
                                "--ratio", str(ratio), "--report", f"{tmp}/r.json"],
                               capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - t
+        cpu = _children_cpu() - c
         if proc.returncode != 0:
             raise SystemExit(f"onnxprune prune failed: {proc.stderr.strip().splitlines()[-1:]}")
         rep = json.loads(Path(f"{tmp}/r.json").read_text())
-    return {"wall_s": wall, "load": load, "steps": rep["seconds"], "verified": rep["verified"],
+    return {"wall_s": wall, "cpu_s": cpu, "load": load, "steps": rep["seconds"], "verified": rep["verified"],
             "params_kept": rep["params_after"] / rep["params_before"], "macs_kept": rep["macs_after"] / rep["macs_before"]}
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def torch_run(python: str, ratio: float) -> dict:
@@ -95,9 +103,9 @@ def section(r: dict) -> str:
     """The markdown table of medians and every run."""
     m, v = r["median"], r["versions"]
     steps = ", ".join(f"{k[len('onnxprune_'):-2]} {m[k]:.2f}" for k in m
-                      if k.startswith("onnxprune_") and k != "onnxprune_cli_s")
-    rows = "\n".join(f"| {i + 1} | {t['total_s']:.2f} ({t['build_s']:.2f} + {t['step_s']:.2f}) | {t['load']:.1f} | "
-                      f"{o['wall_s']:.2f} | {o['load']:.1f} |" for i, (t, o) in
+                      if k.startswith("onnxprune_") and not k.startswith("onnxprune_cli"))
+    rows = "\n".join(f"| {i + 1} | {t['total_s']:.2f} ({t['build_s']:.2f} + {t['step_s']:.2f}) | {t['cpu_s']:.2f} | "
+                      f"{t['load']:.1f} | {o['wall_s']:.2f} | {o['cpu_s']:.2f} | {o['load']:.1f} |" for i, (t, o) in
                       enumerate(zip(r["torch_pruning"], r["onnxprune"])))
     o, t = r["onnxprune"][0], r["torch_pruning"][0]
     return "\n".join([
@@ -106,11 +114,13 @@ def section(r: dict) -> str:
         f"Torch-Pruning {v['torch_pruning']}). Medians: **onnxprune CLI {m['onnxprune_cli_s']:.2f} s** end to end, "
         f"**Torch-Pruning {m['torch_pruning_s']:.2f} s** in process (pruner construction with its "
         f"DependencyGraph {m['torch_pruning_build_s']:.2f} s + `step()` {m['torch_pruning_step_s']:.2f} s). "
+        f"CPU seconds (user + system, all threads; less sensitive to the load): onnxprune "
+        f"{m['onnxprune_cli_cpu_s']:.2f}, Torch-Pruning {m['torch_pruning_cpu_s']:.2f}. "
         f"onnxprune steps (median s): {steps}; the rest is Python start, imports and save. "
         f"Kept: onnxprune {o['params_kept']:.1%} params / {o['macs_kept']:.1%} MACs, Torch-Pruning "
         f"{t['params_kept']:.1%} / {t['macs_kept']:.1%}.", "",
-        "| run | Torch-Pruning s (build + step) | load | onnxprune CLI s | load |",
-        "| ---: | ---: | ---: | ---: | ---: |", rows])
+        "| run | Torch-Pruning wall s (build + step) | CPU s | load | onnxprune CLI wall s | CPU s | load |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |", rows])
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,6 +145,8 @@ def main() -> None:
            "torch_pruning_build_s": statistics.median(r["build_s"] for r in tor),
            "torch_pruning_step_s": statistics.median(r["step_s"] for r in tor),
            "onnxprune_cli_s": statistics.median(r["wall_s"] for r in onx),
+           "torch_pruning_cpu_s": statistics.median(r["cpu_s"] for r in tor),
+           "onnxprune_cli_cpu_s": statistics.median(r["cpu_s"] for r in onx),
            **{f"onnxprune_{k}_s": statistics.median(r["steps"].get(k, 0.0) for r in onx) for k in onx[0]["steps"]}}
     result = {"model": str(args.model), "ratio": args.ratio, "runs": args.runs, "cores": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "versions": _versions(args.torch_python),
