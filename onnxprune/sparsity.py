@@ -459,8 +459,8 @@ def output_error(w: np.ndarray, new: np.ndarray, stats: Stats | None) -> float |
     if stats is None or not stats.full:
         return None
     d = new - w
-    num = float(np.einsum("grc,gcd,grd->", d, stats.value, d))
-    den = float(np.einsum("grc,gcd,grd->", w, stats.value, w))
+    num = float(np.sum(np.matmul(d, stats.value) * d))
+    den = float(np.sum(np.matmul(w, stats.value) * w))
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 

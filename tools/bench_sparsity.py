@@ -93,32 +93,37 @@ def measure(case: Case, proto, folder: Path, label: str) -> dict:
     return row
 
 
-def run_case(case: Case, folder: Path, log) -> dict:
+def plan() -> list[tuple[str, str, object]]:
+    """(method, target label, what to run) for every row, in table order."""
+    rows = [(c, label, lambda proto, calib, c=c, t=t: sparsity.sparsify(proto, sparsity.Options(criterion=c, **t),
+                                                                        calib))
+            for c in CRITERIA for label, t in TARGETS]
+    return rows + [("share", f"K={k}", lambda proto, calib, k=k: sharing.share(proto, sharing.ShareOptions(clusters=k)))
+                   for k in CLUSTERS]
+
+
+def run_case(case: Case, folder: Path, cache: Path, resume: bool, log) -> dict:
+    """Measure every row of ``case``, saving to ``cache`` after each; ``resume`` keeps saved rows."""
+    saved = json.loads(cache.read_text()).get("rows", []) if resume and cache.exists() else []
+    done = {(r["method"], r["target"]): r for r in saved}
     base = {"file_bytes": case.model.file_bytes, "compressed_bytes": sparsity.compressed_size(case.model.path),
             **score(case, case.model.proto)}
     if case.labelled:
         base["top1"] = validate.accuracy(case.model, case.evaluation)["top1"]
-    rows = []
-    for criterion in CRITERIA:
-        for label, target in TARGETS:
+    result = {"name": case.name, "note": case.note, "dense": base, "rows": []}
+    for method, label, fn in plan():
+        if (method, label) not in done:
             t0 = time.perf_counter()
-            res = sparsity.sparsify(case.model.proto, sparsity.Options(criterion=criterion, **target), case.calib)
+            res = fn(case.model.proto, case.calib)
             seconds = time.perf_counter() - t0
-            row = {"method": criterion, "target": label, "seconds": seconds,
-                   "sparsity": res.achieved_sparsity, "layers": len(res.layers), "skipped": len(res.skipped),
-                   **measure(case, res.proto, folder, f"{criterion}_{label}")}
-            rows.append(row)
-            log(f"{case.name} {criterion} {label}: {row}")
-    for k in CLUSTERS:
-        t0 = time.perf_counter()
-        res = sharing.share(case.model.proto, sharing.ShareOptions(clusters=k))
-        seconds = time.perf_counter() - t0
-        row = {"method": "share", "target": f"K={k}", "seconds": seconds, "sparsity": None,
-               "layers": len(res.layers), "skipped": len(res.skipped),
-               **measure(case, res.proto, folder, f"share_{k}")}
-        rows.append(row)
-        log(f"{case.name} share K={k}: {row}")
-    return {"name": case.name, "note": case.note, "dense": base, "rows": rows}
+            done[(method, label)] = {
+                "method": method, "target": label, "seconds": seconds,
+                "sparsity": getattr(res, "achieved_sparsity", None), "layers": len(res.layers),
+                "skipped": len(res.skipped), **measure(case, res.proto, folder, f"{method}_{label}")}
+            log(f"{case.name} {method} {label}: {done[(method, label)]}")
+        result["rows"].append(done[(method, label)])
+        cache.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 # ---------------------------------------------------------------- markdown
@@ -157,8 +162,7 @@ def render(results: list[dict], compression: str) -> str:
             f"({'level 10' if compression == 'zstd' else 'level 9'}). Sparsity is per layer; "
             "'achieved' counts zeros over the sparsified weight tensors (layers under 128 weights and, for 2:4, "
             "layers whose input channels are not a multiple of 4 are left dense). Time is the wall time of "
-            "`sparsify` / `share` alone, calibration included. Whole run per model: "
-            + ", ".join(f"{r['name']} {r['minutes']:.0f} min" for r in results) + ".", ""]
+            "`sparsify` / `share` alone, calibration included.", ""]
     body = [line for r in results for line in table(r)]
     return "\n".join(head + body + [END])
 
@@ -186,15 +190,14 @@ def main(argv=None) -> int:
     p.add_argument("--doc", default=str(ROOT / "docs/sparsity.md"))
     p.add_argument("--cache", default=str(ROOT / "out/bench_sparsity"), help="folder for the raw numbers")
     p.add_argument("--reuse", action="store_true", help="also render saved results of models not run now")
+    p.add_argument("--resume", action="store_true", help="keep rows already saved for a model; run the rest")
     args = p.parse_args(argv)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         for case in load_cases(args):
-            t0 = time.perf_counter()
-            result = run_case(case, Path(d), lambda s: print(s, file=sys.stderr, flush=True))
-            result["minutes"] = (time.perf_counter() - t0) / 60
-            (cache / f"{case.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            run_case(case, Path(d), cache / f"{case.name}.json", args.resume,
+                     lambda s: print(s, file=sys.stderr, flush=True))
     names = [n for n, skip in (("fmnist_resnet", args.skip_fmnist), (Path(args.zoo).stem, args.skip_zoo))
              if not skip or args.reuse]
     results = [json.loads((cache / f"{n}.json").read_text()) for n in names if (cache / f"{n}.json").exists()]
