@@ -15,9 +15,12 @@ from .errors import OnnxPruneError
 
 
 def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: bool = True,
-            sequential: bool = True, weights: onnx.ModelProto | None = None, spinning: bool = True
-            ) -> ort.InferenceSession:
+            sequential: bool = True, weights: onnx.ModelProto | None = None, spinning: bool = True,
+            layout: bool = True) -> ort.InferenceSession:
     """A CPU session for ``proto``; ``optimize=False`` keeps every tensor name intact.
+
+    ``layout=False`` skips the layout transforms (NCHWc), which can drop a tensor exposed as an
+    extra graph output (onnxruntime 1.32) and then fail to load the model.
 
     ``spinning=False`` stops idle worker threads from busy-waiting, so two sessions timed in turn
     (interleaved benchmarks) do not steal each other's cores.
@@ -37,6 +40,8 @@ def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: boo
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif not layout:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     providers = ["CPUExecutionProvider"]
     try:
         if weights is None and ir.proto_bytes(proto) < ir.TWO_GB:

@@ -35,7 +35,7 @@ def test_tap_lost_by_onnxruntime_layout_pass_still_verifies():
 
 
 def test_verification_still_fails_when_the_candidate_itself_is_broken():
-    """The fallback for lost taps must not hide a candidate that onnxruntime cannot load at all."""
+    """Loading the tapped pair without layout transforms must still fail a candidate that cannot load."""
     m, shortcut = _projection_block(45)
     broken = type(m)()
     broken.CopyFrom(m)
