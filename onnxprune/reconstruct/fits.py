@@ -250,8 +250,20 @@ class BatchNormStats(Fit):
         c = len(kept)
         self.sums = {h: np.zeros((6, c)) for h in (False, True)}     # n, Σp, Σp², Σo, Σo², Σpo
         self.new: tuple[np.ndarray, np.ndarray] | None = None
+        self.stale = False
+
+    def from_original(self) -> None:
+        """Statistics need the rebuilt model's input: with upstream refits in the same pass, skip.
+
+        (Matching moments of an input that upstream refits are about to change corrects the
+        same error twice; on PP-LCNet that took top-1 agreement from 100% to chance.)
+        """
+        self.stale = True
+        self.original = self.pruned = []
 
     def add(self, original, pruned, held):
+        if self.stale:
+            return
         xo, xp = original[self.original[0]], pruned[self.pruned[0]]
         n, per_sample = xp.shape[0], int(np.prod(xp.shape[2:]))
         s, p = np.divmod(sample_rows(n, per_sample, self.positions, self.rng), per_sample)
@@ -276,6 +288,9 @@ class BatchNormStats(Fit):
         return max(float(err.sum()), 0.0) / max(float(ref.sum()), 1e-30)
 
     def solve(self):
+        if self.stale:
+            self.result.reason = "an upstream refit shares its pass (use more stages)"
+            return self.result
         n, sp, spp, so, soo, _ = self.sums[False]
         n = max(n[0], 1)
         mp, mo = sp / n, so / n
