@@ -299,8 +299,29 @@ def lift_constants(graph: gs.Graph) -> int:
                 graph.outputs[i] = const
         node.outputs.clear()
         n += 1
+    n += _share_identity_constants(graph)
     if n:
         graph.cleanup(remove_unused_graph_inputs=False)
+    return n
+
+
+def _share_identity_constants(graph: gs.Graph) -> int:
+    """``Identity(constant)`` feeding layers is how the torch exporter shares deduplicated initializers:
+    give the consumers the constant itself (a shared constant; the rewrite copies it where uses differ)."""
+    outputs = {id(t) for t in graph.outputs}
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "Identity" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        out = node.outputs[0]
+        if id(out) in outputs:
+            continue
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = node.inputs[0]
+        node.outputs.clear()
+        n += 1
     return n
 
 

@@ -97,3 +97,18 @@ def test_round_to_keeps_multiples(tmp_path):
     convs = [n for n in r.proto.graph.node if n.op_type == "Conv"]
     assert weight(r.proto, convs[0].name).shape[0] == 24
     assert weight(r.proto, convs[1].name).shape[0] == 16
+
+
+def test_identity_shared_constants_from_the_torch_exporter(tmp_path):
+    """torch shares identical initializers through Identity nodes; those layers must still be pruned."""
+    g = GraphBuilder("x", [1, 3, 8, 8])
+    zero = g.const(np.zeros(8, np.float32))
+    b1, b2 = g.op("Identity", [zero]), g.op("Identity", [zero])
+    a = g.relu(g.op("Conv", ["x", g.weight([8, 3, 3, 3]), b1], pads=[1, 1, 1, 1]))
+    b = g.relu(g.op("Conv", [a, g.weight([8, 8, 3, 3]), b2], pads=[1, 1, 1, 1]))
+    g.output(g.gemm(g.flatten(g.gap(b)), 3))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5)
+    assert r.report()["groups_pruned"] == 2
+    convs = [n for n in r.proto.graph.node if n.op_type == "Conv"]
+    assert weight(r.proto, convs[0].name).shape[0] == 4 and weight(r.proto, convs[1].name).shape[0] == 4
