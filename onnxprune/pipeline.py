@@ -101,7 +101,7 @@ class Pruner:
                  group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
                  calib: str | ArrayData | None = None, split_carrier: str = "largest", progress=None,
                  score: bool = True):
-        from .importance import ScoreContext, requires_data, score_groups
+        from .importance import ScoreContext, fallback_summary, requires_data, score_groups
 
         self.seconds: dict[str, float] = {}
         self.criterion, self.progress = criterion, progress
@@ -115,10 +115,12 @@ class Pruner:
             raise OnnxPruneError(f"criterion '{criterion}' needs calibration data: add --calib DATA.npz "
                                  "(or --calib random)")
         self.scores: dict[int, np.ndarray] = {}
+        self.score_notes: list[str] = []
         if score:
             with _timed(self.seconds, "score"):
                 ctx = ScoreContext(self.original.proto, self.analysis, data=self.data, progress=progress)
                 self.scores = score_groups(self.analysis.prunable, ctx, criterion, group_reduction)
+            self.score_notes = fallback_summary(ctx, criterion)
         self._before: metrics.ModelStats | None = None
 
     @property
@@ -168,6 +170,7 @@ class Pruner:
                                                **(reconstruct_options or {}))
             extra["reconstruction"] = rep.to_json()
         extra["reconstruct_mode"] = mode
+        extra["importance_fallbacks"] = self.score_notes
         with _timed(seconds, "measure"):
             after = metrics.summarize(final, analysis.input_shapes)
         source = "none" if data is None else data.kind
