@@ -7,7 +7,8 @@ import onnx
 import pytest
 from builders import GraphBuilder
 
-from onnxprune import ir, runtime, sharing
+from onnxprune import data as data_mod
+from onnxprune import ir, runtime, sharing, validate
 from onnxprune.cli import main
 from onnxprune.errors import OnnxPruneError
 from onnxprune.sharing import ShareOptions
@@ -193,3 +194,13 @@ def test_cli_share_bad_clusters_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--clusters" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_shipped_model_shared_at_256_keeps_accuracy(fmnist_model, tmp_path):
+    model = ir.load(fmnist_model)
+    test = data_mod.load_npz(fmnist_model.parent / "fmnist_test.npz", model.proto).split(500)[0]
+    res = sharing.share(model.proto, ShareOptions(clusters=256))
+    size = ir.save(res.proto, tmp_path / "s.onnx")
+    assert size < 0.3 * model.file_bytes
+    dense, shared = validate.accuracy(model, test)["top1"], validate.accuracy(res.proto, test)["top1"]
+    assert shared >= dense - 0.01, (dense, shared)
