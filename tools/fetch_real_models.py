@@ -20,8 +20,9 @@ Needs pip, onnx and onnxruntime (numpy comes with them); nothing is installed.
 
 from __future__ import annotations
 
+from export_zoo import op_histogram  # tools/ is on sys.path when run as a script
+
 import argparse
-import collections
 import email.parser
 import fnmatch
 import hashlib
@@ -143,18 +144,6 @@ def licence_of(members):
                 if needle in head:
                     return lic, f"{name}: text"
     return "unknown", "not found"
-
-
-def op_histogram(graph):
-    counts = collections.Counter()
-    for node in graph.node:
-        counts[node.op_type] += 1
-        for attr in node.attribute:
-            if attr.g.node:
-                counts.update(op_histogram(attr.g))
-            for g in attr.graphs:
-                counts.update(op_histogram(g))
-    return counts
 
 
 def constant_bytes(graph):

@@ -143,6 +143,16 @@ class NodeCtx:
     def is_const(self, t: gs.Tensor | int) -> bool:
         return isinstance(self._t(t), gs.Constant)
 
+    def axes_arg(self, what: str = "axes") -> list[int] | None:
+        """The ``axes`` attribute, or input 1 where newer opsets moved it (None when absent)."""
+        axes = self.attr("axes")
+        if axes is None and self.present(1):
+            v = self.static(1)
+            if v is None:
+                raise Unsupported(f"{what} computed at run time")
+            axes = v.tolist()
+        return None if axes is None else [int(a) for a in axes]
+
     def label(self, t: gs.Tensor | int) -> Label | None:
         return self._a.labels.get(self._t(t).name)
 

@@ -24,12 +24,7 @@ def pool(ctx: NodeCtx) -> None:
 
 
 def _axes(ctx: NodeCtx, rank: int) -> list[int]:
-    axes = ctx.attr("axes")
-    if axes is None and ctx.present(1):
-        v = ctx.static(1)
-        if v is None:
-            raise Unsupported("reduction axes computed at run time")
-        axes = v.tolist()
+    axes = ctx.axes_arg("reduction axes")
     if axes is None or len(axes) == 0:
         if int(ctx.attr("noop_with_empty_axes", 0)) and ctx.op != "ArgMax":
             return []

@@ -177,23 +177,13 @@ def transpose(ctx: NodeCtx) -> None:
     ctx.set(0, list(perm).index(lab.axis), lab.ids)
 
 
-def _axes_arg(ctx: NodeCtx) -> list[int] | None:
-    axes = ctx.attr("axes")
-    if axes is None and ctx.present(1):
-        v = ctx.static(1)
-        if v is None:
-            raise Unsupported("axes computed at run time")
-        axes = v.tolist()
-    return None if axes is None else [int(a) for a in axes]
-
-
 @rule("Squeeze")
 def squeeze(ctx: NodeCtx) -> None:
     lab = ctx.label(0)
     if lab is None:
         return
     shape = ctx.shape(0)
-    axes = _axes_arg(ctx)
+    axes = ctx.axes_arg()
     axes = [i for i, d in enumerate(shape) if d == 1] if axes is None else [a % len(shape) for a in axes]
     if lab.axis in axes:
         return
@@ -206,7 +196,7 @@ def unsqueeze(ctx: NodeCtx) -> None:
     if lab is None:
         return
     out_rank = ctx.rank(ctx.outputs[0])
-    axes = sorted(a % out_rank for a in _axes_arg(ctx))
+    axes = sorted(a % out_rank for a in ctx.axes_arg())
     kept = [i for i in range(out_rank) if i not in axes]
     ctx.set(0, kept[lab.axis], lab.ids)
 
