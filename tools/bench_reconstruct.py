@@ -267,8 +267,8 @@ What the numbers say:
   corrected the same error twice and took PP-LCNet's agreement to chance, so such BN nodes are
   skipped (exact order or more stages re-estimates them).
 - ResNet-50 with 512 images is slower than a few minutes: the passes (onnxruntime at batch 1,
-  since the export fixes it, plus the Gram updates) dominate. `stages=1` and `positions=32`
-  roughly halve it.
+  since the export fixes it, plus the Gram updates) dominate. `stages=1` (fewer passes) and
+  `positions=32` (smaller Gram updates) should cut it; that was not measured.
 """
 
 SECTIONS = {
