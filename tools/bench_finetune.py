@@ -298,7 +298,10 @@ def _intro(args) -> list[str]:
         f"**{args.steps} steps of {args.batch} training images** ({imgs:,} images, {imgs / 60000:.2f} epochs) drawn",
         f"from the 60,000 TRAIN images (Debian package `dataset-fashion-mnist`), of which {args.holdout:.0%} are",
         f"held out to pick the best checkpoint (evaluated every {args.eval_every} steps). Accuracy is top-1 on all",
-        "10,000 TEST images, which are never used for training or selection.", "",
+        "10,000 TEST images, which are never used for training or selection. Regenerate with",
+        f"`python tools/bench_finetune.py --data-dir DIR --steps {args.steps} --eval-every {args.eval_every} "
+        "--json docs/finetune.json` (the Debian package's `usr/share/datasets/fashion-mnist` as DIR; "
+        "`--from-json docs/finetune.json` only re-renders this page).", "",
         f"Both sides: Adam, learning rate {args.lr} with cosine decay to 0, loss",
         f"`{args.alpha}·T²·KL(teacher‖student, T={args.temperature}) + {1 - args.alpha:g}·CE(labels)` with the",
         "unpruned model as the teacher, the same split and the same batches in the same order, no augmentation.",
@@ -330,7 +333,7 @@ def _results(args, ours: dict, theirs: dict | None, load: tuple) -> list[str]:
                      f"{r['params_kept']:.3f} | **{pct(r['acc_finetuned'])}** | {drop(r['acc_finetuned'])} | "
                      f"{args.steps} | {r['finetune_s']:.0f} s ({r['ms_per_step']:.0f} ms/step) |")
     if theirs:
-        lines.append(f"| Torch-Pruning L2, ratio {theirs['ratio']:.3f} | {theirs['macs_kept']:.3f} | "
+        lines.append(f"| Torch-Pruning L2, ratio {theirs['ratio']:.3f} (no reconstruction) | {theirs['macs_kept']:.3f} | "
                      f"{theirs['params_kept']:.3f} | {pct(theirs['acc_pruned'])} | {drop(theirs['acc_pruned'])} | 0 | |")
         lines.append(f"| … + PyTorch fine-tuning (best at step {theirs['best_step']}) | {theirs['macs_kept']:.3f} | "
                      f"{theirs['params_kept']:.3f} | **{pct(theirs['acc_finetuned'])}** | "
@@ -340,9 +343,26 @@ def _results(args, ours: dict, theirs: dict | None, load: tuple) -> list[str]:
         lines.append("| Torch-Pruning | | | not run (`--torch-python` missing or failed) | | | |")
     best = max(r["acc_finetuned"] for r in ours["runs"].values())
     met = "met" if base - best <= 0.015 else "**not met**"
+    speed = []
+    if theirs and theirs["acc_pruned"] < 0.2:
+        speed += [f"Torch-Pruning's model is at chance ({pct(theirs['acc_pruned'])}) between pruning and "
+                  "fine-tuning: it has no reconstruction step; onnxprune's least-squares reconstruction alone "
+                  "keeps it within a few points.", ""]
+    if theirs:
+        ours_ms = min(r["ms_per_step"] for r in ours["runs"].values())
+        speed += [f"Per training step PyTorch is {ours_ms / theirs['ms_per_step']:.1f}x faster than onnxprune "
+                 f"({theirs['ms_per_step']:.0f} ms against {ours_ms:.0f} ms): its convolution kernels serve the "
+                 "forward and the backward pass with weights that change every step, where onnxruntime's fast "
+                 "kernels need constant weights (next section).", ""]
+    for crit, r in list(ours["runs"].items())[:1]:
+        sec = r["finetune"]["seconds"]
+        per = {k: 1000 * sec.get(k, 0) / args.steps for k in ("teacher", "gradient", "update")}
+        speed += [f"An onnxprune step (`{crit}` model): teacher forward {per['teacher']:.0f} ms, gradient graph "
+                  f"{per['gradient']:.0f} ms, numpy Adam update {per['update']:.1f} ms; the {len(r['finetune']['history'])} "
+                  f"held-out evaluations took {sec.get('evaluate', 0):.0f} s in all.", ""]
     return lines + [
         "", f"Target: within 1.5 points of the unpruned model after fine-tuning — {met} "
-        f"(best: {drop(best)} points).", "",
+        f"(best: {drop(best)} points).", ""] + speed + [
         "The onnxprune time is the whole `finetune()` call: building the gradient graph, the teacher's forward "
         "pass per batch, the gradient runs, the numpy Adam updates and the held-out evaluations; ms/step counts "
         "the teacher, gradient and update parts only. The Torch-Pruning time counts its training steps (teacher "
@@ -423,12 +443,18 @@ def main() -> None:
     p.add_argument("--models", default=str(ROOT / "models"), help="folder with the sample model files")
     p.add_argument("--doc", default=str(ROOT / "docs" / "finetune.md"))
     p.add_argument("--json")
+    p.add_argument("--from-json", metavar="PATH", help="only re-write --doc from a saved --json")
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     global MODELS
     MODELS = Path(args.models)
     if args.torch_worker:
         print(json.dumps(torch_worker(args)))
+        return
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        Path(args.doc).write_text(markdown(argparse.Namespace(**saved["args"]), saved["onnxprune"],
+                                           saved["torch_pruning"], tuple(saved["load"])))
         return
     import onnxruntime
 
