@@ -233,6 +233,34 @@ def test_bn_scale_ranks_tiny_gamma_last_and_explains_missing_bn():
         score_groups([grp2], ctx_for(m2, [grp2]), "bn-scale")
 
 
+def test_bn_scale_falls_back_to_l2_on_groups_without_bn():
+    from onnxprune.analysis import analyze
+    g = GraphBuilder("x", [1, 3, 6, 6], seed=5, dynamic_batch=True)
+    a = g.relu(g.bn(g.conv("x", 6, k=3)))               # group with a BatchNormalization
+    b = g.relu(g.conv(a, 4, k=3))                        # group without one
+    g.output(g.conv(b, 2, k=1))
+    m = g.build()
+    an = analyze(m)
+    ctx = ScoreContext(m, an)
+    scores = score_groups(an.prunable, ctx, "bn-scale")
+    with_bn = [grp.id for grp in an.prunable if any(mb.op == "BatchNormalization" for mb in grp.members)]
+    assert len(with_bn) == 1 and len(scores) == 2
+    assert ctx.fallbacks == {grp.id: "l2" for grp in an.prunable if grp.id not in with_bn}
+    l2 = score_groups(an.prunable, ScoreContext(m, an), "l2")
+    (other,) = set(ctx.fallbacks)
+    np.testing.assert_allclose(scores[other], l2[other])
+
+
+def test_gradient_criteria_skip_the_statistics_pass():
+    m, h = conv_chain()
+    grp = chain_group(m, h)
+    ctx = ctx_for(m, [grp], data=rand_data([1, 3, 8, 8], n=4))
+    score_groups([grp], ctx, "taylor")
+    assert ctx._stats is None                            # no activation-statistics pass was run
+    score_groups([grp], ctx, "act-mean")
+    assert ctx._stats is not None
+
+
 def test_random_is_seeded_and_reproducible():
     m, h = conv_chain()
     a, b = chain_group(m, h, gid=0), chain_group(m, h, gid=1)

@@ -54,7 +54,7 @@ def score_groups(groups: list[Group], ctx: ScoreContext, criterion: str, reducti
         needs = chosen[g.id].plan(g, ctx)
         if needs:
             ctx.require(needs)
-    if crit.requires_data and groups:
+    if ctx.pending():
         ctx.stats()                                     # the one calibration pass, before scoring
     it = ctx.progress(groups, len(groups), f"scoring ({criterion})") if ctx.progress else groups
     return {g.id: chosen[g.id](g, ctx, reduction) for g in it}

@@ -95,6 +95,10 @@ class ScoreContext:
         """Register statistics to gather on the next :meth:`stats` call."""
         self._needs.merge(needs)
 
+    def pending(self) -> bool:
+        """Whether statistics were required that the next :meth:`stats` call would have to gather."""
+        return bool(self._needs.missing(self._stats))
+
     def stats(self) -> _stats.CalibrationStats:
         """Calibration statistics for everything required so far (one pass over the data)."""
         if self.data is None:

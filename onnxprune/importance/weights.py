@@ -91,12 +91,14 @@ def _bn_members(group: Group, ctx: ScoreContext) -> list[Member]:
             if m.op == "BatchNormalization" and m.input_index == 1 and ctx.is_constant(m.tensor)]
 
 
-def _plan_bn(group: Group, ctx: ScoreContext) -> Needs:
-    if not _bn_members(group, ctx):
-        raise OnnxPruneError(
-            f"criterion bn-scale: the model has no BatchNormalization on group {group.id} "
-            f"({group.label or 'unnamed'}) (BN is often folded into Conv at export); use --criterion l2")
-    return Needs()
+def _plan_bn(group: Group, ctx: ScoreContext) -> Needs | None:
+    """Groups without a BatchNormalization fall back to l2; a model without any BN is an error."""
+    if _bn_members(group, ctx):
+        return Needs()
+    if not any(n.op_type == "BatchNormalization" for n in ctx.proto.graph.node):
+        raise OnnxPruneError("criterion bn-scale: the model has no BatchNormalization left (exporters often fold "
+                             "it into Conv); use --criterion l2")
+    return None
 
 
 def _bn_scale(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
@@ -114,6 +116,6 @@ CRITERIA = [
     Criterion("l2", _plan_weights, _l2, fallback="act-mean", summary="Euclidean norm of coupled weights"),
     Criterion("lamp", _plan_weights, _sq, normalize="lamp", fallback="act-mean", summary="LAMP-normalised squared norm"),
     Criterion("fpgm", _plan_fpgm, _fpgm, fallback="l2", summary="distance to the other channels (geometric median)"),
-    Criterion("bn-scale", _plan_bn, _bn_scale, summary="|gamma| of BatchNormalization"),
+    Criterion("bn-scale", _plan_bn, _bn_scale, fallback="l2", summary="|gamma| of BatchNormalization"),
     Criterion("random", lambda g, c: Needs(), _random, normalize="none", summary="seeded random baseline"),
 ]
