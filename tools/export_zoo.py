@@ -180,22 +180,27 @@ def io_desc(value_info):
     return {"name": value_info.name, "shape": dims}
 
 
-def verify(path, x, reference, dynamic_batch=False):
-    """Full ONNX check + one onnxruntime CPU run, compared to torch's output."""
+def checked_session(path, result, limit=2000):
+    """Full ONNX check (recorded in ``result``, not fatal) and a CPU onnxruntime session on ``path``."""
     import onnx
     import onnxruntime as ort
 
-    result = {}
     try:
         onnx.checker.check_model(path, full_check=True)
         result["check_ok"] = True
     except Exception as exc:  # noqa: BLE001 - recorded, not fatal
         result["check_ok"] = False
-        result["check_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        result["check_error"] = f"{type(exc).__name__}: {exc}"[:limit]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def verify(path, x, reference, dynamic_batch=False):
+    """Full ONNX check + one onnxruntime CPU run, compared to torch's output."""
+    result = {}
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess = checked_session(path, result)
         t0 = time.perf_counter()
         out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
         result["ort_ok"] = True

@@ -20,7 +20,7 @@ Needs pip, onnx and onnxruntime (numpy comes with them); nothing is installed.
 
 from __future__ import annotations
 
-from export_zoo import op_histogram  # tools/ is on sys.path when run as a script
+from export_zoo import checked_session, op_histogram  # tools/ is on sys.path when run as a script
 
 import argparse
 import email.parser
@@ -209,20 +209,10 @@ def describe(path):
 def smoke(path, feeds_hint):
     """ONNX full check and one onnxruntime CPU run on random input."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
 
     result = {}
     try:
-        onnx.checker.check_model(path, full_check=True)
-        result["check_ok"] = True
-    except Exception as exc:  # noqa: BLE001 - recorded, not fatal
-        result["check_ok"] = False
-        result["check_error"] = f"{type(exc).__name__}: {exc}"[:1000]
-    try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess = checked_session(path, result, limit=1000)
         rng = np.random.default_rng(0)
         feeds = {}
         for inp in sess.get_inputs():
