@@ -2,8 +2,9 @@
 
 The convention everywhere: an ``.npz`` whose arrays are named after the
 model's inputs (a single-input model may use any one name) plus an optional
-integer array ``labels``. ``random`` gives synthetic inputs from the input
-shapes, and the report says so.
+integer array ``labels``. A folder of images (``onnxprune.images``) gives the
+same ``ArrayData`` with a lazy array decoded per batch. ``random`` gives
+synthetic inputs from the input shapes, and the report says so.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ class DataSource(Protocol):
 
 @dataclass
 class ArrayData:
-    """In-memory arrays keyed by model input name (from an .npz, or made up)."""
+    """Arrays keyed by model input name (from an .npz, an image folder, or made up).
+
+    An array may be lazy (``images.ImageFolder``): slicing it is free and ``np.asarray`` decodes, so
+    ``batches`` materialises one batch at a time and ``split`` never reads the data.
+    """
 
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None = None
@@ -49,7 +54,7 @@ class ArrayData:
         n = self.num_samples if limit is None else min(limit, self.num_samples)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            yield {k: v[start:stop] for k, v in self.arrays.items()}
+            yield {k: np.asarray(v[start:stop]) for k, v in self.arrays.items()}
 
     def label_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray | None]:
         n = self.num_samples if limit is None else min(limit, self.num_samples)
@@ -72,7 +77,7 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
     if not p.exists():
         raise OnnxPruneError(f"{p}: no such data file")
     if p.is_dir():
-        raise OnnxPruneError(f"{p}: is a directory; pass an .npz file (image folders need --calib with an images reader)")
+        raise OnnxPruneError(f"{p}: is a directory; pass an .npz file (open image folders with data.open_data)")
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -147,11 +152,18 @@ def _random_array(rng: np.random.Generator, vi, full: list[int]) -> np.ndarray:
     raise OnnxPruneError(f"input '{vi.name}' has dtype {dt}; random data cannot be made for it")
 
 
-def open_data(spec: str | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
+def open_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
               num_random: int = 8) -> ArrayData | None:
-    """``None`` -> None, ``"random"`` -> synthetic, a path -> .npz."""
-    if spec is None:
-        return None
+    """``None`` -> None, ``"random"`` -> synthetic, a folder (or image file) -> images, a path -> .npz.
+
+    An ``ArrayData`` is returned as it is. A folder decodes with the model's input size and no
+    normalisation unless ``spec`` is an ``images.ImagePath`` carrying the decoding options.
+    """
+    if spec is None or isinstance(spec, ArrayData):
+        return spec
     if spec == "random":
         return random_data(proto, input_shapes, num_random)
+    from . import images  # noqa: PLC0415  (images imports this module)
+    if isinstance(spec, images.ImagePath) or images.is_image_path(spec):
+        return images.open_images(spec, proto, input_shapes, **getattr(spec, "options", {}))
     return load_npz(spec, proto, input_shapes)

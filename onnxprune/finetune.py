@@ -269,7 +269,7 @@ def _batches(data: ArrayData, size: int, seed: int):
         order = rng.permutation(n)
         for s in range(0, n - size + 1, size):
             idx = np.sort(order[s:s + size])
-            yield ({k: v[idx] for k, v in data.arrays.items()},
+            yield ({k: np.asarray(v[idx]) for k, v in data.arrays.items()},
                    None if data.labels is None else data.labels[idx])
 
 

@@ -3,7 +3,8 @@
     onnxprune eval pruned.onnx --data test.npz --reference model.onnx --json eval.json
 
 ``--data`` is an .npz named after the model's inputs (optional int ``labels``),
-or ``random`` for synthetic inputs. Accuracy needs labels; fidelity needs
+a folder of images (labels from class subfolders, decoded as the image flags
+say), or ``random`` for synthetic inputs. Accuracy needs labels; fidelity needs
 ``--reference``; with neither, only the size statistics are shown.
 
 JSON keys (stable; absent values are null)::
@@ -36,24 +37,27 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model(p)
     p.add_argument("--data", required=True, metavar="DATA",
-                   help="an .npz named after the model's inputs (+ optional int 'labels'), or 'random'")
+                   help="an .npz named after the model's inputs (+ optional int 'labels'), a folder of "
+                        "images (class subfolders give labels), or 'random'")
     p.add_argument("--reference", metavar="ORIG", help="original model to measure fidelity against")
     options.add_input_shapes(p)
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per run (default 64)")
     options.add_json(p, "evaluation")
+    options.add_images(p)
     p.set_defaults(func=run)
 
 
 def load_data(spec: str, proto, shapes: dict[str, list[int]], num_random: int = 64) -> data_mod.ArrayData:
-    """``random`` -> synthetic inputs, else an .npz checked against the model's inputs."""
+    """``random`` -> synthetic inputs, else an .npz or image folder checked against the model's inputs."""
     if spec == "random":
         return data_mod.random_data(proto, ir.resolve_input_shapes(proto, shapes), num_random)
-    return data_mod.load_npz(spec, proto, shapes)
+    return data_mod.open_data(spec, proto, shapes)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise OnnxPruneError(f"--batch-size {args.batch_size}: must be at least 1")
+    options.image_data(args, "data")
     json_out = options.json_path(args)
     shapes = options.input_shapes(args)
     model = ir.load(args.model)

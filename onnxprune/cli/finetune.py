@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import finetune as ft
 from .. import ir
-from ..data import load_npz
+from ..data import open_data
 from ..errors import OnnxPruneError
 from . import fmt, options
 
@@ -28,10 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_model(p)
     options.add_output(p)
     p.add_argument("--teacher", metavar="ORIG.onnx", help="the original model to distil from (needed without labels)")
-    p.add_argument("--data", required=True, metavar="DATA.npz",
-                   help="training data: arrays named after the model inputs, optional int 'labels'")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="training data: an .npz (arrays named after the model inputs, optional int 'labels') "
+                        "or a folder of images (class subfolders give labels)")
     add_training_options(p)
     options.add_json(p, "run summary")
+    options.add_images(p)
     p.set_defaults(func=run)
 
 
@@ -74,6 +76,7 @@ def log(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.image_data(args, "data")
     cfg = config_from(args, args.steps)
     json_path = options.json_path(args)
     out = Path(args.output)
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise OnnxPruneError(f"{out}: output path is an input model; choose another -o path")
     student = ir.load(args.model)
     teacher = ir.load(args.teacher) if args.teacher else None
-    data = load_npz(args.data, student.proto)
+    data = open_data(args.data, student.proto, {})
     result = ft.finetune(student.proto, data, teacher=teacher.proto if teacher else None, config=cfg,
                          progress=fmt.progress, log=log)
     size = ir.save(result.proto, out, source=student.path, external=student.external)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import ir
 from ..errors import OnnxPruneError
+from ..images import ImagePath, is_image_path
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,44 @@ def add_json(parser: argparse.ArgumentParser, what: str = "results") -> None:
 
 def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the new .onnx")
+
+
+IMAGE_FLAGS = {"image_size": "--image-size", "resize": "--resize", "mean": "--mean", "std": "--std",
+               "channel_order": "--channel-order", "layout": "--layout"}
+
+
+def add_images(parser: argparse.ArgumentParser) -> None:
+    """How an image folder given as data (``--calib DIR``, ``--data DIR``) is decoded."""
+    g = parser.add_argument_group("image folders (a folder of PNG/JPEG as DATA; needs onnxprune[images])")
+    g.add_argument("--image-size", metavar="N|HxW", help="height and width fed to the model (default: the "
+                                                         "model's input size)")
+    g.add_argument("--resize", type=int, metavar="N", help="resize the shorter side to N, then center-crop "
+                                                           "to --image-size (default: resize straight to it)")
+    g.add_argument("--mean", metavar="M[,M,M]|imagenet", help="subtracted from pixels scaled to [0, 1] "
+                                                              "(per channel; default 0)")
+    g.add_argument("--std", metavar="S[,S,S]|imagenet", help="then divided by (per channel; default 1)")
+    g.add_argument("--channel-order", choices=["RGB", "BGR"], help="default RGB")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: guessed from the input shape")
+
+
+def image_data(args: argparse.Namespace, *dests: str) -> None:
+    """Turn each folder among ``args.<dest>`` into an ``ImagePath`` carrying the image flags.
+
+    Image flags given without any image folder among the data options are an error (they would
+    silently do nothing).
+    """
+    opts = {"size": args.image_size, "resize": args.resize, "mean": args.mean, "std": args.std,
+            "channel_order": args.channel_order or "RGB", "layout": args.layout}
+    found = False
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value and value != "random" and is_image_path(value):
+            setattr(args, dest, ImagePath(value, **opts))
+            found = True
+    given = [flag for key, flag in IMAGE_FLAGS.items() if getattr(args, key) is not None]
+    if given and not found:
+        names = "/".join("--" + d.replace("_", "-") for d in dests)
+        raise OnnxPruneError(f"{given[0]} applies to image folders; none of {names} is a folder of images")
 
 
 def input_shapes(args: argparse.Namespace) -> dict[str, list[int]]:

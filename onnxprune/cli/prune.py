@@ -55,12 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "labels); if the target needs more, the strongest model within the floor is saved")
     d = p.add_argument_group("data")
     d.add_argument("--calib", metavar="DATA", help="calibration data: an .npz named after the model inputs, "
-                                                   "or 'random'")
+                                                   "a folder of images, or 'random'")
     d.add_argument("--reconstruct", default="auto", choices=["auto", "ls", "bias", "none"],
                    help="repair pruned layers from calibration data: least squares (ls), bias compensation "
                         "(bias) or none; auto = ls with real --calib data, else none")
-    d.add_argument("--data", metavar="DATA", help="validation data (.npz, labels optional): accuracy or "
-                                                  "fidelity and latency before/after are measured and reported")
+    d.add_argument("--data", metavar="DATA", help="validation data (.npz or image folder, labels optional): "
+                                                  "accuracy or fidelity and latency before/after are measured "
+                                                  "and reported")
     d.add_argument("--bench-runs", type=int, default=20, metavar="N",
                    help="timed onnxruntime runs per model for the latency row (with --data; 0 = skip)")
     options.add_input_shapes(d)
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="after pruning, fine-tune N steps distilling the original (see 'onnxprune finetune')")
     d.add_argument("--finetune-data", metavar="DATA", help="training data for --finetune-steps (default: --calib)")
     finetune_cli.add_training_options(p, prefix="finetune-")
+    options.add_images(p)
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="PATH", help="write the JSON report here")
     o.add_argument("--report-md", metavar="PATH", help="write a Markdown report here")
@@ -115,6 +117,7 @@ def _read_plan(path: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
     out = Path(args.output)
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():

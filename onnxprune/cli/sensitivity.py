@@ -24,16 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sensitivity", help="prune each group alone at several ratios and measure the cost",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model(p)
-    p.add_argument("--data", required=True, metavar="DATA", help="evaluation data (.npz; labels optional)")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="evaluation data (.npz or image folder; labels optional)")
     p.add_argument("--ratios", default="0.2,0.4,0.6,0.8", help="comma-separated ratios (default 0.2,0.4,0.6,0.8)")
     p.add_argument("--criterion", default="l2", help="which channels go first (default l2)")
-    p.add_argument("--calib", metavar="DATA", help="calibration data for calibration-based criteria")
+    p.add_argument("--calib", metavar="DATA", help="calibration data (.npz, image folder or 'random') "
+                                                   "for calibration-based criteria")
     p.add_argument("--limit", type=int, default=512, metavar="N", help="evaluate on the first N samples (512)")
     p.add_argument("--threshold", default="1.0", metavar="POINTS",
                    help="drop allowed when suggesting per-group ratios (default 1.0 point)")
     p.add_argument("--plot", metavar="PNG", help="save the curves as a PNG (needs matplotlib)")
     options.add_input_shapes(p)
     options.add_json(p, "curves and suggested ratios")
+    options.add_images(p)
     p.set_defaults(func=run)
 
 
@@ -45,6 +48,7 @@ def _ratios(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.image_data(args, "data", "calib")
     ratios = _ratios(args.ratios)
     threshold = options.fraction("--threshold", args.threshold, high=100.0, high_open=False)
     if args.limit is not None and args.limit < 1:

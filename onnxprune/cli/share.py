@@ -41,6 +41,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.image_data(args, "data")
     json_out = options.json_path(args)
     check_output(args)
     opts = sharing.ShareOptions(clusters=args.clusters, min_size=args.min_size, ignore=tuple(args.ignore),

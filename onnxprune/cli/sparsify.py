@@ -46,7 +46,8 @@ def register(sub) -> None:
                    help="which weights to zero (default magnitude)")
     p.add_argument("--global", dest="global_scope", action="store_true",
                    help="one magnitude threshold across all layers instead of per layer")
-    p.add_argument("--calib", metavar="DATA", help="calibration .npz (or 'random') for wanda and sparsegpt")
+    p.add_argument("--calib", metavar="DATA", help="calibration .npz, image folder or 'random' for wanda and "
+                                                   "sparsegpt")
     p.add_argument("--calib-samples", type=int, default=128, metavar="N",
                    help="calibration samples used (default 128)")
     p.add_argument("--one-pass", action="store_true",
@@ -68,9 +69,10 @@ def add_selection(p: argparse.ArgumentParser) -> None:
 
 def add_report(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--data", metavar="DATA", help="data to measure fidelity (and accuracy, with labels) on: "
-                                                  ".npz or 'random'")
+                                                  ".npz, image folder or 'random'")
     options.add_input_shapes(p)
     options.add_json(p, what)
+    options.add_images(p)
 
 
 def parse_options(args: argparse.Namespace) -> sparsity.Options:
@@ -84,6 +86,7 @@ def parse_options(args: argparse.Namespace) -> sparsity.Options:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.image_data(args, "calib", "data")
     json_out = options.json_path(args)
     check_output(args)
     opts = parse_options(args)
