@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import OnnxPruneError
-from .groups import ACTIVATION, Analysis, Group
+from .groups import ACTIVATION, WEIGHT_IN, WEIGHT_OUT, Analysis, Group
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Policy:
     round_to: int | None = None                         # keep channel counts multiples of this
     global_ranking: bool = False                        # rank channels across groups (normalised scores)
     max_ratio: float = 0.9                              # cap per group with global ranking
+    balance: bool = True                                # uniform: each layer of a group loses about the ratio
 
     def check(self) -> None:
         for name, r in [("--ratio", self.ratio), ("--max-ratio", self.max_ratio), *self.ratio_for.items()]:
@@ -94,14 +95,49 @@ def make_plan(analysis: Analysis, scores: dict[int, np.ndarray], policy: Policy)
         for g in candidates:
             keep[g.id] = g.size - int(math.floor(g.size * group_ratio(g, policy) + 1e-9))
     removed, ratios = {}, {}
+    balance = policy.balance and not policy.global_ranking
     for g in candidates:
         k = _rounded_keep(g.size, keep[g.id], policy.round_to)
-        order = np.argsort(-np.asarray(scores[g.id], dtype=np.float64), kind="stable")
-        removed[g.id] = np.sort(order[k:]).astype(np.int64)
+        s = np.asarray(scores[g.id], dtype=np.float64)
+        removed[g.id] = balanced_removal(g, s, g.size - k) if balance else \
+            np.sort(np.argsort(-s, kind="stable")[k:]).astype(np.int64)
         ratios[g.id] = (g.size - k) / g.size
     plan = Plan(removed, ratios)
     _keep_every_tensor_alive(analysis, plan, scores)
     return plan
+
+
+def structure_classes(group: Group) -> np.ndarray:
+    """Class of every channel: channels in the same class occupy the same number of positions in
+    every layer of the group, so removing either costs every layer the same."""
+    layers = group.of_kind(WEIGHT_OUT, WEIGHT_IN) or group.members
+    counts = np.stack([np.bincount(m.index[m.index >= 0], minlength=group.size) for m in layers], axis=1)
+    return np.unique(counts, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def balanced_removal(group: Group, scores: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` lowest-scoring channels, taken in proportion from every structure class.
+
+    A group can span layers that hold different subsets of its channels (a channel shuffle
+    pairs two layers' halves; a dual-path block appends each unit's own channels to a shared
+    residual part). Ranking all channels together can take every removal from the channels
+    of a few layers and leave the rest whole; taking ``n / size`` of each class (largest
+    remainders first, ties to the lowest next score) makes every layer lose about the ratio.
+    With one class this is plain ranking."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    cls = structure_classes(group)
+    members = [np.nonzero(cls == c)[0] for c in range(int(cls.max()) + 1)]
+    members = [m[np.argsort(scores[m], kind="stable")] for m in members]   # lowest score first
+    quota = np.array([len(m) * n / group.size for m in members])
+    take = np.floor(quota + 1e-9).astype(int)
+    extra = n - int(take.sum())
+    if extra > 0:
+        nxt = [scores[m[t]] if t < len(m) else np.inf for m, t in zip(members, take)]
+        rank = sorted(range(len(members)), key=lambda c: (-(quota[c] - take[c]), nxt[c]))
+        for c in rank[:extra]:
+            take[c] += 1
+    return np.sort(np.concatenate([m[:t] for m, t in zip(members, take)])).astype(np.int64)
 
 
 def _global_keep(groups: list[Group], scores: dict[int, np.ndarray], policy: Policy) -> dict[int, int]:

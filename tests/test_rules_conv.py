@@ -172,3 +172,41 @@ def test_constant_node_weights_paddle_style(tmp_path):
     onnx.checker.check_model(m, full_check=True)
     r = prune_model(tmp_path, m, ratio=0.5)
     assert weight(r.proto, [n for n in r.proto.graph.node if n.op_type == "Conv"][0].name).shape[0] == 4
+
+
+def test_grouped_conv_on_the_graph_input_prunes_inside_groups(tmp_path):
+    g = GraphBuilder("x", [1, 4, 8, 8])
+    y = g.relu(g.conv("x", 8, group=2))           # the input has no prunable channels
+    g.output(g.conv(y, 5))
+    r = prune_model(tmp_path, g.build(), ratio=0.5)
+    conv = node(r.proto, "Conv")
+    assert attr(conv, "group") == 2
+    assert weight(r.proto, conv.name).shape == (4, 2, 3, 3)   # 2 of 4 outputs in each group
+
+
+def _split_attention(g, x, radix, width):
+    """ResNeSt's split attention: a radix-grouped conv, a gate softmaxed over the radix axis."""
+    c = g.relu(g.conv(x, radix * width, group=radix))
+    c5 = g.reshape(c, [1, radix, width, 8, 8])
+    s = g.op("ReduceSum", [c5, g.const(np.array([1], np.int64))], keepdims=0)
+    a = g.relu(g.conv(g.gap(s), 4, k=1))
+    a = g.conv(a, radix * width, k=1)
+    a = g.transpose(g.reshape(a, [1, 1, radix, width]), [0, 2, 1, 3])
+    a = g.reshape(g.op("Softmax", [a], axis=1), [1, radix * width])
+    a = g.reshape(a, [1, radix, width, 1, 1])
+    return g.op("ReduceSum", [g.mul(c5, a), g.const(np.array([1], np.int64))], keepdims=0)
+
+
+def test_split_attention_prunes_inside_the_radix_groups(tmp_path):
+    g = GraphBuilder("x", [1, 3, 8, 8])
+    x = g.relu(g.conv("x", 8, k=1))
+    y = _split_attention(g, x, radix=2, width=8)
+    _head(g, g.conv(y, 6))
+    r = prune_model(tmp_path, g.build(), ratio=0.5)
+    frozen = [grp for grp in r.analysis.frozen if grp.size > 1]
+    assert len(frozen) == 1 and "graph output" in frozen[0].reasons[0]     # only the classifier
+    convs = [n for n in r.proto.graph.node if n.op_type == "Conv"]
+    assert weight(r.proto, convs[0].name).shape[0] == 4       # 8 inputs = 4 positions x 2 groups: 2 go
+    assert attr(convs[1], "group") == 2
+    assert weight(r.proto, convs[1].name).shape == (8, 2, 3, 3)
+    assert weight(r.proto, convs[3].name).shape[0] == 8       # the gate follows the radix conv

@@ -33,6 +33,26 @@ def _grouped(ctx: NodeCtx, in_ids: np.ndarray, groups: int, per_group_out: int) 
     return np.repeat(reps, per_group_out)
 
 
+def _by_position(ctx: NodeCtx, groups: int, per_group_in: int) -> bool:
+    """Prune a grouped conv inside its groups rather than in whole groups?
+
+    Inside: position ``j`` of every group is one channel (inputs and outputs alike), so every
+    group keeps the same width and ``group`` stays. That is finer when the groups are fewer
+    than their width (split attention's radix 2 over 64 channels), and the only way to prune
+    the outputs when the input carries no channels."""
+    lab = ctx.label(0)
+    return per_group_in > 1 and (per_group_in > groups or lab is None or lab.axis != 1)
+
+
+def _within_groups(ctx: NodeCtx, in_ids: np.ndarray, groups: int, per_group_out: int) -> tuple:
+    """Couple input position ``j`` across groups; returns (input ids per group, output ids per group)."""
+    k = len(in_ids) // groups
+    first = in_ids[:k]
+    for g in range(1, groups):
+        ctx.union(first, in_ids[g * k:(g + 1) * k])
+    return first, ctx.new_ids(per_group_out)
+
+
 def _bias(ctx: NodeCtx, i: int, out_ids: np.ndarray) -> None:
     if ctx.present(i):
         b = ctx.const(i)
@@ -64,10 +84,11 @@ def conv(ctx: NodeCtx) -> None:
     groups = int(ctx.attr("group", 1))
     in_ids = _channel_input(ctx)
     cout = w[0]
-    if groups == 1:
+    if groups == 1 or _by_position(ctx, groups, w[1]):
+        per_in, per_out = _within_groups(ctx, in_ids, groups, cout // groups)
         if ctx.label(0) is not None and ctx.label(0).axis == 1:
-            ctx.member(1, 1, in_ids, WEIGHT_IN)
-        out = ctx.new_ids(cout)
+            ctx.member(1, 1, per_in, WEIGHT_IN)
+        out = np.tile(per_out, groups)
     else:
         out = _grouped(ctx, in_ids, groups, cout // groups)
         _group_fixup(ctx, cout // groups)
