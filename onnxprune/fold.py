@@ -1,0 +1,198 @@
+"""Constant folding before the analysis: nodes whose inputs are all constants become constants.
+
+Some exporters compute per-channel constants at run time: paddle2onnx adds conv biases
+as ``Add(conv, Reshape(bias, shape))`` and casts constant shape pieces with ``Cast``. The
+op rules slice constants only, so such a bias looks like a run-time tensor and freezes
+its channels. :func:`fold_constants` evaluates those nodes once, in onnxruntime (the
+kernels that run the model, so the values are the ones the model computes), and stores
+the results as initializers under the same tensor names.
+
+Only small results are folded, and a constant that other nodes still read stays as it
+is for them: folding never duplicates a large weight, never changes what another user
+of a shared constant sees, and leaves quantization, random ops and graph outputs alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import ir, runtime
+
+SMALL = 1 << 14          # elements: always foldable (a copy this small next to a shared input is harmless)
+LIMIT = 1 << 22          # elements: never fold a larger result or read a larger input
+NEVER = {"Constant", "Identity",    # Identity(constant) is how torch shares weights: ir keeps it shared
+         "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+         "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def fold_model(model: ir.Model) -> ir.Model:
+    """``model`` with its constant subgraphs folded (the same object when there is nothing to fold)."""
+    proto, folded = fold_constants(model.proto)
+    return model if not folded else dataclasses.replace(model, proto=proto)
+
+
+def fold_constants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``proto`` with foldable nodes replaced by initializers, and the folded tensor names.
+
+    Returns ``proto`` itself when nothing folds."""
+    consts = _constants(proto.graph)
+    candidates = _candidates(proto.graph, consts)
+    if not candidates:
+        return proto, []
+    values = _evaluate(proto, candidates, consts)
+    folded = _accept(proto.graph, candidates, consts, values)
+    if not folded:
+        return proto, []
+    return _rebuild(proto, folded, values), [o for n in folded for o in n.output]
+
+
+# ---------------------------------------------------------------- what is constant
+
+def _constants(graph: onnx.GraphProto) -> dict[str, int]:
+    """Constant tensor name -> element count (initializers that are not graph inputs, Constant nodes)."""
+    inputs = {i.name for i in graph.input}
+    out = {t.name: int(np.prod(t.dims)) for t in graph.initializer if t.name not in inputs}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+            a = {x.name: x for x in n.attribute}
+            if "value" in a:
+                out[n.output[0]] = int(np.prod(a["value"].t.dims))
+            elif "value_floats" in a or "value_ints" in a:
+                out[n.output[0]] = len(a["value_floats"].floats) if "value_floats" in a else len(a["value_ints"].ints)
+            elif "value_float" in a or "value_int" in a:
+                out[n.output[0]] = 1
+    return out
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _candidates(graph: onnx.GraphProto, consts: dict[str, int]) -> list[onnx.NodeProto]:
+    """Nodes whose every input is a constant or another candidate's output, in graph order."""
+    outputs = {o.name for o in graph.output}
+    known = set(consts)
+    found = []
+    for n in graph.node:
+        ins = [i for i in n.input if i]
+        if (n.op_type in NEVER or n.domain not in ("", "ai.onnx") or _has_subgraph(n) or not ins
+                or any(o in outputs for o in n.output)):
+            continue
+        if all(i in known for i in ins) and all(consts.get(i, 0) <= LIMIT for i in ins):
+            found.append(n)
+            known.update(o for o in n.output if o)
+    return found
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _evaluate(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], consts: dict[str, int]) -> dict[str, np.ndarray]:
+    """Values of the candidates' outputs: one onnxruntime run, or one per node if the batch fails."""
+    try:
+        return _run(proto, nodes)
+    except Exception:
+        pass
+    values: dict[str, np.ndarray] = {}
+    for n in nodes:
+        try:
+            values.update(_run(proto, [n], values))
+        except Exception:
+            continue
+    return values
+
+
+def _run(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], given: dict[str, np.ndarray] | None = None
+         ) -> dict[str, np.ndarray]:
+    given = given or {}
+    made = {o for n in nodes for o in n.output}
+    needed = {i for n in nodes for i in n.input if i and i not in made}
+    inits = [t for t in proto.graph.initializer if t.name in needed and t.name not in given]
+    inits += [numpy_helper.from_array(v, k) for k, v in given.items() if k in needed]
+    const_nodes = [c for c in proto.graph.node if c.op_type == "Constant" and c.output[0] in needed]
+    names = [o for n in nodes for o in n.output if o]
+    graph = helper.make_graph(const_nodes + list(nodes), "fold", [], [helper.make_value_info(o, onnx.TypeProto())
+                                                                       for o in names], inits)
+    mini = helper.make_model(graph, opset_imports=list(proto.opset_import))
+    mini.ir_version = proto.ir_version
+    types = runtime.tensor_types(mini)
+    for vi in mini.graph.output:
+        if vi.name in types:
+            vi.type.CopyFrom(types[vi.name])
+    sess = runtime.session(mini, optimize=False)
+    return runtime.run(sess, {}, names)
+
+
+# ---------------------------------------------------------------- what to keep
+
+def _uses(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many node inputs read each name, counting every read inside subgraphs too."""
+    count: dict[str, int] = {}
+
+    def walk(g: onnx.GraphProto):
+        for n in g.node:
+            for i in n.input:
+                if i:
+                    count[i] = count.get(i, 0) + 1
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    walk(sub)
+    walk(graph)
+    for o in graph.output:
+        count[o.name] = count.get(o.name, 0) + 1
+    return count
+
+
+def _accept(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], consts: dict[str, int],
+            values: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
+    """The candidates worth folding: small results, or results that replace their only reader's input."""
+    uses = _uses(graph)
+    done: set[str] = set()
+    folded = []
+    for n in nodes:
+        outs = [o for o in n.output if o]
+        ins = [i for i in n.input if i]
+        if not all(o in values for o in outs) or not all(i in consts or i in done for i in ins):
+            continue
+        size = sum(values[o].size for o in outs)
+        nbytes = sum(values[o].nbytes for o in outs)
+        big_inputs = [i for i in ins if i in consts and consts[i] > SMALL]
+        alone = all(uses.get(i, 0) == 1 for i in big_inputs)
+        if size > LIMIT or (size > SMALL and not (alone and nbytes <= _bytes(graph, big_inputs))):
+            continue
+        folded.append(n)
+        done.update(outs)
+    return folded
+
+
+def _bytes(graph: onnx.GraphProto, names: list[str]) -> int:
+    want = set(names)
+    return sum(ir.tensor_bytes(t) for t in graph.initializer if t.name in want)
+
+
+def _rebuild(proto: onnx.ModelProto, folded: list[onnx.NodeProto], values: dict[str, np.ndarray]
+             ) -> onnx.ModelProto:
+    """Drop the folded nodes, add their outputs as initializers, drop constants nobody reads any more."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    gone = {id(n) for n in folded}
+    keep = [n for n in proto.graph.node if id(n) not in gone]
+    del g.node[:]
+    g.node.extend(keep)
+    uses = _uses(g)
+    g.initializer.extend(numpy_helper.from_array(values[o], o) for n in folded for o in n.output
+                         if o and uses.get(o, 0))
+    read = {i for n in folded for i in n.input if i}
+    stale = {name for name in read if not uses.get(name, 0)}
+    inputs = {i.name for i in g.input}
+    kept_inits = [t for t in g.initializer if not (t.name in stale and t.name not in inputs)]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    kept_nodes = [n for n in g.node if not (n.op_type == "Constant" and n.output[0] in stale)]
+    del g.node[:]
+    g.node.extend(kept_nodes)
+    return out
