@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import ir, metrics, reconstruct as recon, rewrite, verify as verify_mod
+from . import fold, ir, metrics, reconstruct as recon, rewrite, verify as verify_mod
 from .analysis import analyze
 from .data import ArrayData, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
@@ -37,6 +37,11 @@ class PruneResult:
     data_source: str
     seconds: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    serialized: tuple[onnx.ModelProto, bytes] | None = field(default=None, repr=False)  # (proto, its bytes)
+
+    def proto_bytes(self) -> bytes | None:
+        """``proto`` serialized, if it was already (for verification) and has not been replaced since."""
+        return self.serialized[1] if self.serialized is not None and self.serialized[0] is self.proto else None
 
     def report(self) -> dict:
         """The JSON report (stable keys, see README)."""
@@ -107,6 +112,7 @@ class Pruner:
         self.criterion, self.progress = criterion, progress
         with _timed(self.seconds, "load"):
             self.original = model if isinstance(model, ir.Model) else ir.load(model)
+            self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze"):
             self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier)
         self.data = calib if isinstance(calib, ArrayData) or calib is None else open_data(
@@ -147,12 +153,13 @@ class Pruner:
             result = rewrite.apply(analysis, the_plan.removed, original)
             gc.collect()  # the rewrite's graph holds sliced weights in reference cycles: free them now
             _check_like(result.proto, original.proto)
-        ver = None
+        ver, data_bytes = None, None
         if verify:
             with _timed(seconds, "verify"):
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
-                ver = verify_mod.verify(original.proto, result.proto, result.removed_positions, analysis.shapes,
-                                        feeds, rtol=rtol)
+                data_bytes = _serialize(result.proto, original)
+                ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
+                                        feeds, rtol=rtol, pruned_bytes=data_bytes)
             if not ver.passed:
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
@@ -175,7 +182,7 @@ class Pruner:
             after = metrics.summarize(final, analysis.input_shapes)
         source = "none" if data is None else data.kind
         return PruneResult(final, original, analysis, the_plan, result, ver, self.before, after, self.criterion,
-                           source, seconds, extra)
+                           source, seconds, extra, serialized=(final, data_bytes) if data_bytes else None)
 
 
 def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, criterion: str = "l2",
@@ -268,7 +275,7 @@ def _culprits(analysis: Analysis, plan: Plan, original: ir.Model, feeds, rtol: f
             continue
         try:
             r = rewrite.apply(analysis, {gid: removed}, original)
-            ok = verify_mod.verify(original.proto, r.proto, r.removed_positions, analysis.shapes, feeds,
+            ok = verify_mod.verify(original, r.proto, r.removed_positions, analysis.shapes, feeds,
                                    rtol=rtol).passed
         except Exception:
             ok = False
@@ -277,5 +284,14 @@ def _culprits(analysis: Analysis, plan: Plan, original: ir.Model, feeds, rtol: f
     return ", ".join(bad[:10]) or "none alone (an interaction between groups)"
 
 
+def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
+    """The bytes that both verification and ``save`` use, for a model saved in one piece."""
+    if original.external or ir.proto_bytes(proto) >= ir.TWO_GB:
+        return None
+    return proto.SerializeToString()
+
+
 def save(result: PruneResult, path: str | os.PathLike) -> int:
-    return ir.save(result.proto, path, source=result.original.path, external=result.original.external)
+    """Write the pruned model (the bytes verification ran, when it ran on this very model)."""
+    return ir.save(result.proto, path, source=result.original.path, external=result.original.external,
+                   data=result.proto_bytes())
