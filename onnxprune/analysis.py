@@ -22,6 +22,7 @@ from .data import random_feed
 from .groups import ACTIVATION, Analysis, Barrier, Group, Member
 from .rules import RULES, NodeCtx, Unsupported
 from .rules.base import FIXED, Label, UnionFind
+from .rules.taint import carry, static_or_const
 
 # inputs that carry shapes, sizes, bounds or axes: a computed value there can be folded to a constant
 SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Resize": (1, 2, 3),
@@ -64,7 +65,8 @@ class _Driver:
         self.shapes = shapes
         self.observed = observed
         self.static: set[str] = set()
-        self.taint: dict[str, list[tuple[np.ndarray, str]]] = {}  # value read from these channels' count
+        # values read from these channels' count: (ids, where, element positions holding it or None = any)
+        self.taint: dict[str, list[tuple[np.ndarray, str, frozenset | None]]] = {}
         self.opset = opset
         self.options = options
         self.uf = UnionFind()
@@ -89,9 +91,10 @@ class _Driver:
     def static_value(self, name: str):
         return self.observed.get(name) if name in self.static else None
 
-    def read_channel_count(self, out: gs.Tensor, ids: np.ndarray, where: str) -> None:
+    def read_channel_count(self, out: gs.Tensor, ids: np.ndarray, where: str, position: int | None = None) -> None:
         """``out`` holds a number computed from a channel count: follow it until it is folded or used."""
-        self.taint.setdefault(out.name, []).append((ids, where))
+        pos = None if position is None else frozenset([position])
+        self.taint.setdefault(out.name, []).append((ids, where, pos))
 
     def set_label(self, t: gs.Tensor, axis: int, ids: np.ndarray, node: gs.Node) -> None:
         if len(ids) != self.shape_of(t)[axis]:
@@ -118,7 +121,7 @@ class _Driver:
             lab = self.labels.get(t.name)
             if lab is not None:
                 self.fix(lab.ids, f"graph output '{t.name}' keeps its shape")
-            for ids, where in self.taint.get(t.name, []):
+            for ids, where, _ in self.taint.get(t.name, []):
                 self.fix(ids, f"{where}: its channel count reaches graph output '{t.name}'")
 
     def visit(self, node: gs.Node) -> None:
@@ -158,11 +161,25 @@ class _Driver:
             if i in foldable and t.name in self.static:
                 self._fold(node, i, t)
             elif node.op in SHAPE_ARITH and node.domain in ("", "ai.onnx", None) and self._small(node):
-                for o in node.outputs:
-                    self.taint.setdefault(o.name, []).extend(self.taint[t.name])
+                self._carry_taint(node, i, t)
             else:
-                for ids, where in self.taint[t.name]:
+                for ids, where, _ in self.taint[t.name]:
                     self.fix(ids, f"{where}: its channel count is used at run time by {node.op} '{node.name}'")
+
+    def _carry_taint(self, node: gs.Node, i: int, t: gs.Tensor) -> None:
+        """Pass the count on to the elements of the outputs that still hold it (none: it is gone)."""
+        value_of = static_or_const(self)
+        for k, o in enumerate(node.outputs):
+            for ids, where, pos in self.taint[t.name]:
+                new = carry(node, i, pos, value_of, self._shape_or_none) if k == 0 else None
+                if new is None or len(new):
+                    self.taint.setdefault(o.name, []).append((ids, where, new))
+
+    def _shape_or_none(self, t: gs.Tensor):
+        if isinstance(t, gs.Constant):
+            return list(t.shape)
+        s = self.shapes.get(t.name)
+        return None if s is None or any(d is None for d in s) else list(s)
 
     def _small(self, node: gs.Node) -> bool:
         """Shape arithmetic produces a handful of numbers; anything bigger is data."""

@@ -139,3 +139,21 @@ def test_channel_count_used_as_data_freezes(tmp_path):
     assert weight(r.proto, [n for n in r.proto.graph.node if n.op_type == "Conv"][0].name).shape[0] == 8
     frozen = next(f for f in r.report()["frozen"] if f["size"] == 8)
     assert any("channel count is used at run time" in x for x in frozen["reasons"])
+
+
+def test_batch_sliced_from_a_shape_does_not_hold_the_channel_count(tmp_path):
+    """paddle2onnx's flatten: Reshape(x, Concat(Slice(Shape(x), 0, 1), Cast([C]))) with a symbolic batch."""
+    g = GraphBuilder("x", [2, 3, 8, 8], dynamic_batch=True)
+    y = g.gap(g.relu(g.conv("x", 8)))
+    shape = g.op("Shape", [y])
+    batch = g.op("Slice", [shape, g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)),
+                           g.const(np.array([0], np.int64))])
+    width = g.op("Cast", [g.const(np.array([8], np.int32))], to=onnx.TensorProto.INT64)
+    y = g.op("Reshape", [y, g.op("Concat", [batch, width], axis=0)])
+    g.shapes[y] = [2, 8]
+    g.output(g.op("MatMul", [y, g.weight([8, 3])]))
+    m = g.build()
+    r = prune_model(tmp_path, m, ratio=0.5, input_shapes={"x": [2, 3, 8, 8]})
+    assert weight(r.proto, node(r.proto, "MatMul").name, 1).shape == (4, 3)
+    assert r.proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert all("graph output" in f["reasons"][0] for f in r.report()["frozen"])

@@ -218,9 +218,10 @@ class NodeCtx:
             raise Unsupported(f"input {idx} ('{tensor.name}') is not a constant")
         self._a.add_member(tensor.name, axis, np.asarray(ids, dtype=np.int64), kind, self.node, idx)
 
-    def read_channel_count(self, ids: np.ndarray, out: int = 0) -> None:
-        """Output ``out`` is a number computed from these channels' count (Shape, Size)."""
-        self._a.read_channel_count(self.node.outputs[out], ids, f"{self.op} '{self.name}'")
+    def read_channel_count(self, ids: np.ndarray, out: int = 0, position: int | None = None) -> None:
+        """Output ``out`` holds these channels' count (Shape, Size): at element ``position``, or
+        anywhere (None)."""
+        self._a.read_channel_count(self.node.outputs[out], ids, f"{self.op} '{self.name}'", position)
 
     def fixup(self, fn: Fixup) -> None:
         self._a.fixups.append((self.node, fn))

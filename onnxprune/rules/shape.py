@@ -363,6 +363,8 @@ def shape_of(ctx: NodeCtx) -> None:
         end = rank if end is None else (int(end) % (rank + 1) if end < 0 else min(int(end), rank))
         if not (start <= lab.axis < end):
             return
+        ctx.read_channel_count(lab.ids, position=lab.axis - start)
+        return
     ctx.read_channel_count(lab.ids)
 
 
