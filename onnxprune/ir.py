@@ -8,6 +8,7 @@ original's opsets, IR version and metadata, and ``save`` writes atomically.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -35,6 +36,7 @@ class Model:
     file_bytes: int = 0
     meta: dict = field(default_factory=dict)
     external: bool = False   # weights were read from external data files (saving keeps that layout)
+    stamp: tuple | None = None   # (file mtime, size, structure digest) at load: is the file still the proto?
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -48,14 +50,16 @@ class Model:
         return 0
 
 
-def model_size_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file plus the external data files it references."""
+def model_size_bytes(path: str | os.PathLike, proto: onnx.ModelProto | None = None) -> int:
+    """Bytes on disk of a model file plus the external data files it references
+    (read from ``proto`` when given, else from the file's header)."""
     path = Path(path)
     total = path.stat().st_size
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return total
+    if proto is None:
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            return total
     seen = set()
     for t in _all_tensors(proto.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -112,6 +116,7 @@ def load(path: str | os.PathLike) -> Model:
             f"{p}: external data file '{sorted(set(missing))[0]}' is missing; keep it next to the model"
         )
     external = _has_external(proto)
+    size = model_size_bytes(p, proto)  # from the header, before the data is read in
     try:
         onnx.load_external_data_for_model(proto, str(p.parent))
     except Exception as e:  # unreadable or short external data
@@ -121,7 +126,48 @@ def load(path: str | os.PathLike) -> Model:
     except Exception as e:
         why = " ".join(str(e).split())[:300] or type(e).__name__
         raise OnnxPruneError(f"{p}: onnx.checker rejects the model ({why}); repair or re-export it") from None
-    return Model(proto=proto, path=p, file_bytes=model_size_bytes(p), external=external)
+    st = p.stat()
+    return Model(proto=proto, path=p, file_bytes=size, external=external,
+                 stamp=(st.st_mtime_ns, st.st_size, structure_digest(proto)))
+
+
+def structure_digest(proto: onnx.ModelProto) -> str:
+    """A digest of the nodes, inputs, outputs and initializer names/shapes (not the weights' values)."""
+    h = hashlib.blake2b(digest_size=16)
+    g = proto.graph
+    for part in (g.node, g.input, g.output):
+        for item in part:
+            h.update(item.SerializeToString())
+    for t in g.initializer:
+        h.update(f"{t.name}:{t.data_type}:{list(t.dims)};".encode())
+    return h.hexdigest()
+
+
+def file_bytes(model: Model) -> bytes | None:
+    """The bytes of the file ``model`` was loaded from, if the file is unchanged and ``model.proto``
+    still has the structure it had then (same nodes, inputs, outputs, initializer names and shapes);
+    else ``None``. With external data that is the model file only, the weights staying where they are."""
+    if model.stamp is None or model.path is None:
+        return None
+    try:
+        st = model.path.stat()
+        if (st.st_mtime_ns, st.st_size) != model.stamp[:2] or structure_digest(model.proto) != model.stamp[2]:
+            return None
+        data = model.path.read_bytes()
+    except OSError:
+        return None
+    return data if len(data) == model.stamp[1] else None
+
+
+def serialized(model: Model | onnx.ModelProto) -> bytes:
+    """The serialized model with its weights: the file's own bytes when ``model`` was loaded from a
+    file without external data that still matches it (no serialization), else ``SerializeToString``."""
+    if isinstance(model, Model):
+        data = None if model.external else file_bytes(model)
+        if data is not None:
+            return data
+        model = model.proto
+    return model.SerializeToString()
 
 
 def proto_bytes(proto: onnx.ModelProto) -> int:
@@ -156,10 +202,11 @@ def check(proto: onnx.ModelProto, full: bool = True) -> None:
 
 
 def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
-         external: bool = False) -> int:
+         external: bool = False, data: bytes | None = None) -> int:
     """Write ``proto`` to ``path`` atomically; models over 2 GB (or with ``external=True``)
     get their weights in a ``.data`` file beside them.
 
+    ``data``: ``proto`` already serialized (written as it is, not serialized again).
     Refuses to overwrite ``source`` (the input model). Returns bytes written.
     """
     out = Path(path)
@@ -184,9 +231,12 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
     try:
         if big:  # external data is written under its final name's reference, then both files renamed
             write_external(proto, tmp, data_name, data_file=tmp_data)
+            size = os.path.getsize(tmp) + os.path.getsize(tmp_data)
             os.replace(tmp_data, parent / data_name)
         else:
-            onnx.save_model(proto, tmp)
+            with open(tmp, "wb") as fh:
+                fh.write(proto.SerializeToString() if data is None else data)
+            size = os.path.getsize(tmp)
         os.replace(tmp, out)
     except BaseException as e:
         for f in (tmp, tmp_data):
@@ -195,7 +245,7 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
         if isinstance(e, OSError):
             raise OnnxPruneError(f"{out}: cannot write the model ({e.strerror or e})") from None
         raise
-    return model_size_bytes(out)
+    return size
 
 
 def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_name: str, *,
@@ -343,14 +393,36 @@ def from_graph(graph: gs.Graph, template: Model | onnx.ModelProto) -> onnx.Model
     """A model from an edited graph, keeping the template's IR version, opsets and metadata."""
     tmpl = template.proto if isinstance(template, Model) else template
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = gs.export_onnx(graph, do_type_check=False)  # used as it is: copying its graph copies the weights
-    for name in ("opset_import", "metadata_props", "functions"):
-        del getattr(out, name)[:]
+    out = onnx.ModelProto()
     _copy_header(tmpl, out)  # never copy the template's graph (and its weights) only to replace it
+    _export_graph(graph, out.graph)
     _hoist_subgraph_initializers(out.graph)
-    # graph value_info of a structurally changed graph is stale: shapes are re-inferred
-    del out.graph.value_info[:]
     return out
+
+
+def _export_graph(graph: gs.Graph, g: onnx.GraphProto) -> None:
+    """graphsurgeon's export written straight into ``g``: each weight is copied once (untouched
+    ones from their original TensorProto), where ``gs.export_onnx`` copies every weight three
+    times (list, ``make_graph``, ``make_model``). Value infos are left out: the graph changed
+    shape, they are re-inferred."""
+    ex = gs.exporters.onnx_exporter.OnnxExporter
+    g.name = graph.name or ""
+    if graph.doc_string:
+        g.doc_string = graph.doc_string
+    g.node.extend(ex.export_node(n) for n in graph.nodes)
+    g.input.extend(ex.export_value_info_proto(t, False) for t in graph.inputs)
+    g.output.extend(ex.export_value_info_proto(t, False) for t in graph.outputs)
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant):
+            continue
+        values = t._values
+        if isinstance(values, gs.ir.tensor.SparseValues):
+            g.sparse_initializer.append(values.tensor)
+        elif isinstance(values, gs.ir.tensor.LazyValues):
+            g.initializer.append(values.tensor)
+            g.initializer[-1].name = t.name
+        else:
+            g.initializer.append(ex.export_tensor_proto(t))
 
 
 def _hoist_subgraph_initializers(graph: onnx.GraphProto) -> None:

@@ -14,10 +14,11 @@ from . import ir
 from .errors import OnnxPruneError
 
 
-def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: bool = True,
+def session(proto: onnx.ModelProto | bytes, *, threads: int | None = None, optimize: bool = True,
             sequential: bool = True, weights: onnx.ModelProto | None = None, spinning: bool = True,
-            layout: bool = True) -> ort.InferenceSession:
-    """A CPU session for ``proto``; ``optimize=False`` keeps every tensor name intact.
+            layout: bool = True, external_dir: str | None = None) -> ort.InferenceSession:
+    """A CPU session for ``proto`` (a model, or one serialized); ``optimize=False`` keeps every
+    tensor name intact. ``external_dir``: where a serialized model's external data files are.
 
     ``layout=False`` skips the layout transforms (NCHWc), which can drop a tensor exposed as an
     extra graph output (onnxruntime 1.32) and then fail to load the model.
@@ -43,7 +44,11 @@ def session(proto: onnx.ModelProto, *, threads: int | None = None, optimize: boo
     elif not layout:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     providers = ["CPUExecutionProvider"]
+    if external_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", external_dir)
     try:
+        if isinstance(proto, bytes):
+            return ort.InferenceSession(proto, so, providers=providers)
         if weights is None and ir.proto_bytes(proto) < ir.TWO_GB:
             return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
         with tempfile.TemporaryDirectory() as d:

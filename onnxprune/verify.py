@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
-from . import ir, runtime
+from . import ir, runtime, wire
 from .errors import OnnxPruneError
 
 SHARE_WEIGHTS_BYTES = 2**28  # originals this large share their weights with the masked reference
@@ -52,39 +52,62 @@ class Verification:
                              "passed": o.passed} for o in self.outputs]}
 
 
-def masked_reference(original: onnx.ModelProto, removed: dict[str, tuple[int, np.ndarray]],
-                     shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """The original model with ``removed`` positions of each named tensor forced to zero."""
-    graph = ir.to_graph(original)
-    tensors = graph.tensors()
-    types = runtime.tensor_types(original)
-    for name, (axis, positions) in removed.items():
-        if len(positions) == 0 or name not in tensors:
-            continue
-        t = tensors[name]
-        rank = len(shapes[name])
-        n = shapes[name][axis]
-        consumers = list(t.outputs)
-        dtype = ir.np_dtype(types[name].tensor_type.elem_type) if name in types else np.dtype(np.float32)
+def reference_patch(original: onnx.ModelProto, removed: dict[str, tuple[int, np.ndarray]],
+                    shapes: dict[str, list[int]]) -> onnx.GraphProto:
+    """The masked reference as a patch of the original graph: every node (consumers of a masked
+    tensor read its masked copy), a ``Where(keep, x, 0)`` after each tensor that lost positions,
+    and the small keep/zero constants. See :func:`wire.splice`."""
+    g = original.graph
+    produced = {o for n in g.node for o in n.output}
+    known = produced | {i.name for i in g.input} | {t.name for t in g.initializer}
+    masked = {name: axis_pos for name, axis_pos in removed.items() if len(axis_pos[1]) and name in known}
+    patch = onnx.GraphProto()
+    types = runtime.tensor_types(original) if masked else {}
+    rename = {name: f"{name}__masked" for name in masked}
+    wheres = {}
+    for name, (axis, positions) in masked.items():
+        rank, n = len(shapes[name]), shapes[name][axis]
         keep = np.ones(n, dtype=bool)
         keep[positions] = False
         shape = [1] * rank
         shape[axis] = n
-        mask = gs.Constant(f"{name}__keep", keep.reshape(shape))
-        zero = gs.Constant(f"{name}__zero", np.zeros((), dtype=dtype))
-        masked = gs.Variable(f"{name}__masked", dtype=dtype)
-        graph.nodes.append(gs.Node("Where", f"{name}__mask", inputs=[mask, t, zero], outputs=[masked]))
-        for c in consumers:
-            for i, inp in enumerate(c.inputs):
-                if inp is t:
-                    c.inputs[i] = masked
-    return ir.from_graph(graph, original)
+        dtype = ir.np_dtype(types[name].tensor_type.elem_type) if name in types else np.dtype(np.float32)
+        patch.initializer.append(numpy_helper.from_array(keep.reshape(shape), f"{name}__keep"))
+        patch.initializer.append(numpy_helper.from_array(np.zeros((), dtype=dtype), f"{name}__zero"))
+        wheres[name] = onnx.helper.make_node("Where", [f"{name}__keep", name, f"{name}__zero"], [rename[name]],
+                                             name=f"{name}__mask")
+    patch.node.extend(wheres[n] for n in masked if n not in produced)  # graph inputs, initializers
+    for node in g.node:
+        new = patch.node.add()
+        new.CopyFrom(node)
+        _rename_inputs(new, rename)
+        patch.node.extend(wheres[o] for o in node.output if o in wheres)
+    return patch
 
 
-def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-            rtol: float = 1e-4, atol: float = 1e-5,
+def _rename_inputs(node: onnx.NodeProto, rename: dict[str, str]) -> None:
+    """Point ``node``'s inputs (and those of its subgraphs, which may read outer tensors) at the renamed tensors."""
+    for i, name in enumerate(node.input):
+        if name in rename:
+            node.input[i] = rename[name]
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+            for n in sub.node:
+                _rename_inputs(n, rename)
+
+
+def masked_reference(original: onnx.ModelProto, removed: dict[str, tuple[int, np.ndarray]],
+                     shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """The original model with ``removed`` positions of each named tensor forced to zero."""
+    data = wire.splice(original.SerializeToString(), reference_patch(original, removed, shapes))
+    return onnx.load_from_string(data)
+
+
+def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | bytes,
+            feeds: list[dict[str, np.ndarray]], rtol: float = 1e-4, atol: float = 1e-5,
             taps: dict[str, tuple[str, int, np.ndarray]] | None = None,
-            reference_weights: onnx.ModelProto | None = None) -> Verification:
+            reference_weights: onnx.ModelProto | None = None, *, external_dir: str | None = None,
+            reference_names: set[str] | None = None) -> Verification:
     """Run both models on ``feeds`` and compare every output.
 
     Outputs of a low-precision float type (float16, bfloat16) are compared with a relative
@@ -94,13 +117,16 @@ def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[
     ``taps`` also compares intermediate tensors: candidate tensor name -> (reference tensor name,
     axis, positions to delete from the reference value), so a pruned layer whose effect on the
     outputs is tiny (e.g. a residual branch behind a 1e-6 layer scale) is still checked.
+
+    Either model may be given serialized (bytes); ``external_dir`` is where the serialized
+    reference's external data lives, ``reference_names`` the tensors it produces.
     """
-    have = {o for n in candidate.graph.node for o in n.output}
-    have_ref = {o for n in reference.graph.node for o in n.output}
+    have = _produced(candidate)
+    have_ref = reference_names if reference_names is not None else _produced(reference)
     # dead branches are cleaned away from both models
     taps = {c: v for c, v in (taps or {}).items() if c in have and v[0] in have_ref}
     try:
-        s_cand, s_ref = _sessions(candidate, reference, taps, reference_weights)
+        s_cand, s_ref = _sessions(candidate, reference, taps, reference_weights, external_dir)
     except Exception as e:  # the candidate must load; if it does not, that is a failed verification
         return Verification(False, error=str(e), rtol=rtol, atol=atol)
     outs = [o.name for o in s_ref.get_outputs() if o.name not in {r for r, _, _ in taps.values()}]
@@ -113,25 +139,42 @@ def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[
             return Verification(False, error=f"pruned model failed to run: {e}", rtol=rtol, atol=atol)
         b = runtime.run(s_ref, feed, [r for _, r, _, _ in pairs])
         for n, r, ax, pos in pairs:
-            y = np.asarray(b[r], dtype=np.float64)
+            y = np.asarray(b[r])
             if ax is not None:
                 y = np.delete(y, pos, axis=ax)
-            worst[n][2] = max(worst[n][2], _precision_rtol(np.asarray(a[n]).dtype))
-            x = np.asarray(a[n], dtype=np.float64)
+            x = np.asarray(a[n])
+            worst[n][2] = max(worst[n][2], _precision_rtol(x.dtype))
             if x.shape != y.shape:
                 return Verification(False, error=f"output '{n}' has shape {list(x.shape)}, expected {list(y.shape)}",
                                     rtol=rtol, atol=atol)
-            both_nan = np.isnan(x) & np.isnan(y)
-            diff = np.where(both_nan, 0.0, np.abs(x - y))
-            diff = np.where(np.isnan(diff), np.inf, diff)
-            finite = np.isfinite(y)
-            worst[n][0] = max(worst[n][0], float(diff.max(initial=0.0)))
-            worst[n][1] = max(worst[n][1], float(np.abs(y[finite]).max(initial=0.0)))
+            err, scale = _worst(x, y)
+            worst[n][0] = max(worst[n][0], err)
+            worst[n][1] = max(worst[n][1], scale)
     checks = []
     for n, (err, scale, rel) in worst.items():
         tol = atol + rel * scale
         checks.append(OutputCheck(n, err, scale, tol, err <= tol))
     return Verification(all(c.passed for c in checks), checks, len(feeds), rtol, atol)
+
+
+def _worst(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(max |x - y| with NaN = NaN as equal and any other NaN as infinite, max finite |y|), in float64."""
+    x, y = x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
+    diff = np.abs(x - y)
+    err = float(diff.max(initial=0.0))
+    scale = float(np.abs(y).max(initial=0.0))
+    if np.isnan(err):  # the exact rule, only where a NaN occurs
+        diff = np.where(np.isnan(x) & np.isnan(y), 0.0, diff)
+        err = float(np.where(np.isnan(diff), np.inf, diff).max(initial=0.0))
+    if not np.isfinite(scale):
+        scale = float(np.abs(y[np.isfinite(y)]).max(initial=0.0))
+    return err, scale
+
+
+def _produced(model: onnx.ModelProto | bytes) -> set[str]:
+    if isinstance(model, bytes):
+        model = _graph_fields(model, (wire.NODE_FIELD,))
+    return {o for n in model.graph.node for o in n.output}
 
 
 def _precision_rtol(dtype: np.dtype) -> float:
@@ -141,39 +184,87 @@ def _precision_rtol(dtype: np.dtype) -> float:
     return 8 * float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
 
 
-def _sessions(candidate: onnx.ModelProto, reference: onnx.ModelProto, taps: dict,
-              weights: onnx.ModelProto | None = None):
+def _sessions(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | bytes, taps: dict,
+              weights: onnx.ModelProto | None = None, external_dir: str | None = None):
     """Sessions for both models with the taps as extra outputs, without layout transforms:
     onnxruntime's NCHWc pass can drop a tapped tensor (1.32: a Conv output feeding a fused Add)
     and then fails to load a model that loads fine untapped."""
-    if not taps:
-        return runtime.session(candidate), runtime.session(reference, weights=weights)
-    cand_t = runtime.with_outputs(candidate, list(taps))
-    ref_t = runtime.with_outputs(reference, [r for r, _, _ in taps.values()])
-    return runtime.session(cand_t, layout=False), runtime.session(ref_t, weights=weights, layout=False)
+    return (_session(candidate, list(taps)),
+            _session(reference, [r for r, _, _ in taps.values()], weights, external_dir))
 
 
-def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, removed: dict[str, tuple[int, np.ndarray]],
-           shapes: dict[str, list[int]], feeds: list[dict[str, np.ndarray]], rtol: float = 1e-4,
-           atol: float = 1e-5, max_taps: int = 48) -> Verification:
+def _session(model: onnx.ModelProto | bytes, extra: list[str], weights: onnx.ModelProto | None = None,
+             external_dir: str | None = None):
+    if isinstance(model, onnx.ModelProto) and (weights is not None or ir.proto_bytes(model) >= ir.TWO_GB):
+        return runtime.session(runtime.with_outputs(model, extra) if extra else model, weights=weights,
+                               layout=not extra)
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    if extra:
+        have = {o.name for o in _graph_fields(data, (wire.OUTPUT_FIELD,)).graph.output}
+        data = wire.with_outputs(data, [n for n in extra if n not in have])
+    return runtime.session(data, layout=not extra, external_dir=external_dir)
+
+
+def verify(original: onnx.ModelProto | ir.Model, pruned: onnx.ModelProto,
+           removed: dict[str, tuple[int, np.ndarray]], shapes: dict[str, list[int]],
+           feeds: list[dict[str, np.ndarray]], rtol: float = 1e-4, atol: float = 1e-5, max_taps: int = 48, *,
+           pruned_bytes: bytes | None = None) -> Verification:
     """Compare ``pruned`` with the masked original on ``feeds``: outputs and up to ``max_taps``
     intermediate tensors that lost channels (spread evenly over the graph).
 
-    The masked reference of a large original (``SHARE_WEIGHTS_BYTES`` or more) is built from
-    its weight-free skeleton and reads the original's weights when its session is made, so
-    verification never holds a second copy of them. An original that onnxruntime cannot run
-    on ``feeds`` is the user's problem, not a failed verification: :class:`OnnxPruneError`.
+    The masked reference is spliced from the serialized original (its file when ``original``
+    is an :class:`ir.Model` whose file is unchanged; see :mod:`wire`), so its weights are never
+    decoded or re-serialized; a reference to external data reads the original's data files.
+    A large original held in memory (``SHARE_WEIGHTS_BYTES`` or more) gets a reference built
+    from its weight-free skeleton that reads the original's weights when its session is made.
+    ``pruned_bytes`` is ``pruned`` already serialized (it is not serialized again).
+    An original that onnxruntime cannot run on ``feeds`` is the user's problem, not a failed
+    verification: :class:`OnnxPruneError`.
     """
+    proto = original.proto if isinstance(original, ir.Model) else original
     names = [n for n, (_, pos) in removed.items() if len(pos)]
     pick = names if len(names) <= max_taps else [names[i] for i in np.linspace(0, len(names) - 1, max_taps)
                                                      .round().astype(int)]
     taps = {n: (f"{n}__masked", removed[n][0], removed[n][1]) for n in pick}
-    share = ir.proto_bytes(original) >= SHARE_WEIGHTS_BYTES
-    reference = masked_reference(ir.skeleton(original) if share else original, removed, shapes)
-    ver = compare(pruned, reference, feeds, rtol, atol, taps, reference_weights=original if share else None)
+    patch = reference_patch(proto, removed, shapes)
+    ref_names = {o for n in patch.node for o in n.output}
+    outputs = {o.name for o in proto.graph.output}
+    for r, _, _ in taps.values():  # spliced in now rather than appended later (a second copy)
+        if r in ref_names and r not in outputs:
+            patch.output.add().name = r
+    base, external_dir, weights = _reference_base(original)
+    reference = wire.splice(base, patch) if isinstance(base, bytes) else onnx.load_from_string(
+        wire.splice(base.SerializeToString(), patch))
+    del base
+    candidate = pruned_bytes if pruned_bytes is not None else pruned
+    ver = compare(candidate, reference, feeds, rtol, atol, taps, reference_weights=weights,
+                  external_dir=external_dir, reference_names=ref_names)
     if not ver.passed and ver.error:
-        _require_runnable(original, feeds[0] if feeds else None)
+        _require_runnable(proto, feeds[0] if feeds else None)
     return ver
+
+
+def _reference_base(original: onnx.ModelProto | ir.Model):
+    """(serialized original or its skeleton, folder of its external data, model supplying the weights)."""
+    proto = original.proto if isinstance(original, ir.Model) else original
+    if isinstance(original, ir.Model) and original.external:
+        header = ir.file_bytes(original)
+        if header is not None:
+            return header, str(original.path.parent), None
+    if ir.proto_bytes(proto) >= SHARE_WEIGHTS_BYTES:
+        return ir.skeleton(proto), None, proto
+    return ir.serialized(original), None, None
+
+
+def _graph_fields(data: bytes, numbers: tuple[int, ...]) -> onnx.ModelProto:
+    """The GraphProto fields ``numbers`` of a serialized model, parsed without the rest (its weights)."""
+    m = onnx.ModelProto()
+    view = memoryview(data)
+    for number, _, _, p, e in wire.fields(view):
+        if number == wire.GRAPH_FIELD:
+            m.graph.MergeFromString(b"".join(view[s:ge] for n, _, s, _, ge in wire.fields(view, p, e)
+                                             if n in numbers))
+    return m
 
 
 def _require_runnable(original: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> None:
