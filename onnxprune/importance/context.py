@@ -15,6 +15,10 @@ from ..groups import Analysis
 from . import stats as _stats
 
 
+CACHE_VALUE_BYTES = 2**24   # constants up to 16 MiB are decoded once per scoring run
+CACHE_TOTAL_BYTES = 2**28   # and at most 256 MiB of them are kept
+
+
 @dataclass
 class ScoreContext:
     """Inputs shared by every criterion call of one scoring run.
@@ -38,6 +42,7 @@ class ScoreContext:
     reduction: str = "mean"           # how member scores combine when a criterion is called directly
     fallbacks: dict[int, str] = field(default_factory=dict)   # group id -> criterion used instead (report)
     _values: dict = field(default_factory=dict, init=False, repr=False)
+    _cached_bytes: int = field(default=0, init=False, repr=False)
     _sources: dict | None = field(default=None, init=False, repr=False)
     _nodes: dict | None = field(default=None, init=False, repr=False)
     _needs: _stats.Needs = field(default_factory=_stats.Needs, init=False, repr=False)
@@ -64,7 +69,11 @@ class ScoreContext:
         return name in self._sources
 
     def value(self, name: str) -> np.ndarray:
-        """A constant tensor (initializer or ``Constant`` node output) as an array, cached."""
+        """A constant tensor (initializer or ``Constant`` node output) as a read-only array.
+
+        Values up to ``CACHE_VALUE_BYTES`` are cached (up to ``CACHE_TOTAL_BYTES`` in all); larger
+        ones are decoded on each call, so scoring a large model never holds a second copy of its weights.
+        """
         if name in self._values:
             return self._values[name]
         self._index()
@@ -75,8 +84,19 @@ class ScoreContext:
             v = numpy_helper.to_array(src)
         else:
             v = _constant_node_value(src)
-        self._values[name] = v
+        v.flags.writeable = False
+        if v.nbytes <= CACHE_VALUE_BYTES and self._cached_bytes + v.nbytes <= CACHE_TOTAL_BYTES:
+            self._values[name] = v
+            self._cached_bytes += v.nbytes
         return v
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a constant tensor, without decoding it."""
+        self._index()
+        src = self._sources.get(name)
+        if isinstance(src, onnx.TensorProto):
+            return tuple(src.dims)
+        return np.shape(self.value(name))
 
     def node(self, name: str, tensor: str = "", input_index: int = -1) -> onnx.NodeProto | None:
         """The node called ``name``; for unnamed nodes, the one using ``tensor`` as input ``input_index``."""

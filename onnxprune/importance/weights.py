@@ -29,17 +29,33 @@ def weight_members(group: Group, ctx: ScoreContext, norms: bool = True) -> list[
         is_weight = m.kind in (WEIGHT_OUT, WEIGHT_IN)
         is_scale = norms and m.kind == PARAM and NORM_SCALE.get(m.op) == m.input_index
         if (is_weight or is_scale) and ctx.is_constant(m.tensor):
-            shape = np.shape(ctx.value(m.tensor))
+            shape = ctx.shape(m.tensor)
             if len(shape) > m.axis and shape[m.axis] == len(m.index):
                 out.append(m)
     return out
 
 
 def weight_rows(group: Group, ctx: ScoreContext, norms: bool = True):
-    """(member, rows) per weight member: ``rows[p]`` = the weights at position ``p`` of its axis (float64)."""
+    """(member, rows) per weight member: ``rows[p]`` = the weights at position ``p`` of its axis, in the
+    weight's own dtype and, where possible, a view (:func:`row_sums` reduces them in float64)."""
     for m in weight_members(group, ctx, norms):
-        w = np.asarray(ctx.value(m.tensor), dtype=np.float64)
+        w = ctx.value(m.tensor)
         yield m, np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
+
+
+def row_sums(rows: np.ndarray, fn, block_bytes: int = 2**22) -> np.ndarray:
+    """``fn(rows as float64).sum(axis=1)``, a block of rows at a time, without a float64 copy of the whole
+    weight. The blocks keep the rows' memory layout (``astype`` order K), so numpy sums in the same
+    order as it would over the whole float64 weight: the same bits."""
+    step = max(1, block_bytes // (8 * max(1, rows.shape[1])))
+    out = np.empty(rows.shape[0], dtype=np.float64)
+    for i in range(0, rows.shape[0], step):
+        out[i:i + step] = fn(rows[i:i + step].astype(np.float64)).sum(axis=1)
+    return out
+
+
+def _square(x: np.ndarray) -> np.ndarray:
+    return x * x
 
 
 def _plan_weights(group: Group, ctx: ScoreContext) -> Needs | None:
@@ -47,11 +63,11 @@ def _plan_weights(group: Group, ctx: ScoreContext) -> Needs | None:
 
 
 def _l1(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
-    return [to_channels(np.abs(r).sum(axis=1), m.index, group.size) for m, r in weight_rows(group, ctx)]
+    return [to_channels(row_sums(r, np.abs), m.index, group.size) for m, r in weight_rows(group, ctx)]
 
 
 def _sq(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
-    return [to_channels((r * r).sum(axis=1), m.index, group.size) for m, r in weight_rows(group, ctx)]
+    return [to_channels(row_sums(r, _square), m.index, group.size) for m, r in weight_rows(group, ctx)]
 
 
 def _l2(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
