@@ -9,7 +9,9 @@ the results as initializers under the same tensor names.
 
 Only small results are folded, and a constant that other nodes still read stays as it
 is for them: folding never duplicates a large weight, never changes what another user
-of a shared constant sees, and leaves quantization, random ops and graph outputs alone.
+of a shared constant sees, never decompresses stored weights (a result bigger than its
+inputs, such as float16 weights cast to float32, stays computed), and leaves
+quantization, random ops and graph outputs alone.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from onnx import helper, numpy_helper
 
 from . import ir, runtime
 
-SMALL = 1 << 14          # elements: always foldable (a copy this small next to a shared input is harmless)
+TINY = 64                # elements: shape arithmetic, always foldable
+SMALL = 1 << 14          # elements: foldable even next to a shared input (a copy this small is harmless)
 LIMIT = 1 << 22          # elements: never fold a larger result or read a larger input
 NEVER = {"Constant", "Identity",    # Identity(constant) is how torch shares weights: ir keeps it shared
          "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
@@ -43,7 +46,7 @@ def fold_constants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     candidates = _candidates(proto.graph, consts)
     if not candidates:
         return proto, []
-    values = _evaluate(proto, candidates, consts)
+    values = _evaluate(proto, candidates)
     folded = _accept(proto.graph, candidates, consts, values)
     if not folded:
         return proto, []
@@ -52,19 +55,20 @@ def fold_constants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
 
 # ---------------------------------------------------------------- what is constant
 
-def _constants(graph: onnx.GraphProto) -> dict[str, int]:
-    """Constant tensor name -> element count (initializers that are not graph inputs, Constant nodes)."""
+def _constants(graph: onnx.GraphProto) -> dict[str, tuple[int, int]]:
+    """Constant tensor name -> (elements, bytes): initializers that are not graph inputs, Constant nodes."""
     inputs = {i.name for i in graph.input}
-    out = {t.name: int(np.prod(t.dims)) for t in graph.initializer if t.name not in inputs}
+    out = {t.name: (int(np.prod(t.dims)), ir.tensor_bytes(t)) for t in graph.initializer if t.name not in inputs}
     for n in graph.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
             a = {x.name: x for x in n.attribute}
             if "value" in a:
-                out[n.output[0]] = int(np.prod(a["value"].t.dims))
+                out[n.output[0]] = (int(np.prod(a["value"].t.dims)), ir.tensor_bytes(a["value"].t))
             elif "value_floats" in a or "value_ints" in a:
-                out[n.output[0]] = len(a["value_floats"].floats) if "value_floats" in a else len(a["value_ints"].ints)
+                k = len(a["value_floats"].floats) if "value_floats" in a else len(a["value_ints"].ints)
+                out[n.output[0]] = (k, 8 * k)
             elif "value_float" in a or "value_int" in a:
-                out[n.output[0]] = 1
+                out[n.output[0]] = (1, 8)
     return out
 
 
@@ -72,7 +76,7 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def _candidates(graph: onnx.GraphProto, consts: dict[str, int]) -> list[onnx.NodeProto]:
+def _candidates(graph: onnx.GraphProto, consts: dict[str, tuple[int, int]]) -> list[onnx.NodeProto]:
     """Nodes whose every input is a constant or another candidate's output, in graph order."""
     outputs = {o.name for o in graph.output}
     known = set(consts)
@@ -82,7 +86,7 @@ def _candidates(graph: onnx.GraphProto, consts: dict[str, int]) -> list[onnx.Nod
         if (n.op_type in NEVER or n.domain not in ("", "ai.onnx") or _has_subgraph(n) or not ins
                 or any(o in outputs for o in n.output)):
             continue
-        if all(i in known for i in ins) and all(consts.get(i, 0) <= LIMIT for i in ins):
+        if all(i in known for i in ins) and all(consts.get(i, (0, 0))[0] <= LIMIT for i in ins):
             found.append(n)
             known.update(o for o in n.output if o)
     return found
@@ -90,7 +94,7 @@ def _candidates(graph: onnx.GraphProto, consts: dict[str, int]) -> list[onnx.Nod
 
 # ---------------------------------------------------------------- evaluation
 
-def _evaluate(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], consts: dict[str, int]) -> dict[str, np.ndarray]:
+def _evaluate(proto: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
     """Values of the candidates' outputs: one onnxruntime run, or one per node if the batch fails."""
     try:
         return _run(proto, nodes)
@@ -146,9 +150,10 @@ def _uses(graph: onnx.GraphProto) -> dict[str, int]:
     return count
 
 
-def _accept(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], consts: dict[str, int],
+def _accept(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], consts: dict[str, tuple[int, int]],
             values: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
-    """The candidates worth folding: small results, or results that replace their only reader's input."""
+    """The candidates worth folding: shape arithmetic; small results no bigger than their inputs;
+    larger ones only where they replace inputs that nothing else reads (no copy)."""
     uses = _uses(graph)
     done: set[str] = set()
     folded = []
@@ -159,18 +164,14 @@ def _accept(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], consts: dict[st
             continue
         size = sum(values[o].size for o in outs)
         nbytes = sum(values[o].nbytes for o in outs)
-        big_inputs = [i for i in ins if i in consts and consts[i] > SMALL]
-        alone = all(uses.get(i, 0) == 1 for i in big_inputs)
-        if size > LIMIT or (size > SMALL and not (alone and nbytes <= _bytes(graph, big_inputs))):
+        in_bytes = sum(values[i].nbytes if i in done else consts[i][1] for i in ins)
+        big = [i for i in ins if (values[i].size if i in done else consts[i][0]) > SMALL]
+        alone = all(uses.get(i, 0) == 1 for i in big)
+        if size > TINY and (size > LIMIT or nbytes > in_bytes or (size > SMALL and not alone)):
             continue
         folded.append(n)
         done.update(outs)
     return folded
-
-
-def _bytes(graph: onnx.GraphProto, names: list[str]) -> int:
-    want = set(names)
-    return sum(ir.tensor_bytes(t) for t in graph.initializer if t.name in want)
 
 
 def _rebuild(proto: onnx.ModelProto, folded: list[onnx.NodeProto], values: dict[str, np.ndarray]
