@@ -91,7 +91,7 @@ def test_quantization_graph_outputs_and_plain_models_are_left_alone(tmp_path):
     y = g.add("x", dq)
     g.output(y)
     g.output(g.op("Neg", [g.const(np.ones(3, np.float32))]))    # a constant graph output
-    w16 = g.const(np.ones((4, 4), np.float16))
+    w16 = g.const(np.ones((4, 32), np.float16))
     g.output(g.op("MatMul", ["x", g.op("Cast", [w16], to=onnx.TensorProto.FLOAT)]))   # stored as float16
     m = g.build()
     assert fold_constants(m) == (m, [])
