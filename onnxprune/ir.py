@@ -85,8 +85,13 @@ def _all_tensors(graph: onnx.GraphProto):
                     yield from _all_tensors(g)
 
 
-def load(path: str | os.PathLike) -> Model:
-    """Load a model with its external data; user errors become :class:`OnnxPruneError`."""
+def load(path: str | os.PathLike, *, lazy: bool = False) -> Model:
+    """Load a model with its external data; user errors become :class:`OnnxPruneError`.
+
+    ``lazy``: a model with ``LAZY_BYTES`` or more of external data keeps it on disk; each weight
+    is read when it is used (:func:`tensor_to_array`, graphsurgeon values, sessions, save), so the
+    weights are never all held in memory at once (see :func:`materialize`).
+    """
     p = Path(path)
     if not p.exists():
         raise OnnxPruneError(f"{p}: no such file")
@@ -118,7 +123,10 @@ def load(path: str | os.PathLike) -> Model:
     external = _has_external(proto)
     size = model_size_bytes(p, proto)  # from the header, before the data is read in
     try:
-        onnx.load_external_data_for_model(proto, str(p.parent))
+        if lazy and external and size >= LAZY_BYTES:
+            _mark_lazy(proto, p.parent)
+        else:
+            onnx.load_external_data_for_model(proto, str(p.parent))
     except Exception as e:  # unreadable or short external data
         raise OnnxPruneError(f"{p}: cannot read external data ({e})") from None
     try:
@@ -278,15 +286,17 @@ def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_n
     data_file = Path(data_file) if data_file is not None else Path(model_file).parent / data_name
     with open(data_file, "wb") as fh:
         for t in tensors:
-            if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data"):
+            if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data") and lazy_dir(t) is None:
                 raise ValueError(f"tensor '{t.name}' has no data in memory")
             if tensor_bytes(t) < threshold or t.data_type == onnx.TensorProto.STRING:
-                header.graph.initializer.append(t)
+                header.graph.initializer.append(numpy_helper.from_array(tensor_to_array(t), t.name)
+                                                if lazy_dir(t) else t)
                 if t.data_location == onnx.TensorProto.EXTERNAL:  # stale marking: the data is in memory
                     del header.graph.initializer[-1].external_data[:]
                     header.graph.initializer[-1].data_location = onnx.TensorProto.DEFAULT
                 continue
-            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            raw = t.raw_data if t.HasField("raw_data") else \
+                memoryview(np.ascontiguousarray(tensor_to_array(t)).reshape(-1).view(np.uint8))
             ref = header.graph.initializer.add()
             ref.name, ref.data_type, ref.doc_string = t.name, t.data_type, t.doc_string
             ref.dims.extend(t.dims)
@@ -310,6 +320,10 @@ def to_graph(model: Model | onnx.ModelProto) -> gs.Graph:
     """An editable graph; ``Constant`` nodes (Paddle, TF exports) become constant tensors."""
     proto = model.proto if isinstance(model, Model) else model
     graph = gs.import_onnx(proto)
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and type(t._values) is gs.ir.tensor.LazyValues \
+                and lazy_dir(t._values.tensor) is not None:
+            t._values = _DiskValues(t._values.tensor)
     lift_constants(graph)
     name_nodes(graph)
     return graph
@@ -418,11 +432,15 @@ def _export_graph(graph: gs.Graph, g: onnx.GraphProto) -> None:
         values = t._values
         if isinstance(values, gs.ir.tensor.SparseValues):
             g.sparse_initializer.append(values.tensor)
+        elif isinstance(values, _DiskValues):  # the new model holds its weights (it is saved elsewhere)
+            g.initializer.append(numpy_helper.from_array(values.load(), t.name))
         elif isinstance(values, gs.ir.tensor.LazyValues):
             g.initializer.append(values.tensor)
             g.initializer[-1].name = t.name
         else:
             g.initializer.append(ex.export_tensor_proto(t))
+            if not g.initializer[-1].external_data:  # the values are in memory now, whatever the source was
+                g.initializer[-1].data_location = onnx.TensorProto.DEFAULT
 
 
 def _hoist_subgraph_initializers(graph: onnx.GraphProto) -> None:
@@ -599,4 +617,66 @@ def input_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
 
 
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(t)
+    """The tensor's value (read from its file when it is lazy external data: a writable array)."""
+    base = lazy_dir(t)
+    if base is None:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    dtype = np_dtype(t.data_type)
+    if t.data_type in _PACKED or dtype.itemsize * int(np.prod(t.dims, dtype=np.int64)) != int(info["length"]):
+        return numpy_helper.to_array(t, base).copy()
+    out = np.empty(tuple(t.dims), dtype=dtype)
+    with open(os.path.join(base, info["location"]), "rb") as fh:
+        fh.seek(int(info.get("offset", 0)))
+        if fh.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+            raise OnnxPruneError(f"external data of '{t.name}' is shorter than its shape")
+    return out
+
+
+# ---------------------------------------------------------------- lazy external data
+
+LAZY_BYTES = 2**28      # models with this much external data keep it on disk (load(lazy=True))
+_BASE_KEY = "onnxprune_dir"   # our own external_data key: the folder a lazy tensor's location is relative to
+_PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2", "FLOAT6E2M3",
+                                                  "FLOAT6E3M2") if hasattr(onnx.TensorProto, n)}
+
+
+def _mark_lazy(proto: onnx.ModelProto, base: Path) -> None:
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            e = t.external_data.add()
+            e.key, e.value = _BASE_KEY, str(base.resolve())
+
+
+def lazy_dir(t: onnx.TensorProto) -> str | None:
+    """The folder of a tensor whose external data was left on disk by ``load(lazy=True)``, else None."""
+    if t.data_location != onnx.TensorProto.EXTERNAL or t.HasField("raw_data"):
+        return None
+    return next((e.value for e in t.external_data if e.key == _BASE_KEY), None)
+
+
+def is_lazy(proto: onnx.ModelProto) -> bool:
+    return any(lazy_dir(t) is not None for t in proto.graph.initializer)
+
+
+def materialize(model: Model) -> Model:
+    """Read a lazy model's weights into its proto (for code that needs them all in memory)."""
+    for t in _all_tensors(model.proto.graph):
+        base = lazy_dir(t)
+        if base is not None:
+            keep = [(e.key, e.value) for e in t.external_data if e.key != _BASE_KEY]
+            del t.external_data[:]
+            for k, v in keep:
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            onnx.external_data_helper.load_external_data_for_tensor(t, base)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
+class _DiskValues(gs.ir.tensor.LazyValues):
+    """graphsurgeon's lazy constant values for a tensor whose data is still on disk."""
+
+    def load(self):
+        return tensor_to_array(self.tensor)

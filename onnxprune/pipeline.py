@@ -111,7 +111,7 @@ class Pruner:
         self.seconds: dict[str, float] = {}
         self.criterion, self.progress = criterion, progress
         with _timed(self.seconds, "load"):
-            self.original = model if isinstance(model, ir.Model) else ir.load(model)
+            self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze"):
             self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier)
@@ -236,8 +236,8 @@ def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None
     from . import finetune as ft
 
     with _timed(result.seconds, "finetune"):
-        run = ft.finetune(result.proto, data, teacher=result.original.proto, config=config, progress=progress,
-                          log=log)
+        teacher = ir.materialize(result.original).proto  # a lazily loaded model's weights, all in memory
+        run = ft.finetune(result.proto, data, teacher=teacher, config=config, progress=progress, log=log)
     result.proto = run.proto
     result.extra["finetune"] = run.to_json()
     return result.extra["finetune"]

@@ -49,7 +49,7 @@ def session(proto: onnx.ModelProto | bytes, *, threads: int | None = None, optim
     try:
         if isinstance(proto, bytes):
             return ort.InferenceSession(proto, so, providers=providers)
-        if weights is None and ir.proto_bytes(proto) < ir.TWO_GB:
+        if weights is None and ir.proto_bytes(proto) < ir.TWO_GB and not ir.is_lazy(proto):
             return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
         with tempfile.TemporaryDirectory() as d:
             f = os.path.join(d, "m.onnx")

@@ -125,18 +125,26 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
     have_ref = reference_names if reference_names is not None else _produced(reference)
     # dead branches are cleaned away from both models
     taps = {c: v for c, v in (taps or {}).items() if c in have and v[0] in have_ref}
+    # one session at a time: the pruned model's outputs are kept, its session freed before the reference's
     try:
-        s_cand, s_ref = _sessions(candidate, reference, taps, reference_weights, external_dir)
-    except Exception as e:  # the candidate must load; if it does not, that is a failed verification
-        return Verification(False, error=str(e), rtol=rtol, atol=atol)
-    outs = [o.name for o in s_ref.get_outputs() if o.name not in {r for r, _, _ in taps.values()}]
-    pairs = [(n, n, None, None) for n in outs] + [(c, r, ax, pos) for c, (r, ax, pos) in taps.items()]
-    worst: dict[str, list[float]] = {c: [0.0, 0.0, rtol] for c, *_ in pairs}
-    for feed in feeds:
+        s_cand = _session(candidate, list(taps))
+        del candidate
+        outs = [o.name for o in s_cand.get_outputs() if o.name not in taps]
+        pairs = [(n, n, None, None) for n in outs] + [(c, r, ax, pos) for c, (r, ax, pos) in taps.items()]
         try:
-            a = runtime.run(s_cand, feed, [c for c, *_ in pairs])
+            got = [runtime.run(s_cand, feed, [c for c, *_ in pairs]) for feed in feeds]
         except Exception as e:
             return Verification(False, error=f"pruned model failed to run: {e}", rtol=rtol, atol=atol)
+        del s_cand
+        s_ref = _session(reference, [r for r, _, _ in taps.values()], reference_weights, external_dir)
+    except Exception as e:  # the candidate must load; if it does not, that is a failed verification
+        return Verification(False, error=str(e), rtol=rtol, atol=atol)
+    tapped = {r for r, _, _ in taps.values()}
+    lost = [o.name for o in s_ref.get_outputs() if o.name not in outs and o.name not in tapped]
+    if lost:
+        return Verification(False, error=f"the pruned model lacks output '{lost[0]}'", rtol=rtol, atol=atol)
+    worst: dict[str, list[float]] = {c: [0.0, 0.0, rtol] for c, *_ in pairs}
+    for feed, a in zip(feeds, got):
         b = runtime.run(s_ref, feed, [r for _, r, _, _ in pairs])
         for n, r, ax, pos in pairs:
             y = np.asarray(b[r])
@@ -184,25 +192,25 @@ def _precision_rtol(dtype: np.dtype) -> float:
     return 8 * float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
 
 
-def _sessions(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | bytes, taps: dict,
-              weights: onnx.ModelProto | None = None, external_dir: str | None = None):
-    """Sessions for both models with the taps as extra outputs, without layout transforms:
-    onnxruntime's NCHWc pass can drop a tapped tensor (1.32: a Conv output feeding a fused Add)
-    and then fails to load a model that loads fine untapped."""
-    return (_session(candidate, list(taps)),
-            _session(reference, [r for r, _, _ in taps.values()], weights, external_dir))
-
-
 def _session(model: onnx.ModelProto | bytes, extra: list[str], weights: onnx.ModelProto | None = None,
              external_dir: str | None = None):
-    if isinstance(model, onnx.ModelProto) and (weights is not None or ir.proto_bytes(model) >= ir.TWO_GB):
-        return runtime.session(runtime.with_outputs(model, extra) if extra else model, weights=weights,
-                               layout=not extra)
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    if extra:
-        have = {o.name for o in _graph_fields(data, (wire.OUTPUT_FIELD,)).graph.output}
-        data = wire.with_outputs(data, [n for n in extra if n not in have])
-    return runtime.session(data, layout=not extra, external_dir=external_dir)
+    """A session with ``extra`` tensors as outputs, without layout transforms when there are any:
+    onnxruntime's NCHWc pass can drop a tapped tensor (1.32: a Conv output feeding a fused Add)
+    and then fails to load a model that loads fine untapped."""
+    if isinstance(model, bytes):
+        have = {o.name for o in _graph_fields(model, (wire.OUTPUT_FIELD,)).graph.output}
+        missing = [n for n in extra if n not in have]
+        data = wire.with_outputs(model, missing) if missing else model
+        return runtime.session(data, layout=not extra, external_dir=external_dir)
+    have = {o.name for o in model.graph.output}
+    missing = [n for n in extra if n not in have]
+    for n in missing:  # added for the session only (a tapped copy of the model would copy its weights)
+        model.graph.output.add().name = n
+    try:
+        return runtime.session(model, weights=weights, layout=not extra)
+    finally:
+        if missing:
+            del model.graph.output[len(model.graph.output) - len(missing):]
 
 
 def verify(original: onnx.ModelProto | ir.Model, pruned: onnx.ModelProto,

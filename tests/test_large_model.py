@@ -76,3 +76,61 @@ def test_bench_markdown_section_is_replaced_in_place(tmp_path):
     doc.write_text(f"# t\n\nbefore\n\n{bench.BEGIN}\nold\n{bench.END}\n\nafter\n")
     bench.write_doc(f"{bench.BEGIN}\nnew\n{bench.END}", doc)
     assert doc.read_text() == f"# t\n\nbefore\n\n{bench.BEGIN}\nnew\n{bench.END}\n\nafter\n"
+
+
+def test_lazy_load_keeps_weights_on_disk_and_prunes_the_same(tmp_path, monkeypatch):
+    """``load(lazy=True)`` (what ``prune`` uses) leaves big external data on disk; the pruned model,
+    its verification and the saved files are those of a model loaded with all its weights."""
+    src = tmp_path / "in" / "big.onnx"
+    src.parent.mkdir()
+    bench.generate(src, LAYERS, WIDTH)
+    inputs = digests(src.parent)
+    eager = pipeline.prune(ir.load(src), policy=Policy(ratio=0.5))
+    monkeypatch.setattr(ir, "LAZY_BYTES", 0)
+    lazy_model = ir.load(src, lazy=True)
+    assert ir.is_lazy(lazy_model.proto) and not any(t.HasField("raw_data") for t in lazy_model.proto.graph.initializer)
+    lazy = pipeline.prune(src, policy=Policy(ratio=0.5))
+    assert ir.is_lazy(lazy.original.proto) and lazy.verification.passed
+    assert lazy.verification.outputs[0].max_abs == eager.verification.outputs[0].max_abs
+    for name, out in (("eager", eager), ("lazy", lazy)):
+        (tmp_path / name).mkdir()
+        pipeline.save(out, tmp_path / name / "p.onnx")
+    a, b = (onnx.load(str(tmp_path / n / "p.onnx")) for n in ("eager", "lazy"))
+    assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(ta), onnx.numpy_helper.to_array(tb))
+    assert digests(src.parent) == inputs
+    w0 = ir.tensor_to_array(lazy_model.proto.graph.initializer[0])
+    np.testing.assert_array_equal(w0, onnx.numpy_helper.to_array(ir.load(src).proto.graph.initializer[0]))
+    teacher = ir.materialize(lazy_model).proto  # all weights in memory, as a fully loaded model
+    assert not ir.is_lazy(teacher) and runtime.session(teacher).run(None, {"x": np.ones((1, WIDTH), np.float32)})
+
+
+def test_verified_bytes_are_the_saved_bytes_and_file_bytes_track_the_proto(tmp_path):
+    src = tmp_path / "m.onnx"
+    bench.generate(src, 2, 32)
+    model = ir.load(src)
+    assert ir.file_bytes(model) == src.read_bytes() and ir.serialized(model) == model.proto.SerializeToString()
+    small = tmp_path / "small.onnx"
+    ir.save(model.proto, small)  # one file: the original's bytes are the reference's base
+    m2 = ir.load(small)
+    assert ir.serialized(m2) == small.read_bytes()
+    result = pipeline.prune(m2, policy=Policy(ratio=0.5))
+    out = tmp_path / "out.onnx"
+    pipeline.save(result, out)
+    assert result.proto_bytes() is not None and out.read_bytes() == result.proto_bytes()
+    m2.proto.graph.node[0].name = "renamed"  # a changed proto no longer matches its file
+    assert ir.file_bytes(m2) is None and onnx.load_from_string(ir.serialized(m2)).graph.node[0].name == "renamed"
+
+
+def test_masked_reference_splice_zeroes_the_removed_positions(tmp_path):
+    src = tmp_path / "m.onnx"
+    bench.generate(src, 2, 16)
+    model = ir.load(src).proto
+    x = {"x": np.random.default_rng(0).standard_normal((1, 16), dtype=np.float32)}
+    ref = verify.masked_reference(model, {"relu0": (1, np.array([1, 5]))}, {"relu0": [1, 16]})
+    h = runtime.session(runtime.with_outputs(model, ["relu0"]), optimize=False).run(["relu0"], x)[0]
+    h[:, [1, 5]] = 0
+    w1, b1 = (onnx.numpy_helper.to_array(t) for t in model.graph.initializer[2:4])
+    np.testing.assert_allclose(runtime.session(ref).run(None, x)[0], h @ w1 + b1, rtol=1e-5, atol=1e-5)
+    assert len(ref.graph.initializer) == len(model.graph.initializer) + 2  # the weights once, plus keep/zero

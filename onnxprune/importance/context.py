@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .. import ir
 from ..data import DataSource
 from ..errors import OnnxPruneError
 from ..groups import Analysis
@@ -81,7 +82,7 @@ class ScoreContext:
         if src is None:
             raise KeyError(f"'{name}' is not a constant of the model")
         if isinstance(src, onnx.TensorProto):
-            v = numpy_helper.to_array(src)
+            v = ir.tensor_to_array(src)
         else:
             v = _constant_node_value(src)
         v.flags.writeable = False
