@@ -201,12 +201,15 @@ def check_structure(proto: onnx.ModelProto) -> None:
     onnx.checker.check_model(sk, full_check=False)
 
 
-def check(proto: onnx.ModelProto, full: bool = True) -> None:
+def check(proto: onnx.ModelProto, full: bool = True, data: bytes | None = None) -> None:
     """Run onnx.checker. Models of ``CHECK_WEIGHTS_BYTES`` or more are checked on their weight-free
     skeleton (same graph, large weights as typed inputs): the checker would otherwise serialize
-    and copy every weight several times (and cannot take a model over 2 GB at all)."""
-    onnx.checker.check_model(proto if proto_bytes(proto) < CHECK_WEIGHTS_BYTES else skeleton(proto),
-                             full_check=full)
+    and copy every weight several times (and cannot take a model over 2 GB at all).
+    ``data``: ``proto`` already serialized (the checker then does not serialize it again)."""
+    if proto_bytes(proto) >= CHECK_WEIGHTS_BYTES or is_lazy(proto):
+        onnx.checker.check_model(skeleton(proto), full_check=full)
+    else:
+        onnx.checker.check_model(proto if data is None else data, full_check=full)
 
 
 def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
@@ -433,14 +436,32 @@ def _export_graph(graph: gs.Graph, g: onnx.GraphProto) -> None:
         if isinstance(values, gs.ir.tensor.SparseValues):
             g.sparse_initializer.append(values.tensor)
         elif isinstance(values, _DiskValues):  # the new model holds its weights (it is saved elsewhere)
-            g.initializer.append(numpy_helper.from_array(values.load(), t.name))
+            _add_array(g, t.name, values.load())
         elif isinstance(values, gs.ir.tensor.LazyValues):
             g.initializer.append(values.tensor)
             g.initializer[-1].name = t.name
-        else:
+        elif _same_export_dtype(t):
+            _add_array(g, t.name, np.asarray(values))
+        else:  # graphsurgeon converts float32 values to the tensor's storage type (bfloat16, float8)
             g.initializer.append(ex.export_tensor_proto(t))
-            if not g.initializer[-1].external_data:  # the values are in memory now, whatever the source was
-                g.initializer[-1].data_location = onnx.TensorProto.DEFAULT
+            g.initializer[-1].data_location = onnx.TensorProto.DEFAULT
+
+
+def _same_export_dtype(t: gs.Constant) -> bool:
+    to_onnx = gs.exporters.onnx_exporter.dtype_to_onnx
+    return to_onnx(t.dtype) == to_onnx(getattr(t, "export_dtype", t.dtype))
+
+
+def _add_array(g: onnx.GraphProto, name: str, values: np.ndarray) -> None:
+    """Append ``values`` as an initializer, written in place (plain numeric types) rather than built and copied."""
+    if values.dtype.kind not in "biuf" or values.dtype.byteorder == ">" or values.dtype.itemsize > 8:
+        g.initializer.append(numpy_helper.from_array(values, name))  # strings, ml_dtypes, ...
+        return
+    t = g.initializer.add()
+    t.name = name
+    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    t.dims.extend(values.shape)
+    t.raw_data = np.ascontiguousarray(values).tobytes()
 
 
 def _hoist_subgraph_initializers(graph: onnx.GraphProto) -> None:

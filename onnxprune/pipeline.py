@@ -70,14 +70,27 @@ class PruneResult:
         }
 
 
-def _timed(seconds: dict, key: str):
+def _timed(seconds: dict, key: str, peaks: dict | None = None):
+    """Add the block's wall time to ``seconds[key]``; with ``peaks``, also record the process's peak
+    resident memory so far (MB) at the end of the block, so a report shows which stage raised it."""
     class _T:
         def __enter__(self):
             self.t = time.perf_counter()
 
         def __exit__(self, *exc):
             seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - self.t, 4)
+            if peaks is not None:
+                peaks[key] = peak_rss_mb()
     return _T()
+
+
+def peak_rss_mb() -> int:
+    """Peak resident memory of this process so far, MB (VmHWM; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next((int(line.split()[1]) // 1024 for line in fh if line.startswith("VmHWM")), 0)
+    except OSError:
+        return 0
 
 
 def verification_feeds(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
@@ -109,11 +122,12 @@ class Pruner:
         from .importance import ScoreContext, fallback_summary, requires_data, score_groups
 
         self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}   # stage -> peak resident MB at its end
         self.criterion, self.progress = criterion, progress
-        with _timed(self.seconds, "load"):
+        with _timed(self.seconds, "load", self.peaks):
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
-        with _timed(self.seconds, "analyze"):
+        with _timed(self.seconds, "analyze", self.peaks):
             self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier)
         self.data = calib if isinstance(calib, ArrayData) or calib is None else open_data(
             calib, self.original.proto, self.analysis.input_shapes)
@@ -123,7 +137,7 @@ class Pruner:
         self.scores: dict[int, np.ndarray] = {}
         self.score_notes: list[str] = []
         if score:
-            with _timed(self.seconds, "score"):
+            with _timed(self.seconds, "score", self.peaks):
                 ctx = ScoreContext(self.original.proto, self.analysis, data=self.data, progress=progress)
                 self.scores = score_groups(self.analysis.prunable, ctx, criterion, group_reduction)
             self.score_notes = fallback_summary(ctx, criterion)
@@ -148,16 +162,17 @@ class Pruner:
                reconstruct_options: dict | None = None) -> PruneResult:
         """Rewrite, check, verify, reconstruct and measure ``plan``."""
         seconds, analysis, original, data = dict(self.seconds), self.analysis, self.original, self.data
+        peaks = dict(self.peaks)
         the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan, analysis)
-        with _timed(seconds, "rewrite"):
+        with _timed(seconds, "rewrite", peaks):
             result = rewrite.apply(analysis, the_plan.removed, original)
             gc.collect()  # the rewrite's graph holds sliced weights in reference cycles: free them now
-            _check_like(result.proto, original.proto)
-        ver, data_bytes = None, None
+            data_bytes = _serialize(result.proto, original)  # checked, verified and saved as they are
+            _check_like(result.proto, original.proto, data_bytes)
+        ver = None
         if verify:
-            with _timed(seconds, "verify"):
+            with _timed(seconds, "verify", peaks):
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
-                data_bytes = _serialize(result.proto, original)
                 ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
                                         feeds, rtol=rtol, pruned_bytes=data_bytes)
             if not ver.passed:
@@ -171,14 +186,15 @@ class Pruner:
         if mode != "none":
             if data is None:
                 raise OnnxPruneError(f"--reconstruct {mode} needs calibration data: add --calib DATA.npz")
-            with _timed(seconds, "reconstruct"):
+            with _timed(seconds, "reconstruct", peaks):
                 final, rep = recon.reconstruct(original.proto, result.proto, result.kept_inputs, data, mode=mode,
                                                kept_outputs=result.kept_outputs, progress=self.progress,
                                                **(reconstruct_options or {}))
             extra["reconstruction"] = rep.to_json()
         extra["reconstruct_mode"] = mode
         extra["importance_fallbacks"] = self.score_notes
-        with _timed(seconds, "measure"):
+        extra["peak_rss_mb"] = peaks
+        with _timed(seconds, "measure", peaks):
             after = metrics.summarize(final, analysis.input_shapes)
         source = "none" if data is None else data.kind
         return PruneResult(final, original, analysis, the_plan, result, ver, self.before, after, self.criterion,
@@ -243,15 +259,15 @@ def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None
     return result.extra["finetune"]
 
 
-def _check_like(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """onnx.checker must pass on the pruned model at every level it passes on the original."""
+def _check_like(pruned: onnx.ModelProto, original: onnx.ModelProto, data: bytes | None = None) -> None:
+    """onnx.checker must pass on the pruned model (``data``: serialized) at every level it passes on the original."""
     for full in (True, False):
         try:
             ir.check(original, full=full)
         except Exception:
             continue  # the input already fails this level: demand the next one
         try:
-            ir.check(pruned, full=full)
+            ir.check(pruned, full=full, data=data)
             return
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -65,8 +65,7 @@ class _View(RewriteView):
     def kept(self, tensor: str) -> np.ndarray:
         """Kept positions of the channel axis of an original tensor (all of them if it lost none)."""
         axis = self.labels[tensor].axis
-        removed = self.acts.get(tensor, (axis, set()))[1]
-        return np.setdiff1d(np.arange(self.shapes[tensor][axis]), np.fromiter(removed, dtype=np.int64))
+        return _kept(self.shapes[tensor][axis], self.acts.get(tensor, (axis, set()))[1])
 
     def new_size(self, tensor: str) -> int:
         return len(self.kept(tensor))
@@ -100,10 +99,24 @@ class _View(RewriteView):
         return name
 
 
+def _kept(n: int, removed) -> np.ndarray:
+    """The positions of ``range(n)`` not in ``removed``, ascending."""
+    keep = np.ones(n, dtype=bool)
+    keep[np.fromiter(removed, dtype=np.int64, count=len(removed))] = False
+    return np.flatnonzero(keep)
+
+
 def _slice(values: np.ndarray, spec: dict[int, set]) -> np.ndarray:
+    """``values`` without the removed positions of each axis."""
     for axis, removed in sorted(spec.items()):
-        values = np.delete(values, sorted(removed), axis=axis)
+        values = np.take(values, _kept(values.shape[axis], removed), axis=axis)
     return values
+
+
+def _values(const: gs.Constant) -> np.ndarray:
+    """A constant's values, read without graphsurgeon's extra copy (read-only: they are only sliced)."""
+    lazy = const._values
+    return ir.tensor_to_array(lazy.tensor) if type(lazy) is gs.ir.tensor.LazyValues else np.asarray(const.values)
 
 
 def apply(analysis: Analysis, plan: dict[int, np.ndarray], original: ir.Model | onnx.ModelProto) -> RewriteResult:
@@ -124,13 +137,13 @@ def apply(analysis: Analysis, plan: dict[int, np.ndarray], original: ir.Model | 
         specs = {_key(spec) for _, _, spec in wanted}
         n_uses = sum(1 for c in const.outputs for t in c.inputs if t is const)
         if len(specs) == 1 and n_uses == len(wanted) and not _is_graph_output(graph, const):
-            const.values = _slice(np.asarray(const.values), wanted[0][2])
+            const.values = _slice(_values(const), wanted[0][2])
             continue
         copies: dict[tuple, gs.Constant] = {}
         for node, idx, spec in wanted:
             k = _key(spec)
             if k not in copies:
-                copies[k] = gs.Constant(view.unique(f"{tname}_pruned"), _slice(np.asarray(const.values), spec))
+                copies[k] = gs.Constant(view.unique(f"{tname}_pruned"), _slice(_values(const), spec))
             node.inputs[idx] = copies[k]
 
     for _, fn in analysis._driver.fixups:

@@ -129,7 +129,10 @@ def markdown(r: dict) -> str:
         f"{r['output']['external_tensors']} tensors external |",
         f"| peak RSS of `onnxprune prune` | {r['peak_rss'] / gb:.2f} GiB "
         f"({r['peak_rss'] / r['model_bytes']:.2f} x model size) |",
-        f"| wall time | {r['seconds']:.0f} s |",
+        f"| peak RSS at the end of each stage (MB) | "
+        f"{', '.join(f'{k} {v}' for k, v in (r.get('stage_peak_mb') or {}).items())} |",
+        f"| wall time (load average {r.get('load', 0):.1f}) | {r['seconds']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f}' for k, v in (r.get('stage_seconds') or {}).items() if v >= 0.5)}) |",
         f"| verified against the masked original | {r['verified']} |",
         f"| output loads and runs in onnxruntime (from its path) | {r['output']['finite']} |",
         END,
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, {platform.machine()}",
              "layers": args.layers, "width": args.width, "ratio": args.ratio, "model_bytes": size,
              "seconds": res["seconds"], "peak_rss": res["peak_rss"], "verified": report["verified"],
-             "stage_seconds": report.get("seconds"), "output": check_output(out, args.width),
+             "stage_seconds": report.get("seconds"), "stage_peak_mb": report.get("peak_rss_mb"),
+             "load": os.getloadavg()[0], "output": check_output(out, args.width),
              "leftover_files": leftovers}
         print(json.dumps(r, indent=2))
         if not args.no_doc:
