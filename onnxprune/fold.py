@@ -41,7 +41,10 @@ def fold_model(model: ir.Model) -> ir.Model:
 def fold_constants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``proto`` with foldable nodes replaced by initializers, and the folded tensor names.
 
-    Returns ``proto`` itself when nothing folds."""
+    Returns ``proto`` itself when nothing folds, and for IR version 3 models (whose initializers
+    must all be graph inputs, which would make the folded values overridable inputs)."""
+    if proto.ir_version < 4:
+        return proto, []
     consts = _constants(proto.graph)
     candidates = _candidates(proto.graph, consts)
     if not candidates:
