@@ -9,6 +9,7 @@ original's opsets, IR version and metadata, and ``save`` writes atomically.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 import tempfile
@@ -151,18 +152,22 @@ def structure_digest(proto: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
-def file_bytes(model: Model) -> bytes | None:
+def file_bytes(model: Model, *, mapped: bool = False) -> bytes | mmap.mmap | None:
     """The bytes of the file ``model`` was loaded from, if the file is unchanged and ``model.proto``
     still has the structure it had then (same nodes, inputs, outputs, initializer names and shapes);
-    else ``None``. With external data that is the model file only, the weights staying where they are."""
-    if model.stamp is None or model.path is None:
+    else ``None``. With external data that is the model file only, the weights staying where they are.
+    ``mapped``: the file memory-mapped read-only instead of read (no copy; the caller closes it)."""
+    if model.stamp is None or model.path is None or model.stamp[1] == 0:
         return None
     try:
         st = model.path.stat()
         if (st.st_mtime_ns, st.st_size) != model.stamp[:2] or structure_digest(model.proto) != model.stamp[2]:
             return None
+        if mapped:
+            with open(model.path, "rb") as fh:
+                return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         data = model.path.read_bytes()
-    except OSError:
+    except (OSError, ValueError):
         return None
     return data if len(data) == model.stamp[1] else None
 
