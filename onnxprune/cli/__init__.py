@@ -12,7 +12,8 @@ from ..errors import OnnxPruneError, VerificationError
 COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``only``: register that command alone (its module alone is imported)."""
     parser = Parser(
         prog="onnxprune",
         description="Prune ONNX models from any exporter: structured channel pruning that really shrinks "
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in [only] if only in COMMANDS else COMMANDS:
         try:
             module = importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as e:
@@ -39,8 +40,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command)  # `onnxprune prune ...` does not import the other commands
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
