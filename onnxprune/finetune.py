@@ -3,8 +3,9 @@
     run = finetune(pruned, data, teacher=original, config=FinetuneConfig(steps=300, lr=1e-3))
     ir.save(run.proto, "out.onnx")          # the best checkpoint, same initializer names and shapes
 
-One gradient graph (:mod:`onnxprune.autodiff`, weights as graph inputs) and one
-onnxruntime session are built once; the weights live as numpy arrays that Adam
+One gradient graph (:mod:`onnxprune.autodiff`, weights as graph inputs, its
+convolutions lowered to onnxruntime's blocked kernels by :mod:`~onnxprune.autodiff.nchwc`)
+and one onnxruntime session are built once; the weights live as numpy arrays that Adam
 or SGD (momentum) updates in place. Per batch the teacher's output comes from
 its own session. The loss on the first output is
 
@@ -30,7 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import ir, runtime, validate
-from .autodiff import build_gradient_model, differentiable
+from .autodiff import build_gradient_model, differentiable, nchwc
 from .data import ArrayData
 from .errors import OnnxPruneError
 from .pipeline import _timed
@@ -240,7 +241,7 @@ def _trainer(student: onnx.ModelProto, teacher: onnx.ModelProto | None, data: Ar
     params_values = {k: np.array(gm.param_values[k], copy=True) for k in gm.param_inputs}
     fetch = [gm.loss_name] + [gm.grad_names[k] for k in params_values]
     inputs = [vi.name for vi in ir.graph_inputs(student)]
-    return _Trainer(runtime.session(gm.proto), fetch, params_values, _roles(gm), t_sess, t_out, cfg.alpha,
+    return _Trainer(runtime.session(nchwc.lower(gm.proto)), fetch, params_values, _roles(gm), t_sess, t_out, cfg.alpha,
                     inputs), loss
 
 

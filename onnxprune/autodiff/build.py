@@ -242,13 +242,11 @@ def _assemble(model: onnx.ModelProto, wrt: list[str], loss: str, output: str, pl
 
     parts = LOSSES[loss](e, LossInput(output, shapes.get(output, []), fresh_input, temperature))
     grads = _backward(e, model, plan, output, parts.seed, shapes)
-    grad_names: dict[str, str] = {}
+    sources = {t: grads.get(t) or e.zeros_like(t) for t in wrt}
+    grad_names = {t: fresh_input(f"{t}_grad") for t in wrt}
+    _name_outputs(e, sources, grad_names)
     outputs = [helper.make_tensor_value_info(parts.loss, elem, [])]
-    for t in wrt:
-        source = grads.get(t) or e.zeros_like(t)
-        grad_names[t] = fresh_input(f"{t}_grad")
-        e.nodes.append(helper.make_node("Identity", [source], [grad_names[t]], name=e.fresh("Identity")))
-        outputs.append(helper.make_tensor_value_info(grad_names[t], types.get(t, elem), shapes.get(t)))
+    outputs += [helper.make_tensor_value_info(grad_names[t], types.get(t, elem), shapes.get(t)) for t in wrt]
     graph.node.extend(e.nodes)
     graph.initializer.extend(e.inits)
     graph.input.extend(parts.inputs)
@@ -257,6 +255,25 @@ def _assemble(model: onnx.ModelProto, wrt: list[str], loss: str, output: str, pl
     model.ir_version = max(model.ir_version, 7)
     return GradientModel(model, parts.loss, grad_names, parts.descriptions, params, param_values, output,
                          _opset(model))
+
+
+def _name_outputs(e: Emitter, sources: dict[str, str], names: dict[str, str]) -> None:
+    """Give each gradient tensor its output name by renaming the backward node that makes it: an
+    Identity to a graph output is a copy in onnxruntime (activation-sized for activation gradients).
+    A tensor that is the gradient of several ``wrt`` tensors is renamed once and copied for the rest."""
+    produced = {o for n in e.nodes for o in n.output}
+    rename: dict[str, str] = {}
+    for t, source in sources.items():
+        if source in produced and source not in rename:
+            rename[source] = names[t]
+        else:
+            e.nodes.append(helper.make_node("Identity", [rename.get(source, source)], [names[t]],
+                                            name=e.fresh("Identity")))
+    for node in e.nodes:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+        for i, name in enumerate(node.output):
+            node.output[i] = rename.get(name, name)
 
 
 def _params_to_inputs(graph: onnx.GraphProto, wrt: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:

@@ -91,14 +91,54 @@ def back_project(e: Emitter, g: str, weight: str, win: Window, in_spatial: list[
 
 
 MAX_TAPS = 25  # kernels with more taps get their weight gradient from one Conv instead of a MatMul per tap
+IM2COL_MAX_CHANNELS = 8  # ungrouped convs with fewer input channels contract an im2col tensor per sample
 
 
 def weight_grad(e: Emitter, inp: str, inp_shape: list, gout: str, out_spatial: list[int], win: Window,
                 group: int, out_channels: int) -> str:
     """Kernel gradient [M, C/group, *kernel] of a Conv from its input [N, C, *S] and output gradient [N, M, *O]."""
-    if int(np.prod(win.kernel)) > MAX_TAPS:
+    taps = int(np.prod(win.kernel))
+    if taps > MAX_TAPS:
         return _weight_grad_by_conv(e, inp, inp_shape, gout, out_spatial, win, group)
+    if group == 1 and inp_shape[1] < IM2COL_MAX_CHANNELS:
+        return _weight_grad_by_im2col(e, inp, inp_shape, gout, out_spatial, win, out_channels)
     return _weight_grad_by_taps(e, inp, inp_shape, gout, out_spatial, win, group, out_channels)
+
+
+def _tap_slices(e: Emitter, x: str, out_spatial: list[int], win: Window) -> list[str]:
+    """Per kernel tap, the strided Slice of the (padded) ``x`` that the tap reads: [..., *O] each."""
+    nd = len(win.kernel)
+    axes = list(range(2, nd + 2))
+    steps = [e.ints(win.strides)] if any(s != 1 for s in win.strides) else []
+    slices = []
+    for offsets in itertools.product(*(range(k) for k in win.kernel)):
+        starts = [o * d for o, d in zip(offsets, win.dilations)]
+        stops = [b + s * (n - 1) + 1 for b, s, n in zip(starts, win.strides, out_spatial)]
+        slices.append(e.op("Slice", [x, e.ints(starts), e.ints(stops), e.ints(axes)] + steps))
+    return slices
+
+
+def _padded(e: Emitter, x: str, win: Window) -> str:
+    if not (any(win.begin) or any(win.end)):
+        return x
+    return e.op("Pad", [x, e.ints([0, 0] + win.begin + [0, 0] + win.end)])
+
+
+def _weight_grad_by_im2col(e: Emitter, inp: str, inp_shape: list, gout: str, out_spatial: list[int],
+                           win: Window, out_channels: int) -> str:
+    """For few input channels (a first layer): the taps concatenated into [N, taps*C, P], one batched
+    MatMul with the output gradient [N, P, M], summed over samples. Per-tap MatMuls would have only C
+    columns each."""
+    nd, channels = len(win.kernel), inp_shape[1]
+    taps = int(np.prod(win.kernel))
+    positions = int(np.prod(out_spatial))
+    slices = _tap_slices(e, _padded(e, inp, win), out_spatial, win)
+    cols = slices[0] if taps == 1 else e.op("Concat", slices, axis=1)
+    cols = e.reshape(cols, [None, taps * channels, positions])
+    grads = e.transpose(e.reshape(gout, [None, out_channels, positions]), [0, 2, 1])
+    summed = e.reduce_sum(e.op("MatMul", [cols, grads]), [0], keepdims=False)
+    kernel = e.reshape(summed, [*win.kernel, channels, out_channels])
+    return e.transpose(kernel, [nd + 1, nd] + list(range(nd)))
 
 
 def _weight_grad_by_taps(e: Emitter, inp: str, inp_shape: list, gout: str, out_spatial: list[int], win: Window,
@@ -109,16 +149,10 @@ def _weight_grad_by_taps(e: Emitter, inp: str, inp_shape: list, gout: str, out_s
     nd = len(win.kernel)
     axes = list(range(2, nd + 2))
     per_group, per_group_out = inp_shape[1] // group, out_channels // group
-    x = e.transpose(inp, [1, 0] + axes)
-    if any(win.begin) or any(win.end):
-        x = e.op("Pad", [x, e.ints([0, 0] + win.begin + [0, 0] + win.end)])
+    x = _padded(e, e.transpose(inp, [1, 0] + axes), win)
     grads = e.reshape(e.transpose(gout, [1, 0] + axes), [group, per_group_out, None])
-    steps = [e.ints(win.strides)] if any(s != 1 for s in win.strides) else []
     per_tap = []
-    for offsets in itertools.product(*(range(k) for k in win.kernel)):
-        starts = [o * d for o, d in zip(offsets, win.dilations)]
-        stops = [b + s * (n - 1) + 1 for b, s, n in zip(starts, win.strides, out_spatial)]
-        tap = e.op("Slice", [x, e.ints(starts), e.ints(stops), e.ints(axes)] + steps)
+    for tap in _tap_slices(e, x, out_spatial, win):
         tap = e.transpose(e.reshape(tap, [group, per_group, None]), [0, 2, 1])
         per_tap.append(e.unsqueeze(e.op("MatMul", [grads, tap]), [3]))
     stacked = per_tap[0] if len(per_tap) == 1 else e.op("Concat", per_tap, axis=3)

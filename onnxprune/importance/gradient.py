@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
-from .. import runtime
+from .. import ir, runtime
 from ..autodiff import build_gradient_model, differentiable
 from ..groups import ACTIVATION, Group
 from .base import Criterion
@@ -120,8 +121,9 @@ def measure(ctx: ScoreContext, st: _Gradients, acts: list[tuple[str, int]], weig
     target = Target.of(proto, data, ctx.analysis.shapes.get(output) or _output_shape(proto, output))
     tensors = list(dict.fromkeys([t for t, _ in acts] + weights))
     gm = build_gradient_model(proto, tensors, loss=target.loss)
-    fetch = list(dict.fromkeys([gm.grad_names[t] for t in tensors] + [t for t, _ in acts]))
-    sess = runtime.session(runtime.with_outputs(gm.proto, [t for t, _ in acts]))
+    model, products = _with_products(gm, acts, ctx.analysis.shapes)
+    fetch = list(products.values()) + [gm.grad_names[w] for w in weights]
+    sess = runtime.session(model)
     batch_size, limit = _fit_fixed_batch(proto, data, ctx.batch_size, ctx.limit)
     n_batches = -(-(data.num_samples if limit is None else min(limit, data.num_samples)) // batch_size)
     it = zip(data.batches(batch_size, limit), target.labels(data, batch_size, limit))
@@ -131,12 +133,39 @@ def measure(ctx: ScoreContext, st: _Gradients, acts: list[tuple[str, int]], weig
     for feed, labels in it:
         got = {**feed, **dict(zip(fetch, sess.run(fetch, {**feed, **target.feed(feed, labels, gm.extra_inputs)})))}
         n = len(next(iter(feed.values())))
-        for t, axis in acts:     # the loss is a batch mean: n·g is each sample's own gradient
-            st.act_scores[(t, axis)] = st.act_scores.get((t, axis), 0.0) + per_position(
-                got[t], got[gm.grad_names[t]] * n, axis)
+        for key, name in products.items():     # the loss is a batch mean: n·g is each sample's own gradient
+            per_sample = np.abs(np.asarray(got[name], np.float64) * n)
+            st.act_scores[key] = st.act_scores.get(key, 0.0) + (per_sample.sum(axis=0) if key[1] else per_sample)
         for w in weights:
             st.weight_scores[w] = st.weight_scores.get(w, 0.0) + np.abs(values[w] * got[gm.grad_names[w]])
         st.samples += n
+
+
+def _with_products(gm, acts: list[tuple[str, int]], shapes: dict) -> tuple[onnx.ModelProto, dict]:
+    """The gradient model plus one output per ``(activation, axis)``: ``Σ a·∂L/∂a`` over every axis but
+    the batch and ``axis`` ([N, size] or, for axis 0, [N]), so only those small sums leave the session
+    (:func:`per_position` of the full tensors is their sum of absolute values over samples)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(gm.proto)
+    g = model.graph
+    taken = {t for n in g.node for t in list(n.input) + list(n.output)} | {i.name for i in g.initializer}
+    shapes = {**ir.infer_shapes(gm.proto), **shapes} if any(t not in shapes for t, _ in acts) else shapes
+    names = {}
+    for t, axis in acts:
+        name, k = f"{t}_taylor{axis}", 0
+        while name in taken:
+            k += 1
+            name = f"{t}_taylor{axis}_{k}"
+        taken.add(name)
+        axes = [i for i in range(1, len(shapes[t])) if i != axis]
+        if axes:
+            g.node.append(helper.make_node("Mul", [t, gm.grad_names[t]], [f"{name}/product"]))
+            g.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), f"{name}/axes"))
+            g.node.append(helper.make_node("ReduceSum", [f"{name}/product", f"{name}/axes"], [name], keepdims=0))
+        else:
+            g.node.append(helper.make_node("Mul", [t, gm.grad_names[t]], [name]))
+        names[(t, axis)] = name
+    return runtime.with_outputs(model, list(names.values()), {}), names
 
 
 def per_position(a: np.ndarray, g: np.ndarray, axis: int) -> np.ndarray:
