@@ -3,7 +3,8 @@
 
 onnxprune: wall time of the subprocess ``onnxprune prune resnet50.onnx -o OUT --ratio
 0.3`` (Python start, imports, load, analyze, score, plan, rewrite, verify in
-onnxruntime, measure, save). Torch-Pruning: in one long-lived process of the
+onnxruntime, measure, save), and the same in process (``onnxprune.prune`` + ``save`` in a
+worker that has imported onnxprune and done one warm-up run). Torch-Pruning: in one long-lived process of the
 torch venv, on a fresh torchvision ``resnet50()`` each run, the time to build
 the pruner (which traces the model and builds its DependencyGraph) with L2
 magnitude importance, ratio 0.3 and the classifier ignored, plus
@@ -75,6 +76,35 @@ def onnxprune_run(model: Path, ratio: float) -> dict:
             "params_kept": rep["params_after"] / rep["params_before"], "macs_kept": rep["macs_after"] / rep["macs_before"]}
 
 
+def api_runs(model: Path, runs: int, ratio: float) -> list[dict]:
+    """Executed in a worker process (``--api-worker``): ``onnxprune.prune`` + ``save`` from the path,
+    in process (imports not counted), after one warm-up run that is reported but not counted."""
+    import onnxprune
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="onnxprune-speed-") as tmp:
+        for _ in range(runs + 1):
+            load = os.getloadavg()[0]
+            c0, t0 = time.process_time(), time.perf_counter()
+            result = onnxprune.prune(str(model), policy=onnxprune.Policy(ratio=ratio))
+            onnxprune.save(result, f"{tmp}/out.onnx")
+            t1, c1 = time.perf_counter(), time.process_time()
+            out.append({"total_s": t1 - t0, "cpu_s": c1 - c0, "load": load, "steps": result.seconds,
+                        "verified": result.verification.passed})
+            del result
+    return out
+
+
+def api_run(model: Path, ratio: float) -> dict:
+    """One warm-up plus one timed in-process run in a fresh onnxprune process (the timed one is returned)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--api-worker", "--runs", "1",
+                           "--ratio", str(ratio), "--model", str(model)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"onnxprune API worker failed: {proc.stderr.strip().splitlines()[-3:]}")
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**runs[-1], "warmup_total_s": runs[0]["total_s"]}
+
+
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -103,24 +133,29 @@ def section(r: dict) -> str:
     """The markdown table of medians and every run."""
     m, v = r["median"], r["versions"]
     steps = ", ".join(f"{k[len('onnxprune_'):-2]} {m[k]:.2f}" for k in m
-                      if k.startswith("onnxprune_") and not k.startswith("onnxprune_cli"))
+                      if k.startswith("onnxprune_") and not k.startswith(("onnxprune_cli", "onnxprune_api")))
     rows = "\n".join(f"| {i + 1} | {t['total_s']:.2f} ({t['build_s']:.2f} + {t['step_s']:.2f}) | {t['cpu_s']:.2f} | "
-                      f"{t['load']:.1f} | {o['wall_s']:.2f} | {o['cpu_s']:.2f} | {o['load']:.1f} |" for i, (t, o) in
-                      enumerate(zip(r["torch_pruning"], r["onnxprune"])))
+                      f"{t['load']:.1f} | {o['wall_s']:.2f} | {o['cpu_s']:.2f} | {o['load']:.1f} | "
+                      f"{a['total_s']:.2f} | {a['cpu_s']:.2f} |" for i, (t, o, a) in
+                      enumerate(zip(r["torch_pruning"], r["onnxprune"], r["onnxprune_api"])))
     o, t = r["onnxprune"][0], r["torch_pruning"][0]
     return "\n".join([
         f"ResNet-50, ratio {r['ratio']}, {r['runs']} alternating runs on {r['cores']} cores, {r['date']} "
         f"(onnxruntime {v['onnxruntime']}; torch {v['torch']}, torchvision {v['torchvision']}, "
         f"Torch-Pruning {v['torch_pruning']}). Medians: **onnxprune CLI {m['onnxprune_cli_s']:.2f} s** end to end, "
+        f"**onnxprune API {m['onnxprune_api_s']:.2f} s** in process (`onnxprune.prune` from the path + `save`, "
+        f"after a warm-up run), "
         f"**Torch-Pruning {m['torch_pruning_s']:.2f} s** in process (pruner construction with its "
         f"DependencyGraph {m['torch_pruning_build_s']:.2f} s + `step()` {m['torch_pruning_step_s']:.2f} s). "
         f"CPU seconds (user + system, all threads; less sensitive to the load): onnxprune "
-        f"{m['onnxprune_cli_cpu_s']:.2f}, Torch-Pruning {m['torch_pruning_cpu_s']:.2f}. "
+        f"CLI {m['onnxprune_cli_cpu_s']:.2f}, API {m['onnxprune_api_cpu_s']:.2f}, "
+        f"Torch-Pruning {m['torch_pruning_cpu_s']:.2f}. "
         f"onnxprune steps (median s): {steps}; the rest is Python start, imports and save. "
         f"Kept: onnxprune {o['params_kept']:.1%} params / {o['macs_kept']:.1%} MACs, Torch-Pruning "
         f"{t['params_kept']:.1%} / {t['macs_kept']:.1%}.", "",
-        "| run | Torch-Pruning wall s (build + step) | CPU s | load | onnxprune CLI wall s | CPU s | load |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |", rows])
+        "| run | Torch-Pruning wall s (build + step) | CPU s | load | onnxprune CLI wall s | CPU s | load "
+        "| onnxprune API wall s | CPU s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", rows])
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -131,26 +166,35 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--doc", type=Path, help="markdown file whose speed section is replaced")
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--api-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torch_worker:
         print(json.dumps(torch_pruning_runs(args.runs, args.ratio)))
         return
-    onx, tor = [], []
+    if args.api_worker:
+        print(json.dumps(api_runs(args.model, args.runs, args.ratio)))
+        return
+    onx, tor, api = [], [], []
     for i in range(args.runs):
         tor.append(torch_run(args.torch_python, args.ratio))
         onx.append(onnxprune_run(args.model, args.ratio))
+        api.append(api_run(args.model, args.ratio))
         print(f"run {i + 1}: Torch-Pruning {tor[-1]['total_s']:.2f}s (load {tor[-1]['load']:.1f}), "
-              f"onnxprune CLI {onx[-1]['wall_s']:.2f}s (load {onx[-1]['load']:.1f})", file=sys.stderr)
+              f"onnxprune CLI {onx[-1]['wall_s']:.2f}s (load {onx[-1]['load']:.1f}), "
+              f"onnxprune API {api[-1]['total_s']:.2f}s (load {api[-1]['load']:.1f})", file=sys.stderr)
     med = {"torch_pruning_s": statistics.median(r["total_s"] for r in tor),
            "torch_pruning_build_s": statistics.median(r["build_s"] for r in tor),
            "torch_pruning_step_s": statistics.median(r["step_s"] for r in tor),
            "onnxprune_cli_s": statistics.median(r["wall_s"] for r in onx),
+           "onnxprune_api_s": statistics.median(r["total_s"] for r in api),
+           "onnxprune_api_cpu_s": statistics.median(r["cpu_s"] for r in api),
            "torch_pruning_cpu_s": statistics.median(r["cpu_s"] for r in tor),
            "onnxprune_cli_cpu_s": statistics.median(r["cpu_s"] for r in onx),
            **{f"onnxprune_{k}_s": statistics.median(r["steps"].get(k, 0.0) for r in onx) for k in onx[0]["steps"]}}
     result = {"model": str(args.model), "ratio": args.ratio, "runs": args.runs, "cores": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "versions": _versions(args.torch_python),
-              "median": {k: round(v, 3) for k, v in med.items()}, "onnxprune": onx, "torch_pruning": tor}
+              "median": {k: round(v, 3) for k, v in med.items()}, "onnxprune": onx, "onnxprune_api": api,
+              "torch_pruning": tor}
     for k, v in result["median"].items():
         print(f"{k:28s} {v:8.3f}")
     if args.doc:
