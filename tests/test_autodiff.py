@@ -221,6 +221,7 @@ CASES = {
     "conv-dilation": conv_case((1, 2, 7, 7), (2, 2, 3, 3), dilations=[2, 2], pads=[1, 2, 2, 1]),
     "conv-wide-strided": conv_case((1, 8, 5, 4), (3, 8, 3, 3), strides=[2, 1], pads=[1, 1, 0, 1]),
     "conv-1x1-one-channel": conv_case((2, 1, 4, 4), (3, 1, 1, 1), strides=[2, 2]),
+    "conv-stride3-asym-pad": conv_case((1, 2, 10, 9), (3, 2, 4, 3), strides=[3, 3], pads=[2, 0, 1, 2]),
     "conv-group": conv_case((2, 4, 5, 5), (6, 2, 3, 3), group=2, strides=[2, 1], pads=[1, 1, 1, 1]),
     "conv-group-stride1": conv_case((1, 4, 5, 4), (6, 2, 3, 1), group=2, pads=[1, 0, 0, 0]),
     "conv-depthwise-stride1": conv_case((2, 3, 5, 5), (3, 1, 3, 3), group=3, dilations=[1, 2], pads=[1, 2, 1, 2]),
