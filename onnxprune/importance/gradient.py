@@ -148,6 +148,10 @@ def _with_products(gm, acts: list[tuple[str, int]], shapes: dict) -> tuple[onnx.
     model = onnx.ModelProto()
     model.CopyFrom(gm.proto)
     g = model.graph
+    drop = {gm.grad_names[t] for t, _ in acts}        # activation gradients stay inside the session
+    keep = [o for o in g.output if o.name not in drop]
+    del g.output[:]
+    g.output.extend(keep)
     taken = {t for n in g.node for t in list(n.input) + list(n.output)} | {i.name for i in g.initializer}
     shapes = {**ir.infer_shapes(gm.proto), **shapes} if any(t not in shapes for t, _ in acts) else shapes
     names = {}
