@@ -134,3 +134,21 @@ def test_masked_reference_splice_zeroes_the_removed_positions(tmp_path):
     w1, b1 = (onnx.numpy_helper.to_array(t) for t in model.graph.initializer[2:4])
     np.testing.assert_allclose(runtime.session(ref).run(None, x)[0], h @ w1 + b1, rtol=1e-5, atol=1e-5)
     assert len(ref.graph.initializer) == len(model.graph.initializer) + 2  # the weights once, plus keep/zero
+
+
+def test_wire_splice_replaces_nodes_and_appends_outputs_without_touching_weights(tmp_path):
+    from onnxprune import wire
+
+    src = tmp_path / "m.onnx"
+    bench.generate(src, 2, 8)
+    model = ir.load(src).proto
+    patch = onnx.GraphProto()
+    patch.node.extend(model.graph.node[:2])  # MatMul + Add of the first layer only
+    patch.output.add().name = "add0"
+    spliced = onnx.load_from_string(wire.splice(model.SerializeToString(), patch))
+    assert [n.name for n in spliced.graph.node] == ["matmul0", "add0"]
+    assert [o.name for o in spliced.graph.output] == ["add1", "add0"]
+    assert [t.SerializeToString() for t in spliced.graph.initializer] == \
+        [t.SerializeToString() for t in model.graph.initializer]
+    tapped = onnx.load_from_string(wire.with_outputs(model.SerializeToString(), ["relu0"]))
+    assert [o.name for o in tapped.graph.output] == ["add1", "relu0"] and tapped.graph.node == model.graph.node
