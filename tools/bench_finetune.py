@@ -249,13 +249,24 @@ def gradient_cost(proto, teacher, x: np.ndarray, y: np.ndarray, rounds: int = 20
             fn()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    out = {"batch": len(x), "rounds": rounds, "load": [load0, os.getloadavg()[0]]}
+    from onnxprune.autodiff import nchwc
+
+    out = {"batch": len(x), "rounds": rounds, "load": [load0, os.getloadavg()[0]], "cpu": _cpu_name(),
+           "cores": os.cpu_count(), "nchwc_block": nchwc.block_size()}
     for name in runs:
         out[f"{name}_wall_ms"] = 1000 * float(np.median(wall[name]))
         out[f"{name}_cpu_ms"] = 1000 * float(np.median(cpu[name]))
         out[f"{name}_ratio"] = out[f"{name}_wall_ms"] / out["forward_wall_ms"]
     out["profile"] = profile_ops(*grad_model)
     return out
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "?"
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
 
 
 def profile_ops(model, fetch, feed, runs: int = 5) -> dict:
@@ -444,7 +455,9 @@ def _costs(ours: dict) -> list[str]:
              f"session (`onnxprune.runtime.session`: all graph optimizations, onnxruntime's default threads) on the",
              f"same batch of {first['batch']} training images. In each of {first['rounds']} interleaved rounds every "
              "graph below runs once, so load changes hit all alike; medians, CPU time of all threads in parentheses.",
-             f"Load average {min(loads):.1f}-{max(loads):.1f} during the timing (a 2-core VM shared with other jobs).",
+             f"Machine: {first.get('cpu', '?')}, {first.get('cores', '?')} cores (a VM shared with other jobs; load "
+             f"average {min(loads):.1f}-{max(loads):.1f} during the timing); onnxruntime's NCHWc block: "
+             f"{first.get('nchwc_block', '?')} channels.",
              "",
              "*forward, weights fed*: the forward pass with the trainable weights fed as inputs, as in fine-tuning;",
              "*+ input gradients*: that plus the loss and the gradients flowing back to the first convolution's output;",
