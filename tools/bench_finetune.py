@@ -451,8 +451,8 @@ def _costs(ours: dict) -> list[str]:
         text = f"{c[k + '_wall_ms']:.1f} ms ({c[k + '_cpu_ms']:.0f})"
         return text + f" | {c[k + '_ratio']:.2f}x" if ratio else text
     lines = ["## Gradient cost per batch", "",
-             f"The ratio is the wall time of one run of a gradient session over one run of the model's inference",
-             f"session (`onnxprune.runtime.session`: all graph optimizations, onnxruntime's default threads) on the",
+             "The ratio is the wall time of one run of a gradient session over one run of the model's inference",
+             "session (`onnxprune.runtime.session`: all graph optimizations, onnxruntime's default threads) on the",
              f"same batch of {first['batch']} training images. In each of {first['rounds']} interleaved rounds every "
              "graph below runs once, so load changes hit all alike; medians, CPU time of all threads in parentheses.",
              f"Machine: {first.get('cpu', '?')}, {first.get('cores', '?')} cores (a VM shared with other jobs; load "
