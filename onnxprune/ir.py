@@ -8,7 +8,6 @@ original's opsets, IR version and metadata, and ``save`` writes atomically.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import re
@@ -140,16 +139,13 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> Model:
                  stamp=(st.st_mtime_ns, st.st_size, structure_digest(proto)))
 
 
-def structure_digest(proto: onnx.ModelProto) -> str:
-    """A digest of the nodes, inputs, outputs and initializer names/shapes (not the weights' values)."""
-    h = hashlib.blake2b(digest_size=16)
+def structure_digest(proto: onnx.ModelProto) -> int:
+    """A digest of the nodes, inputs, outputs and initializer names/shapes (not the weights' values);
+    stable within one process (Python's hash of bytes)."""
     g = proto.graph
-    for part in (g.node, g.input, g.output):
-        for item in part:
-            h.update(item.SerializeToString())
-    for t in g.initializer:
-        h.update(f"{t.name}:{t.data_type}:{list(t.dims)};".encode())
-    return h.hexdigest()
+    parts = [item.SerializeToString() for part in (g.node, g.input, g.output) for item in part]
+    parts += [f"{t.name}:{t.data_type}:{list(t.dims)};".encode() for t in g.initializer]
+    return hash(b"\x00".join(parts))
 
 
 def file_bytes(model: Model, *, mapped: bool = False) -> bytes | mmap.mmap | None:
