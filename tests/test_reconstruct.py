@@ -393,3 +393,59 @@ def test_bad_arguments_are_user_errors():
         reconstruct(m, m, {}, data(rng_images(1)))
     out, rep = reconstruct(m, m, {c2: list(range(8))}, x, mode="none")
     assert out is m and rep.layers == []
+
+
+# ---------------------------------------------------------------- (5) the fast path keeps the answers
+
+def test_queued_targets_give_the_same_refit_as_one_pass_of_both_models():
+    """Targets queued from the original model's single pass (the default) or re-tapped in the
+    pruned model's pass (over the cache budget): the same sums, so the same weights."""
+    g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True, seed=12)
+    h = g.relu(g.conv("x", 8))
+    h = g.relu(g.bn(g.conv(h, 8)))
+    g.output(g.conv(h, 6))
+    m = g.build()
+    c1, c2, c3 = [n for n in m.graph.node if n.op_type == "Conv"]
+    bn = node(m, "BatchNormalization")
+    k1, k2 = keep(8, [2, 5]), keep(8, [1, 6])
+    cuts = {c1.input[1]: (0, k1), c1.input[2]: (0, k1), c2.input[1]: [(0, k2), (1, k1)], c2.input[2]: (0, k2),
+            c3.input[1]: (1, k2)}
+    cuts.update({t: (0, k2) for t in bn.input[1:]})
+    pruned = sliced(m, cuts)
+    x = data(rng_images(48, seed=13))
+    runs = [reconstruct(m, pruned, {c2.name: k1, c3.name: k2}, x, positions=None, stages=None, cache_bytes=b)
+            for b in (1 << 30, 0)]
+    (queued, rq), (live, rl) = runs
+    assert rq.cached_mb > 0 and rl.cached_mb == 0
+    assert [r.status for r in rq.layers] == [r.status for r in rl.layers] and rq.totals["kept"] >= 2
+    for name, w in inits(queued).items():
+        np.testing.assert_allclose(w, inits(live)[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_float32_gram_matches_float64_on_offset_data():
+    """Wide layers accumulate each chunk in float32 around a shift; the solve and the error must
+    agree with float64 sums even when the features sit far from zero (cancellation)."""
+    from onnxprune.reconstruct.fits import Gram
+
+    rng = np.random.default_rng(14)
+    k, c, n = 300, 5, 5000
+    X = (50 + rng.standard_normal((1, n, k))).astype(np.float32)
+    W_true = rng.standard_normal((1, c, k)) / np.sqrt(k)
+    Y = (np.einsum("gnk,gck->gnc", X.astype(np.float64) - 50, W_true) + 0.01 * rng.standard_normal((1, n, c)))
+    grams = {}
+    for name, cut in (("f32", 256), ("f64", 10 ** 9)):
+        Gram.FLOAT32_FROM, saved = cut, Gram.FLOAT32_FROM
+        try:
+            gr = Gram(1, k, c, chunk=700)
+            for i in range(0, n, 1000):
+                gr.add(X[:, i:i + 1000], Y[:, i:i + 1000].astype(np.float32))
+            grams[name] = gr
+        finally:
+            Gram.FLOAT32_FROM = saved
+    assert grams["f32"].dtype == np.float32 and grams["f64"].dtype == np.float64
+    W0, b0 = np.zeros((1, c, k)), np.zeros((1, c))
+    (W32, b32), (W64, b64) = (grams[s].solve(W0, b0, 1e-3) for s in ("f32", "f64"))
+    np.testing.assert_allclose(W32, W64, rtol=1e-3, atol=1e-4)
+    e32, e64 = grams["f32"].error(W32, b32), grams["f64"].error(W64, b64)
+    assert e64 < 1e-3 and e32 == pytest.approx(e64, rel=1e-2, abs=1e-6)
+    assert grams["f32"].error(W0, b0) == pytest.approx(1.0, rel=1e-6)

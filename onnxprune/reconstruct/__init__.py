@@ -63,6 +63,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
                 batch_size: int = 32, progress: passes.Progress | None = None,
                 kept_outputs: dict[str, np.ndarray] | None = None, bn_recalibrate: bool = True,
                 stages: int | None = 4, positions: int | None = 64, fidelity: bool = True,
+                fidelity_samples: int = 64, cache_bytes: int = 1 << 30,
                 seed: int = 0) -> tuple[onnx.ModelProto, ReconstructReport]:
     """Refit the pruned layers listed in ``kept_inputs``; returns the new model and a report.
 
@@ -70,7 +71,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
     space, of the input / output channels the pruned layer keeps (output channels are found
     by matching weights when not given). ``stages`` caps the passes over the data (None: one
     per dependency level, exact order). ``positions`` caps the output positions sampled per
-    sample and layer (None: all).
+    sample and layer (None: all). ``fidelity_samples`` caps the held-out samples the final
+    fidelity check runs. ``cache_bytes`` caps the sampled targets kept between the original
+    model's pass and the pruned model's passes (refits beyond it rerun the original).
     """
     start = time.perf_counter()
     _check_args(mode, ridge, holdout, batch_size, stages, positions, data)
@@ -108,10 +111,14 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
     report.stages = len(schedule)
 
     clock = {"passes": 0.0, "solve": 0.0, "fidelity": 0.0}
+    t = time.perf_counter()
+    report.cached_mb = _original_pass(todo, original, fit_data, held_data, batch_size, progress, cache_bytes)
+    report.passes = int(any(f.original and not f.live for f in todo))
+    clock["passes"] += time.perf_counter() - t
     for i, stage in enumerate(sorted(schedule)):
         t = time.perf_counter()
-        _run_stage(schedule[stage], original, ir.from_graph(work, pruned), fit_data, held_data, batch_size,
-                   progress, f"reconstructing {i + 1}/{report.stages}")
+        report.passes += _pruned_pass(schedule[stage], original, work, pruned, fit_data, held_data, batch_size,
+                                      progress, f"reconstructing {i + 1}/{report.stages}")
         clock["passes"] += time.perf_counter() - t
         t = time.perf_counter()
         for f in schedule[stage]:
@@ -121,7 +128,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
     result = ir.from_graph(work, pruned)
     if fidelity:
         t = time.perf_counter()
-        report.fidelity = _fidelity(original, pruned, result, held_data if n_held else fit_data, batch_size)
+        check = held_data if n_held else fit_data
+        report.fidelity = _fidelity(original, pruned, result, check, batch_size, fidelity_samples)
+        report.fidelity_samples = min(fidelity_samples, check.num_samples)
         clock["fidelity"] = time.perf_counter() - t
     report.timing = {k: round(v, 2) for k, v in clock.items()}
     report.seconds = time.perf_counter() - start
@@ -150,18 +159,61 @@ def _fixed_batch(proto: onnx.ModelProto) -> int | None:
     return b if isinstance(b, int) and b > 0 else None
 
 
-def _run_stage(todo: list[fits.Fit], original: onnx.ModelProto, current: onnx.ModelProto, fit_data: ArrayData,
-               held_data: ArrayData, batch_size: int, progress, description: str) -> None:
-    """One pass: feed every refit of the stage its tensors from both models."""
-    want_o = [t for f in todo for t in f.original]
-    want_p = [t for f in todo for t in f.pruned]
-    tap_o, tap_p = passes.Tapper(original, want_o), passes.Tapper(current, want_p)
-    also_check = held_data.num_samples == 0
-    for held, got_o, got_p in passes.paired(tap_o, tap_p, fit_data, held_data, batch_size, progress, description):
+def _original_pass(todo: list[fits.Fit], original: onnx.ModelProto, fit_data: ArrayData, held_data: ArrayData,
+                   batch_size: int, progress, budget: int) -> float:
+    """One pass of the original model for every refit that is not live; returns the MB queued.
+
+    Refits that need nothing else accumulate their sums; the others queue their sampled
+    targets for their stage's pass over the pruned model, in stage order as long as the
+    queues fit in ``budget`` bytes (estimated from the first batch); the rest go live.
+    """
+    todo = [f for f in todo if f.original and not f.live]
+    if not todo:
+        return 0.0
+    tap = passes.Tapper(original, [t for f in todo for t in f.original])
+    steps = passes.num_batches(fit_data, held_data, batch_size)
+    for i, (flags, feed) in enumerate(passes.batches(fit_data, held_data, batch_size, progress,
+                                                     "reconstructing: original model")):
+        got = tap(feed)
         for f in todo:
-            f.add(got_o, got_p, held)
-            if also_check:
-                f.add(got_o, got_p, True)
+            for held in flags:
+                f.add_original(got, held)
+        if i == 0:
+            todo = _within_budget(todo, steps, budget)
+    return round(sum(f.queued_bytes() for f in todo) / 2 ** 20, 1)
+
+
+def _within_budget(todo: list[fits.Fit], steps: int, budget: int) -> list[fits.Fit]:
+    """Keep queueing for refits, earliest stage first, while the projected queues fit in ``budget``."""
+    total = 0
+    for f in sorted((f for f in todo if f.pruned), key=lambda f: f.result.stage):
+        total += f.queued_bytes() * steps
+        if total > budget:
+            f.go_live()
+    return [f for f in todo if not f.live]
+
+
+def _pruned_pass(stage: list[fits.Fit], original: onnx.ModelProto, work: gs.Graph, pruned: onnx.ModelProto,
+                 fit_data: ArrayData, held_data: ArrayData, batch_size: int, progress, description: str) -> bool:
+    """One pass of the pruned model as rebuilt so far, for the refits of one stage that need it.
+
+    Live refits get the original model's tensors in the same pass (a second session).
+    Returns whether a pass was made."""
+    need = [f for f in stage if f.pruned]
+    if not need:
+        return False
+    live = [f for f in need if f.live and f.original]
+    tap_p = passes.Tapper(ir.from_graph(work, pruned), [t for f in need for t in f.pruned])
+    tap_o = passes.Tapper(original, [t for f in live for t in f.original]) if live else None
+    for flags, feed in passes.batches(fit_data, held_data, batch_size, progress, description):
+        got_o = tap_o(feed) if tap_o is not None else {}
+        got_p = tap_p(feed)
+        for held in flags:
+            for f in live:
+                f.add_original(got_o, held)
+            for f in need:
+                f.add_pruned(got_p, held)
+    return True
 
 
 def _build(mode, work: gs.Graph, ref: gs.Graph, kept_inputs, kept_outputs, bn_recalibrate, ridge, positions, seed,
@@ -233,11 +285,11 @@ def _bn_fit(node: gs.Node, ref: gs.Node | None, positions: int | None, seed: int
                                positions=positions, seed=seed)
 
 
-def _fidelity(original, before, after, data: ArrayData, batch_size: int) -> dict:
+def _fidelity(original, before, after, data: ArrayData, batch_size: int, limit: int) -> dict:
     """Relative error and top-1 agreement of the first output, pruned and reconstructed vs original."""
     name = original.graph.output[0].name
     out = {}
     for key, model in (("pruned", before), ("reconstructed", after)):
-        got = validate.fidelity(model, original, data, batch_size)[name]
+        got = validate.fidelity(model, original, data, batch_size, limit=limit)[name]
         out[key] = {k: got[k] for k in ("rel_error", "top1_agreement") if got.get(k) is not None}
     return out

@@ -1,13 +1,18 @@
 """The three refits: least squares, bias compensation, BatchNormalization statistics.
 
-Each refit streams the tensors it asks for (from the original and from the pruned
-model, batch by batch) into running sums, never keeping activations; ``solve``
-computes the new parameters and their held-out error from those sums alone and
-keeps them only if that error is lower than the layer's error as it stands;
+Each refit streams the tensors it asks for into running sums, never keeping
+activations: ``add_original`` takes a batch's tensors from the original model and
+``add_pruned`` the same batch's tensors from the pruned model being rebuilt. The two
+may come from different passes over the data: a refit that needs both keeps, in
+between, only the sampled target rows of each batch (a queue read back in order).
+``solve`` computes the new parameters and their held-out error from the sums alone
+and keeps them only if that error is lower than the layer's error as it stands;
 ``apply`` writes kept parameters into the working graph.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -36,12 +41,20 @@ class Gram:
     """Running sums of G grouped regressions: XᵀX, Σx, XᵀY, Σy, Σy² and the row count (float64).
 
     Rows are buffered up to ``chunk`` so that small batches still make large matrix products.
+    Sums are of rows minus a fixed shift (the first chunk's means), which keeps the
+    covariance free of cancellation; each chunk's products are computed in float32 when
+    ``K >= FLOAT32_FROM`` (twice the BLAS speed; a chunk's rounding error, ~1e-6 relative,
+    is far below the ridge) and added to float64 sums.
     """
+
+    FLOAT32_FROM = 256
 
     def __init__(self, g: int, k: int, c: int, chunk: int = 2048):
         self._n = 0
         self.xx, self.sx = np.zeros((g, k, k)), np.zeros((g, k))
         self.xy, self.sy, self.yy = np.zeros((g, k, c)), np.zeros((g, c)), np.zeros(g)
+        self.shift: tuple[np.ndarray, np.ndarray] | None = None
+        self.dtype = np.float32 if k >= self.FLOAT32_FROM else np.float64
         self.chunk = chunk
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_rows = 0
@@ -64,12 +77,16 @@ class Gram:
         X = np.concatenate([p[0] for p in self.pending], axis=1)
         Y = np.concatenate([p[1] for p in self.pending], axis=1)
         self.pending, self.pending_rows = [], 0
+        if self.shift is None:
+            self.shift = (X.mean(1, dtype=np.float64), Y.mean(1, dtype=np.float64))
+        X = X.astype(self.dtype, copy=False) - self.shift[0][:, None].astype(self.dtype)
+        Y = Y.astype(self.dtype, copy=False) - self.shift[1][:, None].astype(self.dtype)
         Xt = X.transpose(0, 2, 1)
         self.xx += Xt @ X
-        self.sx += X.sum(1)
+        self.sx += X.sum(1, dtype=np.float64)
         self.xy += Xt @ Y
-        self.sy += Y.sum(1)
-        self.yy += np.einsum("grc,grc->g", Y, Y)
+        self.sy += Y.sum(1, dtype=np.float64)
+        self.yy += np.einsum("grc,grc->g", Y, Y, dtype=np.float64)
         self._n += X.shape[1]
 
     def solve(self, W0: np.ndarray, b0: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
@@ -91,27 +108,65 @@ class Gram:
         except np.linalg.LinAlgError:
             W = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(A, B)])
         W = W.transpose(0, 2, 1)
+        if self.shift is not None:
+            mx, my = mx + self.shift[0], my + self.shift[1]
         return W, my - np.einsum("gck,gk->gc", W, mx)
 
     def error(self, W: np.ndarray, b: np.ndarray) -> float:
         """Σ‖y - Wx - b‖² / Σ‖y‖² over the accumulated rows, from the sums alone."""
-        self.flush()
+        n = self.n
+        if self.shift is not None:      # y - Wx - b = y' - Wx' - (b + W·shift_x - shift_y)
+            b = b + np.einsum("gck,gk->gc", W, self.shift[0]) - self.shift[1]
         sse = (self.yy - 2 * np.einsum("gck,gkc->g", W, self.xy) - 2 * np.einsum("gc,gc->g", b, self.sy)
                + np.einsum("gck,gck->g", W @ self.xx, W) + 2 * np.einsum("gc,gck,gk->g", b, W, self.sx)
-               + self.n * np.einsum("gc,gc->g", b, b))
-        return max(float(sse.sum()), 0.0) / max(float(self.yy.sum()), 1e-30)
+               + n * np.einsum("gc,gc->g", b, b))
+        return max(float(sse.sum()), 0.0) / max(self._norm(), 1e-30)
+
+    def _norm(self) -> float:
+        """Σ‖y‖² (unshifted) over the accumulated rows."""
+        if self.shift is None:
+            return float(self.yy.sum())
+        s = self.shift[1]
+        return float((self.yy + 2 * np.einsum("gc,gc->g", s, self.sy) + self._n * np.einsum("gc,gc->g", s, s)).sum())
 
 
 class Fit:
-    """What every refit offers the scheduler."""
+    """What every refit offers the scheduler.
+
+    The scheduler calls ``add_original`` with each batch's tensors from the original model
+    and, if the refit also needs tensors of the pruned model (``pruned`` is not empty),
+    ``add_pruned`` with the same batches in the same order, possibly in a later pass: what
+    ``add_original`` keeps for ``add_pruned`` waits in ``queue``. A ``live`` refit gets both
+    in one pass (its queue never holds more than one batch).
+    """
 
     kind = ""
     original: list[str]     # tensors it needs from the original model
     pruned: list[str]       # tensors it needs from the pruned model being rebuilt
     result: LayerResult
+    live = False            # True: fed both models in the same pass
 
-    def add(self, original: dict[str, np.ndarray], pruned: dict[str, np.ndarray], held: bool) -> None:
+    def __init__(self) -> None:
+        self.queue: deque = deque()
+
+    def add_original(self, tensors: dict[str, np.ndarray], held: bool) -> None:
         raise NotImplementedError
+
+    def add_pruned(self, tensors: dict[str, np.ndarray], held: bool) -> None:
+        """Only called when ``pruned`` is not empty."""
+
+    def go_live(self) -> None:
+        """Take both models' tensors in the same pass; drop what was queued so far."""
+        self.live = True
+        self.queue.clear()
+
+    def queued_bytes(self) -> int:
+        return sum(a.nbytes for entry in self.queue for a in entry if isinstance(a, np.ndarray))
+
+    def _pop(self, held: bool) -> tuple:
+        entry = self.queue.popleft()
+        assert entry[0] == held, "add_pruned must see the batches add_original saw, in the same order"
+        return entry[1:]
 
     def solve(self) -> LayerResult:
         raise NotImplementedError
@@ -130,6 +185,7 @@ class LeastSquares(Fit):
 
     def __init__(self, lin: Linear, kept_in: np.ndarray, kept_out: np.ndarray, result: LayerResult, *,
                  ridge: float, positions: int | None, seed: int):
+        super().__init__()
         self.lin, self.kept_out, self.result = lin, kept_out, result
         self.channels_in = kept_in
         self.ridge, self.positions = ridge, positions
@@ -148,18 +204,21 @@ class LeastSquares(Fit):
         self.original = self.original + self.pruned
         self.pruned = []
 
-    def add(self, original, pruned, held):
+    def add_original(self, original, held):
         rule = self.lin.rule
-        if self.kept_in is None:
-            x = pruned[self.pruned[0]]
-        else:
-            x = np.take(original[self.original[1]], self.kept_in, axis=rule.channel_axis)
         y = np.take(original[self.original[0]], self.kept_out, axis=rule.channel_axis)
-        rows = sample_rows(x.shape[0], rule.positions(x, y), self.positions, self.rng)
-        X = rule.features(self.lin, x, rows).astype(np.float64)
+        rows = sample_rows(y.shape[0], rule.positions(y), self.positions, self.rng)
         g, c = self.lin.W.shape[:2]
-        Y = rule.targets(y, rows).astype(np.float64).reshape(len(rows), g, c).transpose(1, 0, 2)
-        self.grams[held].add(X, Y)
+        Y = rule.targets(y, rows).reshape(len(rows), g, c).transpose(1, 0, 2)
+        if self.kept_in is None:
+            self.queue.append((held, rows, Y))
+            return
+        x = np.take(original[self.original[1]], self.kept_in, axis=rule.channel_axis)
+        self.grams[held].add(rule.features(self.lin, x, rows), Y)
+
+    def add_pruned(self, pruned, held):
+        rows, Y = self._pop(held)
+        self.grams[held].add(self.lin.rule.features(self.lin, pruned[self.pruned[0]], rows), Y)
 
     def solve(self):
         fit, check = self.grams[False], self.grams[True]
@@ -182,9 +241,11 @@ class BiasShift(Fit):
     """
 
     kind = "bias"
+    live = True     # its held-out check compares whole output maps: too large to queue
 
     def __init__(self, lin: Linear, original: Linear, kept_in: np.ndarray, kept_out: np.ndarray,
                  result: LayerResult):
+        super().__init__()
         self.lin, self.kept_out, self.result = lin, kept_out, result
         self.removed = np.setdiff1d(np.arange(original.cin), kept_in)
         self.weights = original.dense()[:, self.removed][kept_out]        # [Cout', removed]
@@ -198,7 +259,7 @@ class BiasShift(Fit):
         self.r1, self.r2, self.yy, self.count_y = np.zeros(c), np.zeros(c), 0.0, 0
         self.new: np.ndarray | None = None
 
-    def add(self, original, pruned, held):
+    def add_original(self, original, held):
         ax = self.lin.rule.channel_axis
         x, y = original[self.original[0]], original[self.original[1]]
         if not held:
@@ -206,8 +267,14 @@ class BiasShift(Fit):
             self.sum_x += xs.sum(0)
             self.count_x += xs.shape[0]
             self.spread = self.lin.rule.spread(x, y)
+        self.queue.append((held, np.take(y, self.kept_out, axis=ax) if held else None))
+
+    def add_pruned(self, pruned, held):
+        (yo,) = self._pop(held)
+        if not held:
             return
-        yo = np.moveaxis(np.take(y, self.kept_out, axis=ax), ax, -1).astype(np.float64)
+        ax = self.lin.rule.channel_axis
+        yo = np.moveaxis(yo, ax, -1).astype(np.float64)
         r = (yo - np.moveaxis(pruned[self.pruned[0]], ax, -1)).reshape(-1, len(self.kept_out))
         self.r1 += r.sum(0)
         self.r2 += (r * r).sum(0)
@@ -241,6 +308,7 @@ class BatchNormStats(Fit):
 
     def __init__(self, node: gs.Node, original: gs.Node, kept: np.ndarray, result: LayerResult, *,
                  positions: int | None, seed: int):
+        super().__init__()
         self.node, self.kept, self.result = node, kept, result
         self.positions, self.rng = positions, np.random.default_rng(seed)
         self.eps = float(node.attrs.get("epsilon", 1e-5))
@@ -261,14 +329,17 @@ class BatchNormStats(Fit):
         self.stale = True
         self.original = self.pruned = []
 
-    def add(self, original, pruned, held):
-        if self.stale:
-            return
-        xo, xp = original[self.original[0]], pruned[self.pruned[0]]
-        n, per_sample = xp.shape[0], int(np.prod(xp.shape[2:]))
+    def add_original(self, original, held):
+        xo = original[self.original[0]]
+        n, per_sample = xo.shape[0], int(np.prod(xo.shape[2:]))
         s, p = np.divmod(sample_rows(n, per_sample, self.positions, self.rng), per_sample)
-        xo = xo.reshape(n, xo.shape[1], -1)[s, :, p][:, self.kept].astype(np.float64)
-        xp = xp.reshape(n, xp.shape[1], -1)[s, :, p].astype(np.float64)
+        self.queue.append((held, s, p, xo.reshape(n, xo.shape[1], -1)[s, :, p][:, self.kept]))
+
+    def add_pruned(self, pruned, held):
+        s, p, xo = self._pop(held)
+        xp = pruned[self.pruned[0]]
+        xp = xp.reshape(xp.shape[0], xp.shape[1], -1)[s, :, p].astype(np.float64)
+        xo = xo.astype(np.float64)
         sums = self.sums[held]
         sums[0] += xp.shape[0]
         sums[1:] += np.stack([xp.sum(0), (xp * xp).sum(0), xo.sum(0), (xo * xo).sum(0), (xp * xo).sum(0)])

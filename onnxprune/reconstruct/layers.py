@@ -131,9 +131,9 @@ class Rule:
     def write(self, graph: gs.Graph, lin: Linear, W: np.ndarray, b: np.ndarray) -> None:
         raise NotImplementedError
 
-    def positions(self, x: np.ndarray, y: np.ndarray) -> int:
-        """Rows per sample (output positions) of one layer call."""
-        return int(np.prod(y.shape[2:])) if self.channel_axis == 1 else int(np.prod(x.shape[1:-1]))
+    def positions(self, y: np.ndarray) -> int:
+        """Rows per sample (output positions) of one layer call, from its output."""
+        return int(np.prod(y.shape[2:])) if self.channel_axis == 1 else int(np.prod(y.shape[1:-1]))
 
     def spread(self, x: np.ndarray, y: np.ndarray) -> float:
         """Output positions one input position's kernel-summed weight is spread over, inverted."""

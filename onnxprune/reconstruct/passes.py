@@ -3,7 +3,7 @@
 A refit's input must reflect the refits upstream of it, so refits are ordered by
 *dependency level* (how many refit layers lie on the longest path before them in
 the pruned graph): refits of one level never feed each other and can share one pass.
-Every pass runs both models only as far as the tensors it taps (onnxruntime itself
+Every pass runs a model only as far as the tensors it taps (onnxruntime itself
 executes the whole graph whatever outputs are fetched).
 """
 
@@ -102,20 +102,26 @@ class Tapper:
         return {n: got[n] if n in got else feed[n] for n in self.names}
 
 
-def paired(original: Tapper, pruned: Tapper, fit: ArrayData, held: ArrayData, batch_size: int,
-           progress: Progress | None = None, description: str = "reconstructing"
-           ) -> Iterator[tuple[bool, dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """``(is_held_out, original tensors, pruned tensors)`` for every batch of ``fit`` then ``held``."""
+def batches(fit: ArrayData, held: ArrayData, batch_size: int, progress: Progress | None = None,
+            description: str = "reconstructing") -> Iterator[tuple[tuple[bool, ...], dict[str, np.ndarray]]]:
+    """``(held-out flags, feed)`` for every batch of ``fit`` then ``held``.
 
-    def batches():
+    The flags say which sums a batch goes to: ``(False,)`` fit, ``(True,)`` check; with no
+    held-out data every fit batch is also the check batch, ``(False, True)``.
+    """
+    flags = {False: (False,) if held.num_samples else (False, True), True: (True,)}
+
+    def gen():
         for is_held, data in ((False, fit), (True, held)):
             if data.num_samples:
                 for feed in data.batches(batch_size):
-                    yield is_held, feed
+                    yield flags[is_held], feed
 
-    it: Iterable = batches()
+    it: Iterable = gen()
     if progress is not None:
-        steps = sum(-(-d.num_samples // batch_size) for d in (fit, held))
-        it = progress(it, steps, description)
-    for is_held, feed in it:
-        yield is_held, original(feed), pruned(feed)
+        it = progress(it, num_batches(fit, held, batch_size), description)
+    return iter(it)
+
+
+def num_batches(fit: ArrayData, held: ArrayData, batch_size: int) -> int:
+    return sum(-(-d.num_samples // batch_size) for d in (fit, held))

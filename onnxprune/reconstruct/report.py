@@ -37,12 +37,15 @@ class ReconstructReport:
     fit_samples: int = 0
     holdout_samples: int = 0
     levels: int = 0                 # dependency levels among the refit layers
-    stages: int = 0                 # passes over the data actually made
+    stages: int = 0                 # groups of levels: one pass of the pruned model each, at most
+    passes: int = 0                 # passes over the data actually made (both models)
+    cached_mb: float = 0.0          # sampled targets kept between the original's pass and the pruned's
     positions: int | None = None    # output positions sampled per sample and layer (None: all)
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)      # seconds per phase: passes, solve, fidelity
     layers: list[LayerResult] = field(default_factory=list)
     fidelity: dict = field(default_factory=dict)    # {"pruned": {...}, "reconstructed": {...}} on held-out data
+    fidelity_samples: int = 0
     notes: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
