@@ -211,6 +211,14 @@ def criteria_rows(model, calib, test, targets: list[float], criteria: list[str],
     return rows
 
 
+def cpu_name() -> str:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def run(args) -> dict:
     from onnxprune import ir, validate
     from onnxprune.data import load_npz
@@ -218,7 +226,7 @@ def run(args) -> dict:
 
     criteria = args.criteria or list(CRITERIA)
     out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+           "machine": f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "targets": args.targets}
     if "fmnist" in args.models:
         model = ir.load(ROOT / "models" / "fmnist_resnet.onnx")
@@ -273,8 +281,8 @@ def table(result: dict, tp: dict | None = None) -> list[str]:
 
 
 def section(result: dict) -> str:
-    out = [BEGIN, "", f"Measured {result['date']} on {result['machine']} (2 cores shared with other jobs: "
-           "score seconds are only roughly comparable).", ""]
+    out = [BEGIN, "", f"Measured {result['date']} on {result['machine']} (shared with other jobs: score "
+           "seconds are only roughly comparable).", ""]
     if "fmnist" in result:
         f = result["fmnist"]
         tp = f.get("torch_pruning")
@@ -319,11 +327,12 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--doc", type=Path, help="markdown file whose generated section is replaced")
     p.add_argument("--json", type=Path)
+    p.add_argument("--from-json", type=Path, help="re-render the section from a saved --json instead of measuring")
     args = p.parse_args()
     if args.torch_worker:
         print(json.dumps(torch_worker(args.targets, args.out_dir)))
         return
-    result = run(args)
+    result = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     text = section(result)
     print(text)
     if args.doc:
