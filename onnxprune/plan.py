@@ -79,7 +79,7 @@ def group_ratio(group: Group, policy: Policy) -> float:
 
 def _rounded_keep(size: int, keep: int, round_to: int | None) -> int:
     keep = max(1, keep)
-    if round_to and round_to > 1 and size > round_to:
+    if round_to and round_to > 1 and size >= round_to:   # a group of exactly N stays N, never below
         keep = min(size, max(round_to, int(round(keep / round_to)) * round_to))
     return keep
 
