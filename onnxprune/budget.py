@@ -8,8 +8,12 @@ candidate at the target is finished (reconstructed) and evaluated; if it loses
 more than the floor allows, the strongest ratio that meets the floor is found
 by a second bisection and saved, and the report says the target was not met.
 Channel counts follow ``round_to``, so latency really falls where MACs do.
-Per-layer ratios from ``onnxprune sensitivity`` (``--ratios-from``) scale with
-the searched strength.
+Per-layer ratios from ``onnxprune sensitivity`` (``--ratios-from``) are kept as given.
+
+``allocation="latency"`` searches one strength too, but spreads it over the
+groups by the cost model of :mod:`onnxprune.allocation`: groups whose channels
+cost more time than their MACs say (the expanded width of inverted residual
+blocks, wide classifier inputs) lose more, so latency falls with MACs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from . import allocation as alloc
 from . import latency, validate
 from .data import ArrayData
 from .errors import OnnxPruneError
@@ -51,9 +56,41 @@ class Outcome:
     log: list[dict] = field(default_factory=list)
     message: str = ""
 
+    allocation: str = "uniform"
+
     def to_json(self) -> dict:
-        return {"ratio": self.policy.ratio, "achieved": self.achieved, "met": self.met, "message": self.message,
-                "steps": self.log}
+        return {"ratio": self.policy.ratio, "allocation": self.allocation, "achieved": self.achieved,
+                "met": self.met, "message": self.message, "steps": self.log}
+
+
+ALLOCATIONS = ("uniform", "latency")
+
+
+class Strength:
+    """The policy for one searched strength: the uniform ratio itself, or latency-aware per-group ratios."""
+
+    def __init__(self, pruner, policy: Policy, allocation: str = "uniform"):
+        if allocation not in ALLOCATIONS:
+            raise OnnxPruneError(f"--allocation '{allocation}': expected one of {', '.join(ALLOCATIONS)}")
+        if allocation == "latency" and policy.global_ranking:
+            raise OnnxPruneError("--allocation latency sets per-group ratios; it cannot be combined with --global")
+        self.policy, self.allocation = policy, allocation
+        self.cap = 0.95 if not policy.global_ranking else min(0.95, policy.max_ratio)
+        self.top, self.weights, self.labels = self.cap, {}, {}
+        if allocation == "latency":
+            groups = [g for g in pruner.analysis.prunable if g.id in pruner.scores]
+            self.cap = min(0.9, policy.max_ratio)
+            self.weights = alloc.weights(pruner.analysis, pruner.before, groups)
+            self.labels = {g.id: g.label for g in groups}
+            self.top = alloc.top_strength(self.weights, self.cap)
+
+    def at(self, strength: float) -> Policy:
+        if not self.weights:
+            return replace(self.policy, ratio=min(strength, self.cap))
+        ratio_for = dict(self.policy.ratio_for)       # the user's own ratios win
+        for gid, r in alloc.ratios(strength, self.weights, self.cap).items():
+            ratio_for.setdefault(self.labels[gid], r)
+        return replace(self.policy, ratio=min(strength, self.cap), ratio_for=ratio_for)
 
 
 def quality(candidate, reference, data: ArrayData, limit: int | None = 512) -> tuple[float, str]:
@@ -84,36 +121,37 @@ def _meets(fr: dict, budget: Budget) -> bool:
 
 
 def search(pruner, policy: Policy, budget: Budget, data: ArrayData | None = None, *, steps: int = 12,
-           latency_runs: int = 15, reconstruct: str = "auto", progress=None) -> tuple[Outcome, object]:
-    """Find the weakest ratio that meets ``budget``; returns the outcome and the finished PruneResult."""
+           latency_runs: int = 15, reconstruct: str = "auto", progress=None,
+           allocation: str = "uniform") -> tuple[Outcome, object]:
+    """Find the weakest strength that meets ``budget``; returns the outcome and the finished PruneResult."""
     budget.check()
     if not budget.active:
         raise OnnxPruneError("no target given: use --target-macs, --target-params or --target-latency")
     if budget.max_drop is not None and data is None:
         raise OnnxPruneError("--max-drop needs --data DATA (labelled for accuracy, or any for fidelity)")
-    outcome = Outcome(policy)
-    cap = 0.95 if not policy.global_ranking else min(0.95, policy.max_ratio)
-    lo, hi = 0.0, cap
-    fr_hi = _fractions(pruner, replace(policy, ratio=hi), budget, latency_runs)
+    at = Strength(pruner, policy, allocation)
+    outcome = Outcome(policy, allocation=allocation)
+    lo, hi = 0.0, at.top
+    fr_hi = _fractions(pruner, at.at(hi), budget, latency_runs)
     outcome.log.append({"ratio": hi, **fr_hi})
     if not _meets(fr_hi, budget):  # even the strongest ratio misses: nothing worth saving
         k = next(k for k in ("macs", "params", "latency") if getattr(budget, k) is not None
                  and fr_hi[k] > getattr(budget, k) + 1e-9)
-        raise OnnxPruneError(f"--target-{k} {getattr(budget, k):g} cannot be met: removing {hi:.0%} of every "
+        raise OnnxPruneError(f"--target-{k} {getattr(budget, k):g} cannot be met: removing {at.cap:.0%} of every "
                              f"prunable group still keeps {fr_hi[k]:.3f} of the {k} (frozen groups keep the rest); "
                              f"ask for {math.ceil(fr_hi[k] * 100) / 100:.2f} or more")
     else:
         it = range(steps) if progress is None else progress(range(steps), steps, "searching the budget")
         for _ in it:
             mid = (lo + hi) / 2
-            fr = _fractions(pruner, replace(policy, ratio=mid), budget, latency_runs)
+            fr = _fractions(pruner, at.at(mid), budget, latency_runs)
             outcome.log.append({"ratio": mid, **fr})
             if _meets(fr, budget):
                 hi = mid
             else:
                 lo = mid
     ratio = hi if outcome.met else lo
-    chosen = replace(policy, ratio=ratio)
+    chosen = at.at(ratio)
     result = pruner.finish(pruner.plan(chosen), reconstruct=reconstruct)
     if budget.max_drop is not None:
         base, kind = quality(pruner.original.proto, pruner.original.proto, data)
@@ -126,7 +164,7 @@ def search(pruner, policy: Policy, budget: Budget, data: ArrayData | None = None
             lo2, hi2 = 0.0, ratio
             for _ in range(max(4, steps // 2)):
                 mid = (lo2 + hi2) / 2
-                cand = pruner.finish(pruner.plan(replace(policy, ratio=mid)), reconstruct=reconstruct)
+                cand = pruner.finish(pruner.plan(at.at(mid)), reconstruct=reconstruct)
                 qm, _ = quality(cand.proto, pruner.original.proto, data)
                 outcome.log.append({"ratio": mid, "quality": qm})
                 if base - qm <= budget.max_drop:
@@ -135,7 +173,7 @@ def search(pruner, policy: Policy, budget: Budget, data: ArrayData | None = None
                     hi2 = mid
             outcome.message = (f"the accuracy floor (max drop {budget.max_drop} points) makes the target "
                                f"impossible: saved the strongest model that meets it (ratio {good:.3f})")
-            chosen = replace(policy, ratio=good)
+            chosen = at.at(good)
             result = good_result or pruner.finish(pruner.plan(chosen), reconstruct=reconstruct)
             q, _ = quality(result.proto, pruner.original.proto, data)
         outcome.achieved["quality_after"] = q

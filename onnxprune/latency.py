@@ -77,6 +77,29 @@ class Benchmark(dict):
                 "threads": s.threads, "provider": s.provider, "batch_size": s.batch_size}
 
 
+def cpu_features() -> dict[str, bool]:
+    """The SIMD features numpy detected on this CPU (e.g. ``{"AVX2": True, "AVX512F": True, ...}``)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return {}
+    return dict(features)
+
+
+def simd_block(features: dict[str, bool] | None = None) -> int:
+    """Channels per SIMD block of onnxruntime's CPU kernels on this machine: 16 with AVX-512, else 8.
+
+    onnxruntime's MLAS blocks channels by this width (``NchwcBlockSize`` in ``mlas/lib/platform.cpp``:
+    16 when AVX-512F is present, 8 on AVX2); a convolution whose channel counts are not multiples of it
+    is left out of the NCHWc layout and runs on slower kernels. 8 is also what other back ends favour.
+    """
+    features = cpu_features() if features is None else features
+    return 16 if features.get("AVX512F") else 8
+
+
 def _positive(name: str, value: int, low: int = 1) -> None:
     if value < low:
         raise OnnxPruneError(f"{name} {value}: must be at least {low}")

@@ -65,24 +65,3 @@ def analyze_sensitivity(pruner, data: ArrayData, ratios: list[float], *, thresho
         row["macs_saved"].append(round(1.0 - stats.macs / max(before.macs, 1), 5))
     return Sensitivity(metric, baseline, list(ratios), list(rows.values()), threshold)
 
-
-def plot(sens: Sensitivity, path: str) -> bool:
-    """Curves as PNG when matplotlib is installed; returns whether a file was written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for g in sens.groups:
-        ax.plot(sens.ratios, g["drops"], marker="o", linewidth=1, label=g["label"][-28:])
-    ax.set_xlabel("fraction of the group's channels removed")
-    ax.set_ylabel(f"drop in {sens.metric} (points)")
-    ax.axhline(sens.threshold, color="grey", linestyle="--", linewidth=0.8)
-    if len(sens.groups) <= 12:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import budget, pipeline
+from .. import budget, pipeline, plots
 from ..data import open_data
 from ..errors import OnnxPruneError
 from ..plan import Plan, Policy
@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-drop", metavar="POINTS",
                    help="with --data: lose at most this many accuracy points (or agreement points without "
                         "labels); if the target needs more, the strongest model within the floor is saved")
+    b.add_argument("--allocation", default="uniform", choices=budget.ALLOCATIONS,
+                   help="how the searched strength spreads over groups: the same ratio everywhere (uniform), "
+                        "or more from groups whose channels cost more time than MACs, such as the expanded "
+                        "width of inverted residual blocks (latency; see docs/latency.md)")
     d = p.add_argument_group("data")
     d.add_argument("--calib", metavar="DATA", help="calibration data: an .npz named after the model inputs, "
                                                    "a folder of images, or 'random'")
@@ -143,13 +147,14 @@ def run(args: argparse.Namespace) -> int:
     data = open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
     if target.active:
         outcome, result = budget.search(pruner, policy, target, data, reconstruct=args.reconstruct,
-                                        progress=fmt.progress)
+                                        progress=fmt.progress, allocation=args.allocation)
         result.extra["budget"] = outcome.to_json()
         if outcome.message:
             print(f"note: {outcome.message}", file=sys.stderr)
     else:
-        if target.max_drop is not None:
-            raise OnnxPruneError("--max-drop goes with a --target-* budget")
+        if target.max_drop is not None or args.allocation != "uniform":
+            raise OnnxPruneError(f"{'--max-drop' if target.max_drop is not None else '--allocation'} goes with "
+                                 "a --target-* budget")
         result = pruner.finish(plan if plan is not None else pruner.plan(policy), verify=not args.no_verify,
                                reconstruct=args.reconstruct)
     if args.finetune_steps and not args.dry_run:
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         fmt.write_json(args.report, rep)
     if args.report_md:
-        fmt.write_text(args.report_md, markdown_report(result, rep))
+        fmt.write_text(args.report_md, markdown_report(result, rep, args.report_md))
     print_summary(result, size)
     return 0
 
@@ -241,7 +246,8 @@ def validation_rows(v: dict | None) -> list[tuple]:
     return rows
 
 
-def markdown_report(result: pipeline.PruneResult, rep: dict) -> str:
+def markdown_report(result: pipeline.PruneResult, rep: dict, md_path: str | None = None) -> str:
+    """The Markdown report; with ``md_path`` and matplotlib, also ``<md stem>.channels.png`` beside it."""
     b, a = result.before, result.after
     lines = [f"# onnxprune report: {rep.get('model')}", "",
              f"criterion `{rep['criterion']}` (importance data: {rep['importance_data']}), "
@@ -259,8 +265,20 @@ def markdown_report(result: pipeline.PruneResult, rep: dict) -> str:
               "| group | first layer | channels | removed |", "|---:|---|---:|---:|"]
     for g in rep["groups"]:
         lines.append(f"| {g['group']} | `{g['label']}` | {g['size']} | {len(g['removed_channels'])} |")
+    lines += _channels_plot(rep["groups"], md_path)
     if rep["frozen"]:
         lines += ["", "## Frozen groups", "", "| group | first layer | channels | why |", "|---:|---|---:|---|"]
         for f in rep["frozen"]:
             lines.append(f"| {f['group']} | `{f['label']}` | {f['size']} | {'; '.join(f['reasons'][:2])} |")
     return "\n".join(lines) + "\n"
+
+
+def _channels_plot(groups: list[dict], md_path: str | None) -> list[str]:
+    """Markdown lines for the per-layer channels-kept plot, written next to the report when possible."""
+    if not md_path or not groups:
+        return []
+    png = Path(md_path).with_suffix(".channels.png")
+    if not plots.channels_kept(groups, png):
+        print(f"note: {plots.INSTALL_HINT}", file=sys.stderr)
+        return []
+    return ["", f"![channels kept per group]({png.name})"]

@@ -16,7 +16,8 @@ from pathlib import Path
 from .. import pipeline
 from ..data import open_data
 from ..errors import OnnxPruneError
-from ..sensitivity import analyze_sensitivity, plot
+from .. import plots
+from ..sensitivity import analyze_sensitivity
 from . import fmt, options
 
 
@@ -69,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
               right=tuple(range(2, 4 + len(ratios))))
     if json_path:
         fmt.write_json(json_path, sens.to_json())
-    if args.plot and not plot(sens, args.plot):
-        print("note: matplotlib is not installed; no plot written (pip install onnxprune[plots])", file=sys.stderr)
+    if args.plot and not plots.sensitivity_curves(sens, args.plot):
+        print(f"note: {plots.INSTALL_HINT}", file=sys.stderr)
     return 0
