@@ -449,3 +449,37 @@ def test_float32_gram_matches_float64_on_offset_data():
     e32, e64 = grams["f32"].error(W32, b32), grams["f64"].error(W64, b64)
     assert e64 < 1e-3 and e32 == pytest.approx(e64, rel=1e-2, abs=1e-6)
     assert grams["f32"].error(W0, b0) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_model_fixing_batch_one_is_tapped_in_batches_when_nothing_depends_on_it():
+    from onnxprune.reconstruct import passes
+
+    def chain(dynamic: bool) -> onnx.ModelProto:
+        g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=dynamic, seed=15)
+        g.output(g.conv(g.relu(g.conv("x", 8)), 6))
+        return g.build()
+
+    x = data(rng_images(40, seed=16))
+    k = keep(8, [1, 4])
+    got = {}
+    for dynamic in (True, False):
+        m = chain(dynamic)
+        c1, c2 = [n for n in m.graph.node if n.op_type == "Conv"]
+        pruned = sliced(m, {c1.input[1]: (0, k), c1.input[2]: (0, k), c2.input[1]: (1, k)})
+        got[dynamic] = reconstruct(m, pruned, {c2.name: k}, x, positions=None)
+    assert passes.batch_is_free(chain(False), x)
+    assert any("taps run batches of 8" in n for n in got[False][1].notes)
+    for name, w in inits(got[True][0]).items():
+        np.testing.assert_allclose(inits(got[False][0])[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # a graph that bakes batch 1 into a shape is not free: batches of 1, as exported
+    g = GraphBuilder("x", [1, 3, 8, 8], seed=17)
+    h = g.reshape(g.relu(g.conv("x", 8)), [1, -1])
+    g.output(g.gemm(h, 4))
+    baked = g.build()
+    assert not passes.batch_is_free(baked, x)
+    c, gm = node(baked, "Conv"), node(baked, "Gemm")
+    cols = [c_ * 64 + p for c_ in k for p in range(64)]
+    pruned = sliced(baked, {c.input[1]: (0, k), c.input[2]: (0, k), gm.input[1]: (1, cols)})
+    _, rep = reconstruct(baked, pruned, {gm.name: cols}, x, positions=None)
+    assert any("batches of 1" in n for n in rep.notes) and rep.layers[0].status == "kept"

@@ -51,6 +51,7 @@ from .report import LayerResult, ReconstructReport
 __all__ = ["MODES", "ReconstructReport", "LayerResult", "default_mode", "reconstruct"]
 
 MODES = ("ls", "bias", "none")
+FREE_BATCH = 8      # batch for models that fix batch 1 without depending on it (taps of 224x224 CNNs stay < 2 GB)
 
 
 def default_mode(data: ArrayData | None) -> str:
@@ -81,6 +82,11 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
     if mode == "none":
         return pruned, report
     fixed = _fixed_batch(original)
+    free = False
+    if fixed == 1 and batch_size > 1 and data.num_samples >= 2 and passes.batch_is_free(original, data):
+        free, fixed = True, None
+        batch_size = min(batch_size, FREE_BATCH)
+        report.notes.append(f"the model fixes batch 1 but does not depend on it: taps run batches of {batch_size}")
     if fixed and fixed != batch_size:
         batch_size = fixed
         if data.num_samples % fixed:
@@ -112,13 +118,14 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
 
     clock = {"passes": 0.0, "solve": 0.0, "fidelity": 0.0}
     t = time.perf_counter()
-    report.cached_mb = _original_pass(todo, original, fit_data, held_data, batch_size, progress, cache_bytes)
+    report.cached_mb = _original_pass(todo, original, fit_data, held_data, batch_size, progress, cache_bytes,
+                                      free)
     report.passes = int(any(f.original and not f.live for f in todo))
     clock["passes"] += time.perf_counter() - t
     for i, stage in enumerate(sorted(schedule)):
         t = time.perf_counter()
         report.passes += _pruned_pass(schedule[stage], original, work, pruned, fit_data, held_data, batch_size,
-                                      progress, f"reconstructing {i + 1}/{report.stages}")
+                                      progress, f"reconstructing {i + 1}/{report.stages}", free)
         clock["passes"] += time.perf_counter() - t
         t = time.perf_counter()
         for f in schedule[stage]:
@@ -129,8 +136,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, kept_inputs:
     if fidelity:
         t = time.perf_counter()
         check = held_data if n_held else fit_data
-        report.fidelity = _fidelity(original, pruned, result, check, batch_size, fidelity_samples)
-        report.fidelity_samples = min(fidelity_samples, check.num_samples)
+        check = check.split(min(fidelity_samples, check.num_samples))[0]
+        report.fidelity = _fidelity(original, pruned, result, check, batch_size, free)
+        report.fidelity_samples = check.num_samples
         clock["fidelity"] = time.perf_counter() - t
     report.timing = {k: round(v, 2) for k, v in clock.items()}
     report.seconds = time.perf_counter() - start
@@ -160,7 +168,7 @@ def _fixed_batch(proto: onnx.ModelProto) -> int | None:
 
 
 def _original_pass(todo: list[fits.Fit], original: onnx.ModelProto, fit_data: ArrayData, held_data: ArrayData,
-                   batch_size: int, progress, budget: int) -> float:
+                   batch_size: int, progress, budget: int, free: bool) -> float:
     """One pass of the original model for every refit that is not live; returns the MB queued.
 
     Refits that need nothing else accumulate their sums; the others queue their sampled
@@ -170,7 +178,7 @@ def _original_pass(todo: list[fits.Fit], original: onnx.ModelProto, fit_data: Ar
     todo = [f for f in todo if f.original and not f.live]
     if not todo:
         return 0.0
-    tap = passes.Tapper(original, [t for f in todo for t in f.original])
+    tap = passes.Tapper(original, [t for f in todo for t in f.original], free)
     steps = passes.num_batches(fit_data, held_data, batch_size)
     for i, (flags, feed) in enumerate(passes.batches(fit_data, held_data, batch_size, progress,
                                                      "reconstructing: original model")):
@@ -194,7 +202,8 @@ def _within_budget(todo: list[fits.Fit], steps: int, budget: int) -> list[fits.F
 
 
 def _pruned_pass(stage: list[fits.Fit], original: onnx.ModelProto, work: gs.Graph, pruned: onnx.ModelProto,
-                 fit_data: ArrayData, held_data: ArrayData, batch_size: int, progress, description: str) -> bool:
+                 fit_data: ArrayData, held_data: ArrayData, batch_size: int, progress, description: str,
+                 free: bool) -> bool:
     """One pass of the pruned model as rebuilt so far, for the refits of one stage that need it.
 
     Live refits get the original model's tensors in the same pass (a second session).
@@ -203,8 +212,8 @@ def _pruned_pass(stage: list[fits.Fit], original: onnx.ModelProto, work: gs.Grap
     if not need:
         return False
     live = [f for f in need if f.live and f.original]
-    tap_p = passes.Tapper(ir.from_graph(work, pruned), [t for f in need for t in f.pruned])
-    tap_o = passes.Tapper(original, [t for f in live for t in f.original]) if live else None
+    tap_p = passes.Tapper(ir.from_graph(work, pruned), [t for f in need for t in f.pruned], free)
+    tap_o = passes.Tapper(original, [t for f in live for t in f.original], free) if live else None
     for flags, feed in passes.batches(fit_data, held_data, batch_size, progress, description):
         got_o = tap_o(feed) if tap_o is not None else {}
         got_p = tap_p(feed)
@@ -285,11 +294,15 @@ def _bn_fit(node: gs.Node, ref: gs.Node | None, positions: int | None, seed: int
                                positions=positions, seed=seed)
 
 
-def _fidelity(original, before, after, data: ArrayData, batch_size: int, limit: int) -> dict:
-    """Relative error and top-1 agreement of the first output, pruned and reconstructed vs original."""
+def _fidelity(original, before, after, data: ArrayData, batch_size: int, free: bool) -> dict:
+    """Relative error and top-1 agreement of the first output, pruned and reconstructed vs original
+    (the original runs once; batches as in the passes)."""
     name = original.graph.output[0].name
-    out = {}
-    for key, model in (("pruned", before), ("reconstructed", after)):
-        got = validate.fidelity(model, original, data, batch_size, limit=limit)[name]
-        out[key] = {k: got[k] for k in ("rel_error", "top1_agreement") if got.get(k) is not None}
-    return out
+    taps = [passes.Tapper(m, [name], free) for m in (original, before, after)]
+    agree = {"pruned": validate.Agreement(name), "reconstructed": validate.Agreement(name)}
+    for feed in data.batches(batch_size):
+        ref = taps[0](feed)[name]
+        for a, tap in zip(agree.values(), taps[1:]):
+            a.update(tap(feed)[name], ref)
+    return {key: {k: v for k, v in a.result().items() if k in ("rel_error", "top1_agreement") and v is not None}
+            for key, a in agree.items()}

@@ -86,20 +86,52 @@ def truncate(proto: onnx.ModelProto, outputs: list[str], types: dict[str, onnx.T
     return m
 
 
-class Tapper:
-    """Fetches named tensors of one model batch by batch; graph inputs come from the feed."""
+def free_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` (a truncated copy: no value_info, untyped outputs) with a symbolic batch dimension."""
+    for vi in proto.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    return proto
 
-    def __init__(self, proto: onnx.ModelProto, names: list[str]):
+
+class Tapper:
+    """Fetches named tensors of one model batch by batch; graph inputs come from the feed.
+
+    ``free``: run with a symbolic batch dimension although the model fixes it (see ``batch_is_free``).
+    """
+
+    def __init__(self, proto: onnx.ModelProto, names: list[str], free: bool = False):
         feeds = {i.name for i in proto.graph.input}
         self.names = list(dict.fromkeys(names))
         self.fetch = [n for n in self.names if n not in feeds]
         self.sess = None
         if self.fetch:
-            self.sess = runtime.session(truncate(proto, self.fetch, runtime.tensor_types(proto)))
+            cut = truncate(proto, self.fetch, runtime.tensor_types(proto))
+            self.sess = runtime.session(free_batch(cut) if free else cut)
 
     def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         got = runtime.run(self.sess, feed, self.fetch) if self.sess is not None else {}
         return {n: got[n] if n in got else feed[n] for n in self.names}
+
+
+def batch_is_free(proto: onnx.ModelProto, data: ArrayData) -> bool:
+    """Whether a model exported with batch 1 computes a batch of 2 as each sample alone.
+
+    Exports often fix the batch to 1 although nothing depends on it; batches then make
+    onnxruntime faster. A graph that bakes the batch into a shape fails or differs here.
+    """
+    feed = next(data.batches(2))
+    outs = [o.name for o in proto.graph.output]
+    try:
+        two = Tapper(proto, outs, free=True)(feed)
+    except Exception:   # noqa: BLE001 - any failure means "not free"
+        return False
+    one = Tapper(proto, outs)
+    singles = [one({k: v[i:i + 1] for k, v in feed.items()}) for i in range(2)]
+    return all(two[n].shape[0] == 2 and np.allclose(two[n], np.concatenate([s[n] for s in singles]),
+                                                    rtol=1e-4, atol=1e-5) for n in outs)
 
 
 def batches(fit: ArrayData, held: ArrayData, batch_size: int, progress: Progress | None = None,
