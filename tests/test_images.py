@@ -153,3 +153,15 @@ def test_image_folder_feeds_the_calibration_statistics(tmp_path):
     st = collect(m, Needs(moments={(h, 1)}), imgs, batch_size=2)
     assert st.source == "images" and st.samples == 5
     assert st.tensor(h, 1).count[0] == 5 * 36
+
+
+def test_image_size_text_and_bad_values(tmp_path):
+    save(tmp_path, "a.png", solid(10, 10, (0, 0, 0)))
+    assert next(open_images(tmp_path, model(), size="5x7").batches(1))["img0"].shape == (1, 3, 5, 7)
+    assert next(open_images(tmp_path, model((1, 4, 4, 3)), size="6").batches(1))["img0"].shape == (1, 6, 6, 3)
+    with pytest.raises(OnnxPruneError, match="--image-size 'big': expected N or HxW"):
+        open_images(tmp_path, model(), size="big")
+    with pytest.raises(OnnxPruneError, match="--resize 0: must be a positive"):
+        open_images(tmp_path, model(), resize=0)
+    with pytest.raises(OnnxPruneError, match="--layout 'NWHC'"):
+        open_images(tmp_path, model(), layout="NWHC")
