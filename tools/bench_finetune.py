@@ -301,8 +301,8 @@ def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
     x, y = read_images(Path(args.data_dir), "train")
     train = ArrayData({"input": x}, y, source="fashion-mnist train")
     xb, yb = x[:args.batch], y[:args.batch]
-    res = {"acc_unpruned": validate.accuracy(original, test)["top1"],
-           "cost_unpruned": gradient_cost(original, original, xb, yb, args.cost_rounds), "runs": {}}
+    cost = (lambda m: None) if args.skip_costs else (lambda m: gradient_cost(m, original, xb, yb, args.cost_rounds))
+    res = {"acc_unpruned": validate.accuracy(original, test)["top1"], "cost_unpruned": cost(original), "runs": {}}
     for crit in args.criteria.split(","):
         path = tmp / f"{crit}.onnx"
         rep = prune_cli(crit, args.macs, path)
@@ -319,10 +319,29 @@ def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
         run["finetune"] = tuned.to_json()
         run["ms_per_step"] = 1000 * sum(tuned.seconds.get(k, 0) for k in ("teacher", "gradient", "update")) / args.steps
         run["acc_finetuned"] = validate.accuracy(tuned.proto, test)["top1"]
-        run["cost"] = gradient_cost(pruned, original, xb, yb, args.cost_rounds)
+        run["cost"] = cost(pruned)
         res["runs"][crit] = run
         print(f"{crit}: reconstructed {run['acc_reconstructed']:.4f} -> fine-tuned {run['acc_finetuned']:.4f}")
     return res
+
+
+def costs_into(args: argparse.Namespace, path: Path) -> dict:
+    """Measure only the per-batch costs (models pruned again as in the saved run) into the saved JSON."""
+    import onnx
+
+    saved = json.loads(path.read_text())
+    original = onnx.load(MODELS / "fmnist_resnet.onnx")
+    x, y = read_images(Path(args.data_dir), "train")
+    xb, yb = x[:args.batch], y[:args.batch]
+    ours = saved["onnxprune"]
+    ours["cost_unpruned"] = gradient_cost(original, original, xb, yb, args.cost_rounds)
+    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+        for crit, run in ours["runs"].items():
+            out = Path(tmp) / f"{crit}.onnx"
+            prune_cli(crit, saved["args"]["macs"], out)
+            run["cost"] = gradient_cost(onnx.load(out), original, xb, yb, args.cost_rounds)
+    path.write_text(json.dumps(saved, indent=2))
+    return saved
 
 
 def torch_side(args: argparse.Namespace, macs: float) -> dict | None:
@@ -444,6 +463,8 @@ def _results(args, ours: dict, theirs: dict | None, load: tuple) -> list[str]:
 
 def _costs(ours: dict) -> list[str]:
     costs = [("unpruned", ours["cost_unpruned"])] + [(f"pruned (`{c}`)", r["cost"]) for c, r in ours["runs"].items()]
+    if any(c is None for _, c in costs):
+        return ["## Gradient cost per batch", "", "Not measured in this run (`--skip-costs`; `--costs-into` adds it).", ""]
     first = costs[0][1]
     loads = [v for _, c in costs for v in c["load"]]
 
@@ -557,6 +578,9 @@ def main() -> None:
     p.add_argument("--doc", default=str(ROOT / "docs" / "finetune.md"))
     p.add_argument("--json")
     p.add_argument("--from-json", metavar="PATH", help="only re-write --doc from a saved --json")
+    p.add_argument("--skip-costs", action="store_true", help="no per-batch timing (measure it later, alone)")
+    p.add_argument("--costs-into", metavar="PATH",
+                   help="only measure the per-batch costs into a saved --json (under a benchmark lock), re-write --doc")
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     global MODELS
@@ -564,8 +588,9 @@ def main() -> None:
     if args.torch_worker:
         print(json.dumps(torch_worker(args)))
         return
-    if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
+    if args.from_json or args.costs_into:
+        saved = (costs_into(args, Path(args.costs_into)) if args.costs_into
+                 else json.loads(Path(args.from_json).read_text()))
         Path(args.doc).write_text(markdown(argparse.Namespace(**saved["args"]), saved["onnxprune"],
                                            saved["torch_pruning"], tuple(saved["load"])))
         return
