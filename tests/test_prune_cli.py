@@ -26,7 +26,7 @@ def model_path(tmp_path):
 def test_prune_writes_model_and_report(cli, tmp_path, model_path):
     out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
     before = model_path.read_bytes()
-    res = cli("prune", model_path, "-o", out, "--ratio", "0.5", "--report", rep, check=0)
+    res = cli("prune", model_path, "-o", out, "--ratio", "0.5", "--round-to", "1", "--report", rep, check=0)
     assert "verified" in res.out
     report = json.loads(rep.read_text())
     assert REPORT_KEYS <= report.keys()

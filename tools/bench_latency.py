@@ -23,6 +23,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from onnxprune import allocation as alloc
 from onnxprune import budget, latency, pipeline
 from onnxprune.plan import Policy
 
@@ -34,8 +35,8 @@ def configs(block: int) -> list[dict]:
     """(label, round_to, allocation, ratio or None for the 0.5x-MACs budget)."""
     out = [{"config": f"target MACs 0.5, round-to {rt}", "round_to": rt, "allocation": "uniform"}
            for rt in (1, 8, 16)]
-    out.append({"config": f"target MACs 0.5, round-to {block}, latency allocation", "round_to": block,
-                "allocation": "latency"})
+    out += [{"config": f"target MACs 0.5, round-to {block}, latency allocation (gamma {g:g})", "round_to": block,
+             "allocation": "latency", "gamma": g} for g in (1.0, 2.0)]
     out += [{"config": f"ratio {r}, round-to {block}", "round_to": block, "ratio": r} for r in (0.1, 0.3, 0.5)]
     return out
 
@@ -51,15 +52,19 @@ def measure(pruner, result, runs: int) -> dict:
             "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
-def run_config(pruner, cfg: dict, runs: int) -> dict:
+def run_config(pruner, cfg: dict, runs: int, default_gamma: float = alloc.GAMMA) -> dict:
     policy = Policy(round_to=cfg["round_to"] if cfg["round_to"] > 1 else None)
     if "ratio" in cfg:
         result = pruner.finish(pruner.plan(Policy(ratio=cfg["ratio"], round_to=policy.round_to)),
                                reconstruct="none")
         strength = cfg["ratio"]
     else:
-        outcome, result = budget.search(pruner, policy, budget.Budget(macs=0.5), reconstruct="none",
-                                        allocation=cfg["allocation"])
+        alloc.GAMMA = cfg.get("gamma", default_gamma)
+        try:
+            outcome, result = budget.search(pruner, policy, budget.Budget(macs=0.5), reconstruct="none",
+                                            allocation=cfg["allocation"])
+        finally:
+            alloc.GAMMA = default_gamma
         strength = round(outcome.policy.ratio, 3)
     return {"config": cfg["config"], "ratio": strength, **measure(pruner, result, runs)}
 

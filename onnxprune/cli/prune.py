@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import budget, pipeline, plots
+from .. import budget, latency, pipeline, plots
 from ..data import open_data
 from ..errors import OnnxPruneError
 from ..plan import Plan, Policy
@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ignore", action="append", default=[], metavar="NAME",
                    help="leave the group containing layer or weight NAME untouched (repeatable)")
     g.add_argument("--round-to", type=int, default=None, metavar="N",
-                   help="keep channel counts multiples of N (e.g. 8) so kernels stay fast")
+                   help="keep channel counts multiples of N so onnxruntime's blocked CPU kernels stay fast "
+                        "(default: this CPU's SIMD block, 16 with AVX-512, else 8; 1 = exact ratios)")
     g.add_argument("--heads", action="store_true",
                    help="when a channel axis is split (attention heads), prune whole heads rather than "
                         "the same dimensions of every head")
@@ -86,8 +87,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def policy_from(args: argparse.Namespace) -> Policy:
     return Policy(ratio=options.fraction("--ratio", args.ratio),
                   ratio_for=options.name_values("--ratio-for", args.ratio_for),
-                  ignore=list(args.ignore), round_to=args.round_to, global_ranking=args.global_ranking,
+                  ignore=list(args.ignore), round_to=round_to_from(args.round_to),
+                  global_ranking=args.global_ranking,
                   max_ratio=options.fraction("--max-ratio", args.max_ratio))
+
+
+def round_to_from(value: int | None) -> int | None:
+    """``--round-to``: None means this machine's SIMD block; 1 turns rounding off."""
+    n = latency.simd_block() if value is None else value
+    if n < 1:
+        raise OnnxPruneError(f"--round-to {n}: must be a positive integer (1 keeps exact ratios)")
+    return None if n == 1 else n
 
 
 def budget_from(args: argparse.Namespace) -> budget.Budget:
@@ -169,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     size = pipeline.save(result, out)
     rep = result.report()
     rep["output"] = str(out)
+    rep["round_to"] = policy.round_to or 1
     rep["file_bytes_after"] = size
     if args.report:
         fmt.write_json(args.report, rep)
@@ -251,7 +262,8 @@ def markdown_report(result: pipeline.PruneResult, rep: dict, md_path: str | None
     b, a = result.before, result.after
     lines = [f"# onnxprune report: {rep.get('model')}", "",
              f"criterion `{rep['criterion']}` (importance data: {rep['importance_data']}), "
-             f"reconstruction `{rep.get('reconstruct_mode')}`, verified: **{rep['verified']}**", "",
+             f"reconstruction `{rep.get('reconstruct_mode')}`, channel counts in multiples of "
+             f"{rep.get('round_to', 1)}, verified: **{rep['verified']}**", "",
              "| | before | after | after/before |", "|---|---:|---:|---:|",
              f"| params | {b.params:,} | {a.params:,} | {a.params / max(b.params, 1):.3f} |",
              f"| MACs | {b.macs:,} | {a.macs:,} | {a.macs / max(b.macs, 1):.3f} |"]
