@@ -2,7 +2,7 @@
 """Prune every zoo and real model at one ratio and tabulate what the engine could do.
 
 Each model goes through the real command line, ``onnxprune prune MODEL -o OUT
---ratio R --report R.json``, in its own subprocess with a timeout, so a crash or
+--ratio R --round-to N --report R.json``, in its own subprocess with a timeout, so a crash or
 a hang costs one row, not the run. The row records the groups found, pruned and
 frozen (with the two most common reasons for freezing), the parameters and MACs
 kept, whether the result was verified against the masked original, the worst
@@ -125,14 +125,14 @@ def _check_saved(path: Path) -> str:
         return f"saved model fails onnx.checker: {str(e).splitlines()[0][:200]}"
 
 
-def run_case(case: Case, ratio: float, timeout: float, workdir: Path) -> dict:
+def run_case(case: Case, ratio: float, timeout: float, workdir: Path, round_to: int = 1) -> dict:
     out, rep_path = workdir / f"{case.name}.pruned.onnx", workdir / f"{case.name}.report.json"
     cmd = [sys.executable, "-m", "onnxprune", "prune", str(case.path), "-o", str(out), "--ratio", str(ratio),
-           "--report", str(rep_path)]
+           "--round-to", str(round_to), "--report", str(rep_path)]
     for s in case.shapes:
         cmd += ["--input-shape", s]
     row: dict = {"model": case.name, "source": case.source, "kind": case.kind, "path": str(case.path),
-                 "input_shapes": case.shapes, "ratio": ratio, "load_before": _loadavg()}
+                 "input_shapes": case.shapes, "ratio": ratio, "round_to": round_to, "load_before": _loadavg()}
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
@@ -214,7 +214,8 @@ def summary(result: dict) -> str:
     over = [r["model"] for r in cnn if r["params_kept"] > 0.6]
     loads = [r["load_before"] for r in rows if r.get("load_before", -1) >= 0] or [0.0]
     return "\n".join([
-        f"Ratio {result['ratio']}, default criterion (l2), random verification batches. "
+        f"Ratio {result['ratio']}, exact (`--round-to {result.get('round_to', 1)}`), default criterion (l2), "
+        f"random verification batches. "
         f"{len(ok)}/{len(rows)} models pruned, valid and verified; {len(cnn) - len(over)}/{len(cnn)} CNNs keep "
         f"≤ 60% of their parameters (⚠ marks the others). Machine: {m['cpu']}, {m['cores']} cores, no GPU, "
         f"Python {m['python']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}; {m['date']}. The machine was "
@@ -242,6 +243,9 @@ def main() -> None:
                         "and --render, run nothing")
     p.add_argument("--render", action="store_true", help="rewrite the table from the JSON without running")
     p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--round-to", type=int, default=1,
+                   help="passed to prune (default 1: exact ratios, the same on every machine; the command's own "
+                        "default rounds to this CPU's SIMD block)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per model (default 1200)")
     p.add_argument("--zoo", type=Path, default=ZOO)
     p.add_argument("--real", type=Path, action="append", default=None,
@@ -263,7 +267,8 @@ def main() -> None:
         return
     json_path = args.json or args.out.with_suffix(".json")
     old = json.loads(json_path.read_text()) if json_path.exists() else {}
-    rows = {r["model"]: r for r in old.get("rows", [])} if old.get("ratio") == args.ratio else {}
+    same = old.get("ratio") == args.ratio and old.get("round_to", 1) == args.round_to
+    rows = {r["model"]: r for r in old.get("rows", [])} if same else {}
     merged = [json.loads(extra.read_text()) for extra in args.merge]
     for m in merged:
         rows.update({r["model"]: r for r in m["rows"]})
@@ -271,7 +276,7 @@ def main() -> None:
         cases = []
     order = [c.name for c in all_cases]
     meta = next((m for m in [old, *merged] if m.get("machine")), {}) if args.render else {}
-    result = {"ratio": args.ratio, "machine": meta.get("machine") or machine(),
+    result = {"ratio": args.ratio, "round_to": args.round_to, "machine": meta.get("machine") or machine(),
               "load": meta.get("load") or [_loadavg(), None]}
 
     def save() -> None:
@@ -284,7 +289,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="onnxprune-coverage-") as tmp:
         for c in cases:
             print(f"{c.name} ...", end=" ", file=sys.stderr, flush=True)
-            r = rows[c.name] = run_case(c, args.ratio, args.timeout, Path(tmp))
+            r = rows[c.name] = run_case(c, args.ratio, args.timeout, Path(tmp), args.round_to)
             print(f"{r['seconds']:.1f}s params {_pct(r.get('params_kept'))} verified {r.get('verified')} "
                   f"{r['error'][:120]}", file=sys.stderr)
             result["load"][1] = _loadavg()
