@@ -154,29 +154,8 @@ def search(pruner, policy: Policy, budget: Budget, data: ArrayData | None = None
     chosen = at.at(ratio)
     result = pruner.finish(pruner.plan(chosen), reconstruct=reconstruct)
     if budget.max_drop is not None:
-        base, kind = quality(pruner.original.proto, pruner.original.proto, data)
-        q, _ = quality(result.proto, pruner.original.proto, data)
-        outcome.achieved["quality_kind"] = kind
-        outcome.achieved["quality_before"] = base
-        if base - q > budget.max_drop:
-            outcome.met = False
-            good, good_result = 0.0, None
-            lo2, hi2 = 0.0, ratio
-            for _ in range(max(4, steps // 2)):
-                mid = (lo2 + hi2) / 2
-                cand = pruner.finish(pruner.plan(at.at(mid)), reconstruct=reconstruct)
-                qm, _ = quality(cand.proto, pruner.original.proto, data)
-                outcome.log.append({"ratio": mid, "quality": qm})
-                if base - qm <= budget.max_drop:
-                    good, good_result, lo2 = mid, cand, mid
-                else:
-                    hi2 = mid
-            outcome.message = (f"the accuracy floor (max drop {budget.max_drop} points) makes the target "
-                               f"impossible: saved the strongest model that meets it (ratio {good:.3f})")
-            chosen = at.at(good)
-            result = good_result or pruner.finish(pruner.plan(chosen), reconstruct=reconstruct)
-            q, _ = quality(result.proto, pruner.original.proto, data)
-        outcome.achieved["quality_after"] = q
+        chosen, result = _within_floor(pruner, at, ratio, result, budget.max_drop, data, outcome,
+                                       steps=max(4, steps // 2), reconstruct=reconstruct)
     outcome.policy = chosen
     outcome.achieved.update({"ratio": chosen.ratio,
                              "macs": result.after.macs / max(result.before.macs, 1),
@@ -186,3 +165,33 @@ def search(pruner, policy: Policy, budget: Budget, data: ArrayData | None = None
                               runs=latency_runs * 2, input_shapes=pruner.analysis.input_shapes)
         outcome.achieved["latency"] = b.ratio_p50
     return outcome, result
+
+
+def _within_floor(pruner, at: Strength, ratio: float, result, max_drop: float, data: ArrayData,
+                  outcome: Outcome, *, steps: int, reconstruct: str):
+    """Keep ``result`` if it loses at most ``max_drop`` points, else bisect for the strongest strength that does."""
+    original = pruner.original.proto
+    base, kind = quality(original, original, data)
+    q, _ = quality(result.proto, original, data)
+    outcome.achieved.update({"quality_kind": kind, "quality_before": base})
+    chosen = at.at(ratio)
+    if base - q > max_drop:
+        outcome.met = False
+        good, good_result = 0.0, None
+        lo, hi = 0.0, ratio
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            cand = pruner.finish(pruner.plan(at.at(mid)), reconstruct=reconstruct)
+            qm, _ = quality(cand.proto, original, data)
+            outcome.log.append({"ratio": mid, "quality": qm})
+            if base - qm <= max_drop:
+                good, good_result, lo = mid, cand, mid
+            else:
+                hi = mid
+        outcome.message = (f"the accuracy floor (max drop {max_drop} points) makes the target "
+                           f"impossible: saved the strongest model that meets it (ratio {good:.3f})")
+        chosen = at.at(good)
+        result = good_result or pruner.finish(pruner.plan(chosen), reconstruct=reconstruct)
+        q, _ = quality(result.proto, original, data)
+    outcome.achieved["quality_after"] = q
+    return chosen, result
