@@ -43,11 +43,12 @@ def weight_rows(group: Group, ctx: ScoreContext, norms: bool = True):
         yield m, np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
 
 
-def row_sums(rows: np.ndarray, fn, block_bytes: int = 2**22) -> np.ndarray:
+def row_sums(rows: np.ndarray, fn, block_bytes: int = 2**18) -> np.ndarray:
     """``fn(rows as float64).sum(axis=1)``, a block of rows at a time, without a float64 copy of the whole
     weight. The blocks keep the rows' memory layout (``astype`` order K), so numpy sums in the same
     order as it would over the whole float64 weight: the same bits."""
-    step = max(1, block_bytes // (8 * max(1, rows.shape[1])))
+    least = 1 if rows.flags.c_contiguous else 64  # strided rows: enough of them to read memory in runs
+    step = max(least, block_bytes // (8 * max(1, rows.shape[1])))
     out = np.empty(rows.shape[0], dtype=np.float64)
     for i in range(0, rows.shape[0], step):
         out[i:i + step] = fn(rows[i:i + step].astype(np.float64)).sum(axis=1)
