@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import fold, ir, metrics, reconstruct as recon, rewrite, verify as verify_mod
+from . import fold, ir, metrics, rewrite, verify as verify_mod
 from .analysis import analyze
 from .data import ArrayData, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
@@ -180,9 +180,14 @@ class Pruner:
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
         final = result.proto
-        mode = recon.default_mode(data) if reconstruct == "auto" else reconstruct
-        if mode not in recon.MODES:
-            raise OnnxPruneError(f"--reconstruct '{reconstruct}': expected one of auto, {', '.join(recon.MODES)}")
+        no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
+        mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None
+        if mode is None:
+            from . import reconstruct as recon
+
+            mode = recon.default_mode(data) if reconstruct == "auto" else reconstruct
+            if mode not in recon.MODES:
+                raise OnnxPruneError(f"--reconstruct '{reconstruct}': expected one of auto, {', '.join(recon.MODES)}")
         if mode != "none":
             if data is None:
                 raise OnnxPruneError(f"--reconstruct {mode} needs calibration data: add --calib DATA.npz")
