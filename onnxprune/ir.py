@@ -202,12 +202,12 @@ def check_structure(proto: onnx.ModelProto) -> None:
     onnx.checker.check_model(sk, full_check=False)
 
 
-def check(proto: onnx.ModelProto, full: bool = True, data: bytes | None = None) -> None:
-    """Run onnx.checker. Models of ``CHECK_WEIGHTS_BYTES`` or more are checked on their weight-free
-    skeleton (same graph, large weights as typed inputs): the checker would otherwise serialize
-    and copy every weight several times (and cannot take a model over 2 GB at all).
+def check(proto: onnx.ModelProto, full: bool = True, data: bytes | None = None, weights: bool | None = None) -> None:
+    """Run onnx.checker. Models of ``CHECK_WEIGHTS_BYTES`` or more (or any, with ``weights=False``)
+    are checked on their weight-free skeleton (same graph, large weights as typed inputs): the
+    checker would otherwise parse and copy every weight (and cannot take a model over 2 GB at all).
     ``data``: ``proto`` already serialized (the checker then does not serialize it again)."""
-    if proto_bytes(proto) >= CHECK_WEIGHTS_BYTES or is_lazy(proto):
+    if weights is False or proto_bytes(proto) >= CHECK_WEIGHTS_BYTES or is_lazy(proto):
         onnx.checker.check_model(skeleton(proto), full_check=full)
     else:
         onnx.checker.check_model(proto if data is None else data, full_check=full)
