@@ -70,12 +70,14 @@ def weights(analysis: Analysis, stats: ModelStats, groups: list[Group],
     return {k: v / mean for k, v in raw.items()}
 
 
-def ratios(strength: float, w: dict[int, float], cap: float, gamma: float = GAMMA) -> dict[int, float]:
+def ratios(strength: float, w: dict[int, float], cap: float, gamma: float | None = None) -> dict[int, float]:
     """Per-group ratios for one searched ``strength``: ``strength * w ** gamma``, at most ``cap``."""
+    gamma = GAMMA if gamma is None else gamma
     return {gid: float(min(cap, max(0.0, strength * wi ** gamma))) for gid, wi in w.items()}
 
 
-def top_strength(w: dict[int, float], cap: float, gamma: float = GAMMA) -> float:
+def top_strength(w: dict[int, float], cap: float, gamma: float | None = None) -> float:
     """The strength at which every group reaches ``cap``."""
+    gamma = GAMMA if gamma is None else gamma
     low = min((wi ** gamma for wi in w.values()), default=1.0)
     return cap / max(low, 1e-6) * (1 + 1e-9)   # past rounding, so every group is at the cap

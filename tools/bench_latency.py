@@ -1,15 +1,16 @@
 """Latency of pruned zoo CNNs in onnxruntime against their MACs: writes docs/latency.md and docs/latency.json.
 
-    flock /work/bench.lock python tools/bench_latency.py [--zoo /work/zoo] [--models resnet50 ...] [--runs 40]
+    flock /work/bench.lock python tools/bench_latency.py [--zoo /work/zoo] [--models resnet50 ...] [--seconds 15]
 
 For each model: the 0.5x-MACs budget (one bisected strength) with channel counts
 left free (--round-to 1), rounded to 8 and to 16, and with the latency-aware
 allocation (--allocation latency, rounded to this machine's SIMD block); then fixed
 ratios 0.1/0.3/0.5 rounded to the block. Every candidate is verified, then timed
 against the original with interleaved runs (batch 1, onnxruntime's default
-threads). Reports MACs ratio, latency ratio, whether latency ratio <= 1.15 x MACs
-ratio and <= 1, and the 1-minute load average around each row. The prose from
-"## What this shows" on is kept by hand: it is carried over from the existing file.
+threads; as many runs as fit in --seconds per row, 30 to 200). Reports MACs
+ratio, latency ratio, whether latency ratio <= 1.15 x MACs ratio and <= 1, and
+the 1-minute load average around each row. The prose from "## What this shows"
+on is kept by hand: it is carried over from the existing file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from onnxprune import allocation as alloc
 from onnxprune import budget, latency, pipeline
 from onnxprune.plan import Policy
 
@@ -35,8 +35,8 @@ def configs(block: int) -> list[dict]:
     """(label, round_to, allocation, ratio or None for the 0.5x-MACs budget)."""
     out = [{"config": f"target MACs 0.5, round-to {rt}", "round_to": rt, "allocation": "uniform"}
            for rt in (1, 8, 16)]
-    out += [{"config": f"target MACs 0.5, round-to {block}, latency allocation (gamma {g:g})", "round_to": block,
-             "allocation": "latency", "gamma": g} for g in (1.0, 2.0)]
+    out.append({"config": f"target MACs 0.5, round-to {block}, latency allocation", "round_to": block,
+                "allocation": "latency"})
     out += [{"config": f"ratio {r}, round-to {block}", "round_to": block, "ratio": r} for r in (0.1, 0.3, 0.5)]
     return out
 
@@ -48,29 +48,34 @@ def measure(pruner, result, runs: int) -> dict:
     return {"macs_ratio": result.after.macs / result.before.macs,
             "params_ratio": result.after.params / result.before.params,
             "latency_ratio": b.ratio_p50, "p50_before_ms": b["before"].p50, "p50_after_ms": b["after"].p50,
-            "threads": b["before"].threads, "verified": bool(result.verification and result.verification.passed),
+            "threads": b["before"].threads, "runs": runs, "verified": bool(result.verification and result.verification.passed),
             "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
-def run_config(pruner, cfg: dict, runs: int, default_gamma: float = alloc.GAMMA) -> dict:
+def run_config(pruner, cfg: dict, runs: int) -> dict:
     policy = Policy(round_to=cfg["round_to"] if cfg["round_to"] > 1 else None)
     if "ratio" in cfg:
         result = pruner.finish(pruner.plan(Policy(ratio=cfg["ratio"], round_to=policy.round_to)),
                                reconstruct="none")
         strength = cfg["ratio"]
     else:
-        alloc.GAMMA = cfg.get("gamma", default_gamma)
-        try:
-            outcome, result = budget.search(pruner, policy, budget.Budget(macs=0.5), reconstruct="none",
-                                            allocation=cfg["allocation"])
-        finally:
-            alloc.GAMMA = default_gamma
+        outcome, result = budget.search(pruner, policy, budget.Budget(macs=0.5), reconstruct="none",
+                                        allocation=cfg["allocation"])
         strength = round(outcome.policy.ratio, 3)
     return {"config": cfg["config"], "ratio": strength, **measure(pruner, result, runs)}
 
 
-def run_model(path: Path, runs: int, block: int) -> list[dict]:
+def runs_for(pruner, seconds: float, low: int = 30, high: int = 200) -> int:
+    """Timed runs per model so one row's timing takes about ``seconds`` (both models, interleaved)."""
+    p50 = latency.benchmark({"m": pruner.original.proto}, warmup=3, runs=5,
+                            input_shapes=pruner.analysis.input_shapes)["m"].p50
+    return max(low, min(high, int(seconds * 1e3 / (2 * p50))))
+
+
+def run_model(path: Path, seconds: float, block: int) -> list[dict]:
     pruner = pipeline.Pruner(path)
+    runs = runs_for(pruner, seconds)
+    print(f"  {runs} runs per model per row", flush=True)
     rows = []
     for cfg in configs(block):
         try:
@@ -85,7 +90,8 @@ def render(results: dict, meta: dict, notes: str = "") -> str:
     lines = ["# Latency of pruned models in onnxruntime", "",
              "Produced by `tools/bench_latency.py`. Every candidate is verified against its masked original, "
              "then timed against the original with interleaved runs (batch 1, one input, "
-             f"onnxruntime {meta['onnxruntime']} CPU execution provider, default threads = {meta['threads']}).",
+             f"onnxruntime {meta['onnxruntime']} CPU execution provider, default threads = {meta['threads']}; "
+             "30 to 200 timed runs per model and row, as many as fit in about 15 s; the JSON has the count).",
              "", f"Machine: {meta['machine']}; SIMD block of onnxruntime's NCHWc kernels here: "
              f"{meta['simd_block']} channels. Measured {meta['date']}; load average (1, 5, 15 min) at start "
              f"{meta['load_start']}, at end {meta['load_end']}; the last column gives the 1-minute load "
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", default="/work/zoo")
     ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
-    ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--seconds", type=float, default=15.0, help="timing per row, both models (30-200 runs)")
     ap.add_argument("--out", default="docs/latency.md")
     ap.add_argument("--json", default="docs/latency.json")
     args = ap.parse_args(argv)
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
     for name in args.models:
         t = time.time()
         print(name, flush=True)
-        results[name] = run_model(Path(args.zoo) / f"{name}.onnx", args.runs, meta["simd_block"])
+        results[name] = run_model(Path(args.zoo) / f"{name}.onnx", args.seconds, meta["simd_block"])
         print(f"{name}: {time.time() - t:.0f}s", flush=True)
     meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
     old = Path(args.out).read_text() if Path(args.out).exists() else ""
