@@ -185,3 +185,29 @@ def test_taylor_through_the_prune_cli(tmp_path, cli):
         "--save-plan", tmp_path / "plan.json", "--reconstruct", "none", check=0)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert [c for g in plan["groups"] for c in g["removed"]] == [4], plan
+
+
+def test_in_graph_sums_equal_numpy_when_a_relu_input_is_also_read_elsewhere():
+    from onnxprune import runtime
+    from onnxprune.autodiff import build_gradient_model
+    from onnxprune.importance.gradient import _with_products
+
+    g = GraphBuilder("x", [4, N_IN], seed=5)
+    h = g.matmul("x", HIDDEN)
+    r = g.relu(h)
+    s = g.op("Add", [h, r])                    # h is read by the Relu and by the Add: x·∂L/∂x != Relu(x)·∂L/∂Relu(x)
+    t = g.relu(g.matmul(s, HIDDEN))
+    g.output(g.matmul(t, CLASSES))
+    model = g.build()
+    acts = [(h, 1), (r, 1), (s, 1)]
+    gm = build_gradient_model(model, [a for a, _ in acts], loss="cross_entropy")
+    feed = {"x": np.random.default_rng(2).standard_normal((4, N_IN)).astype(np.float32),
+            next(iter(gm.extra_inputs)): np.array([0, 1, 2, 1])}
+    full = runtime.session(runtime.with_outputs(gm.proto, [a for a, _ in acts])).run(
+        [a for a, _ in acts] + [gm.grad_names[a] for a, _ in acts], feed)
+    sums_model, names = _with_products(gm, acts, {}, model)
+    got = dict(zip(names.values(), runtime.session(sums_model).run(list(names.values()), feed)))
+    for i, key in enumerate(acts):
+        want = per_position(full[i], full[i + len(acts)], 1)
+        np.testing.assert_allclose(np.abs(got[names[key]]).sum(axis=0), want, rtol=1e-5, err_msg=key[0])
+    assert names[(h, 1)] != names[(r, 1)]

@@ -203,7 +203,7 @@ def _cost_sessions(proto, teacher, x: np.ndarray, y: np.ndarray) -> dict:
     an = analyze(ir.Model(proto))
     acts = sorted({(m.tensor, m.axis) for g in an.prunable for m in g.of_kind(ACTIVATION)})
     tm = build_gradient_model(proto, [t for t, _ in acts], loss="cross_entropy")
-    taylor, products = _with_products(tm, acts, an.shapes)
+    taylor, products = _with_products(tm, acts, an.shapes, proto)
     taylor_feed = {"input": x, next(iter(tm.extra_inputs)): y}
     forward, fed_s, data_s, taylor_s = sess(proto), sess(nchwc.lower(fed)), sess(nchwc.lower(data.proto)), sess(taylor)
     seconds: dict = {}

@@ -121,7 +121,7 @@ def measure(ctx: ScoreContext, st: _Gradients, acts: list[tuple[str, int]], weig
     target = Target.of(proto, data, ctx.analysis.shapes.get(output) or _output_shape(proto, output))
     tensors = list(dict.fromkeys([t for t, _ in acts] + weights))
     gm = build_gradient_model(proto, tensors, loss=target.loss)
-    model, products = _with_products(gm, acts, ctx.analysis.shapes)
+    model, products = _with_products(gm, acts, ctx.analysis.shapes, proto)
     fetch = list(products.values()) + [gm.grad_names[w] for w in weights]
     sess = runtime.session(model)
     batch_size, limit = _fit_fixed_batch(proto, data, ctx.batch_size, ctx.limit)
@@ -141,7 +141,8 @@ def measure(ctx: ScoreContext, st: _Gradients, acts: list[tuple[str, int]], weig
         st.samples += n
 
 
-def _with_products(gm, acts: list[tuple[str, int]], shapes: dict) -> tuple[onnx.ModelProto, dict]:
+def _with_products(gm, acts: list[tuple[str, int]], shapes: dict, forward: onnx.ModelProto
+                   ) -> tuple[onnx.ModelProto, dict]:
     """The gradient model plus one output per ``(activation, axis)``: ``Σ a·∂L/∂a`` over every axis but
     the batch and ``axis`` ([N, size] or, for axis 0, [N]), so only those small sums leave the session
     (:func:`per_position` of the full tensors is their sum of absolute values over samples)."""
@@ -154,8 +155,19 @@ def _with_products(gm, acts: list[tuple[str, int]], shapes: dict) -> tuple[onnx.
     g.output.extend(keep)
     taken = {t for n in g.node for t in list(n.input) + list(n.output)} | {i.name for i in g.initializer}
     shapes = {**ir.infer_shapes(gm.proto), **shapes} if any(t not in shapes for t, _ in acts) else shapes
+    readers: dict[str, int] = {}
+    for n in forward.graph.node:
+        for t in set(n.input):
+            readers[t] = readers.get(t, 0) + 1
+    outputs = {o.name for o in forward.graph.output}
+    relu_of = {n.input[0]: n.output[0] for n in forward.graph.node if n.op_type == "Relu"
+               and n.domain in ("", "ai.onnx") and readers[n.input[0]] == 1 and n.input[0] not in outputs}
+    same = {key: _through_relus(relu_of, key, set(acts)) for key in acts}
     names = {}
-    for t, axis in acts:
+    for t, axis in sorted(acts, key=lambda key: same[key] != key):
+        if same[(t, axis)] != (t, axis):               # x·∂L/∂x = Relu(x)·∂L/∂Relu(x), element by element
+            names[(t, axis)] = names[same[(t, axis)]]
+            continue
         name, k = f"{t}_taylor{axis}", 0
         while name in taken:
             k += 1
@@ -169,7 +181,15 @@ def _with_products(gm, acts: list[tuple[str, int]], shapes: dict) -> tuple[onnx.
         else:
             g.node.append(helper.make_node("Mul", [t, gm.grad_names[t]], [name]))
         names[(t, axis)] = name
-    return runtime.with_outputs(model, list(names.values()), {}), names
+    return runtime.with_outputs(model, list(dict.fromkeys(names.values())), {}), names
+
+
+def _through_relus(relu_of: dict[str, str], key: tuple[str, int], asked: set) -> tuple[str, int]:
+    """The last requested ``(tensor, axis)`` reached from ``key`` through Relus (``key`` itself if none)."""
+    t, axis = key
+    while relu_of.get(t) is not None and (relu_of[t], axis) in asked:
+        t = relu_of[t]
+    return t, axis
 
 
 def per_position(a: np.ndarray, g: np.ndarray, axis: int) -> np.ndarray:
