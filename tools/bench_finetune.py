@@ -552,9 +552,9 @@ def _how() -> list[str]:
         "  onnxruntime's kernels. Also measured and dropped: stride-2 input gradients as one stride-1 Conv of all",
         "  phases plus DepthToSpace (twice as slow as ConvTranspose), and onnxruntime's parallel executor.",
         "* **Taylor.** Only `Σ a·∂L/∂a` per sample and channel leaves the session (a Mul and a ReduceSum per",
-        "  activation in the graph), not the activations and their gradients: per batch the criterion's",
-        "  numpy work shrinks to a sum over samples. Gradient outputs are renamed backward tensors, not",
-        "  Identity copies.", ""]
+        "  activation in the graph; a Relu's sole input shares the Relu output's sum, equal element by element),",
+        "  not the activations and their gradients: per batch the criterion's numpy work shrinks to a sum over",
+        "  samples. Gradient outputs are renamed backward tensors, not Identity copies.", ""]
 
 
 def main() -> None:
