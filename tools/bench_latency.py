@@ -91,7 +91,8 @@ def render(results: dict, meta: dict, notes: str = "") -> str:
              "Produced by `tools/bench_latency.py`. Every candidate is verified against its masked original, "
              "then timed against the original with interleaved runs (batch 1, one input, "
              f"onnxruntime {meta['onnxruntime']} CPU execution provider, default threads = {meta['threads']}; "
-             "30 to 200 timed runs per model and row, as many as fit in about 15 s; the JSON has the count).",
+             + (f"{meta['runs']} timed runs per model and row)." if "runs" in meta else
+                "30 to 200 timed runs per model and row, as many as fit in about 15 s; the JSON has the count)."),
              "", f"Machine: {meta['machine']}; SIMD block of onnxruntime's NCHWc kernels here: "
              f"{meta['simd_block']} channels. Measured {meta['date']}; load average (1, 5, 15 min) at start "
              f"{meta['load_start']}, at end {meta['load_end']}; the last column gives the 1-minute load "
@@ -115,6 +116,13 @@ def render(results: dict, meta: dict, notes: str = "") -> str:
     return "\n".join(lines) + "\n" + ("\n" + notes if notes else "")
 
 
+def write_markdown(path: Path, results: dict, meta: dict) -> None:
+    """The table, followed by the hand-kept notes of the file being replaced."""
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
+    path.write_text(render(results, meta, notes))
+
+
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -130,7 +138,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=15.0, help="timing per row, both models (30-200 runs)")
     ap.add_argument("--out", default="docs/latency.md")
     ap.add_argument("--json", default="docs/latency.json")
+    ap.add_argument("--render", metavar="JSON", help="measure nothing: rewrite --out from a saved JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        write_markdown(Path(args.out), saved["results"], saved["meta"])
+        return 0
     meta = {"onnxruntime": ort.__version__, "threads": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                                 time.gmtime()),
             "machine": machine(), "simd_block": latency.simd_block(),
@@ -142,9 +155,7 @@ def main(argv=None) -> int:
         results[name] = run_model(Path(args.zoo) / f"{name}.onnx", args.seconds, meta["simd_block"])
         print(f"{name}: {time.time() - t:.0f}s", flush=True)
     meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
-    old = Path(args.out).read_text() if Path(args.out).exists() else ""
-    notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
-    Path(args.out).write_text(render(results, meta, notes))
+    write_markdown(Path(args.out), results, meta)
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0
 
