@@ -38,7 +38,7 @@ def test_report_md_embeds_channels_kept_plot(cli, tmp_path, model_and_data):
     pytest.importorskip("matplotlib")
     model, _ = model_and_data
     md = tmp_path / "report.md"
-    cli("prune", model, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--report-md", md, check=0)
+    cli("prune", model, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--round-to", "1", "--report-md", md, check=0)
     png = tmp_path / "report.channels.png"
     assert "![channels kept per group](report.channels.png)" in md.read_text()
     width, height = png_size(png)
