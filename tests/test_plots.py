@@ -41,6 +41,7 @@ def test_report_md_embeds_channels_kept_plot(cli, tmp_path, model_and_data):
     cli("prune", model, "-o", tmp_path / "o.onnx", "--ratio", "0.5", "--round-to", "1", "--report-md", md, check=0)
     png = tmp_path / "report.channels.png"
     assert "![channels kept per group](report.channels.png)" in md.read_text()
+    assert "channel counts in multiples of 1," in md.read_text()
     width, height = png_size(png)
     assert width == 7 * 120 and abs(height - (1.2 + 0.22 * 2) * 120) <= 1   # one bar per pruned group (2)
 
