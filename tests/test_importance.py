@@ -354,29 +354,76 @@ def _obs_compensated(w: np.ndarray, hinv: np.ndarray, cols: list[int]) -> np.nda
     return out
 
 
-def test_obs_error_equals_the_output_change_measured_in_onnxruntime():
+def _refit_error(m, w2name, w2, hidden, y, data, removed: list[int]) -> float:
+    """Output error measured in onnxruntime after removing hidden channels ``removed`` and
+    re-fitting the consumer's remaining rows by least squares on the calibration data."""
+    keep = [j for j in range(len(w2)) if j not in removed]
+    new = np.zeros_like(w2)
+    new[keep] = np.linalg.lstsq(hidden[:, keep], hidden @ w2, rcond=None)[0]
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(m)
+    set_init(m2, w2name, new)
+    return float(((_tensor(m2, m.graph.output[0].name, data) - y) ** 2).sum())
+
+
+def test_obs_scores_are_the_cumulative_refit_error_measured_in_onnxruntime():
+    from onnxprune.importance.second_order import obs_errors
     m, h, hin = mlp(hidden=6, nin=8, nout=4, relu=False)
     grp = chain_group(m, h)
     data = rand_data([1, 8], n=64)
     ctx = ctx_for(m, [grp], data=data, damp=0.0)
-    err = CRITERIA["obs"].members(grp, ctx)[0]
+    score = CRITERIA["obs"].members(grp, ctx)[0]
     hidden = _tensor(m, hin, data)
-    hinv = np.linalg.inv(hidden.T @ hidden)
     w2name = [n for n in m.graph.node if n.op_type == "MatMul"][1].input[1]
     w2 = init(m, w2name).astype(np.float64)
     y = _tensor(m, m.graph.output[0].name, data)
+    order = np.argsort(score)
+    for i in range(5):                               # greedy order: each score is the error so far
+        real = _refit_error(m, w2name, w2, hidden, y, data, order[:i + 1].tolist())
+        np.testing.assert_allclose(score[order[i]], real, rtol=2e-3)
+    # the first step is the single-removal OBS error, at most the uncompensated one
+    single = obs_errors(hidden.T @ hidden, w2.T, np.arange(6), 6, 0.0)
+    assert order[0] == np.argmin(single) and score[order[0]] == pytest.approx(single.min(), rel=1e-9)
     for s in range(6):
-        m2 = onnx.ModelProto()
-        m2.CopyFrom(m)
-        set_init(m2, w2name, _obs_compensated(w2.T, hinv, [s]).T)
-        real = ((_tensor(m2, m.graph.output[0].name, data) - y) ** 2).sum()
-        np.testing.assert_allclose(err[s], real, rtol=2e-3)
-        naive = (hidden[:, s:s + 1] @ w2[s:s + 1]) ** 2
-        assert err[s] <= naive.sum() * (1 + 1e-9)
+        np.testing.assert_allclose(single[s], _refit_error(m, w2name, w2, hidden, y, data, [s]), rtol=2e-3)
+        assert single[s] <= ((hidden[:, s:s + 1] @ w2[s:s + 1]) ** 2).sum() * (1 + 1e-9)
+
+
+def test_obs_removes_only_one_of_two_duplicated_channels():
+    from onnxprune.importance.second_order import obs_errors, obs_sequence
+    m, h, hin = mlp(hidden=6, nin=8, nout=4, relu=True, seed=3)
+    mm = [n for n in m.graph.node if n.op_type == "MatMul"]
+    w1, w2 = init(m, mm[0].input[1]), init(m, mm[1].input[1])
+    w1[:, 4] = w1[:, 1]                              # hidden channel 4 is a copy of channel 1
+    w2[[1, 4]] = 3.0 * w2[[1, 4]]                    # and the output needs what they carry
+    set_init(m, mm[0].input[1], w1)
+    set_init(m, mm[1].input[1], w2)
+    add = next(n for n in m.graph.node if n.op_type == "Add" and mm[0].output[0] in n.input)
+    b1 = init(m, add.input[1])
+    b1[4] = b1[1]
+    set_init(m, add.input[1], b1)
+    grp = chain_group(m, h)
+    data = rand_data([1, 8], n=200)
+    ctx = ctx_for(m, [grp], data=data, damp=1e-6)
+    score = score_groups([grp], ctx, "obs")[grp.id]
+    # single removal: each copy is free while the other stays, so both look cheapest...
+    layer = __import__("onnxprune.importance.layers", fromlist=["x"]).consumer_layers(grp, ctx)[0]
+    hgram = ctx.gram(layer.key, layer.gram_spec).gram[0]
+    single = obs_errors(hgram, layer.matrix()[0], layer.column_channels()[0], 6, ctx.damp)
+    assert set(np.argsort(single)[:2].tolist()) == {1, 4}
+    # ...the greedy removes one, after which the other is the most expensive channel to remove
+    assert len({1, 4} & set(np.argsort(score)[:2].tolist())) == 1
+    assert {1, 4} & {int(np.argmax(score))}
+    # with batched steps the coupled copies are never removed together either
+    seq = obs_sequence(hgram, layer.matrix()[0], layer.column_channels()[0], ctx.damp, max_steps=2)
+    first = [c for c, _ in seq[:3]]
+    assert len({1, 4} & set(first)) == 1
 
 
 @pytest.mark.parametrize("group", [1, 2])
 def test_obs_on_conv_uses_the_im2col_gram(group):
+    from onnxprune.importance.layers import consumer_layers
+    from onnxprune.importance.second_order import obs_errors
     g = GraphBuilder("x", [1, 3, 6, 6], seed=9, dynamic_batch=True)
     h = g.conv("x", 4, k=1)
     out = g.conv(h, 4, k=3, group=group, bias=False)
@@ -385,7 +432,10 @@ def test_obs_on_conv_uses_the_im2col_gram(group):
     grp = chain_group(m, h)
     data = rand_data([1, 3, 6, 6], n=40)
     ctx = ctx_for(m, [grp], data=data, damp=0.0)
-    err = CRITERIA["obs"].members(grp, ctx)[0]
+    score = CRITERIA["obs"].members(grp, ctx)[0]
+    la = consumer_layers(grp, ctx)[0]
+    hg, wg_all, idx = ctx.gram(la.key, la.gram_spec).gram, la.matrix(), la.column_channels()
+    err = sum(obs_errors(hg[i], wg_all[i], idx[i], 4, 0.0) for i in range(group))
     from onnxprune.calibrate import conv_patches
     conv2 = [n for n in m.graph.node if n.op_type == "Conv"][1]
     w = init(m, conv2.input[1]).astype(np.float64)              # [4, 4/group, 3, 3]
@@ -403,6 +453,32 @@ def test_obs_on_conv_uses_the_im2col_gram(group):
         set_init(m2, conv2.input[1], new.reshape(w.shape))
         real = ((_tensor(m2, out, data) - y) ** 2).sum()
         np.testing.assert_allclose(err[s], real, rtol=2e-3)
+    # the cheapest channel goes first, with its single-removal error; conv groups merge greedily
+    assert score.min() == pytest.approx(err.min(), rel=1e-9) and np.argmin(score) == np.argmin(err)
+    assert np.all(np.diff(np.sort(score)) >= 0) and score.max() >= err.max() * (1 - 1e-9)
+
+
+def test_entropy_ignores_the_scale_of_a_channel():
+    # Luo & Wu's entropy sees only the shape of a channel's distribution over the samples:
+    # scaling a channel by 1000 leaves its score unchanged, a dead channel scores 0
+    m, h, hin = mlp(hidden=4, nin=8, nout=3, relu=True, seed=2)
+    grp = chain_group(m, h)
+    data = rand_data([1, 8], n=256)
+    before = score_groups([grp], ctx_for(m, [grp], data=data), "entropy")[grp.id]
+    mm = [n for n in m.graph.node if n.op_type == "MatMul"]
+    w1 = init(m, mm[0].input[1])
+    w1[:, 2] *= 1000.0
+    w1[:, 3] = 0.0
+    set_init(m, mm[0].input[1], w1)
+    bias = next(n for n in m.graph.node if n.op_type == "Add" and mm[0].output[0] in n.input)
+    b = init(m, bias.input[1])
+    b[2] *= 1000.0
+    b[3] = -1.0
+    set_init(m, bias.input[1], b)
+    after = score_groups([grp], ctx_for(m, [grp], data=data), "entropy")[grp.id]
+    raw_b, raw_a = before / before[:3].mean(), after / after[:3].mean()
+    np.testing.assert_allclose(raw_a[:3], raw_b[:3], rtol=1e-6)
+    assert after[3] == 0.0
 
 
 def test_flatten_positions_are_summed_into_their_channel():

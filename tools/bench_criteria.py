@@ -157,10 +157,14 @@ def as_agreement(model, test):
 
 
 # ------------------------------------------------------------------ criteria
-def prune_with(model, analysis, scores: dict, ratio: float, verify: bool):
+def prune_with(model, analysis, scores: dict, ratio: float, verify: bool, calib=None):
+    """Prune with ``scores`` at ``ratio``; with ``calib``, re-fit by ``--reconstruct ls`` as users run it."""
     import onnxprune
     plan = onnxprune.make_plan(analysis, scores, onnxprune.Policy(ratio=ratio))
-    return onnxprune.prune(model, plan=plan, verify=verify)
+    if calib is None:
+        return onnxprune.prune(model, plan=plan, verify=verify, reconstruct="none")
+    return onnxprune.prune(model, plan=plan, verify=verify, calib=calib, reconstruct="ls",
+                           reconstruct_options={"fidelity": False})
 
 
 def ratio_for(model, analysis, scores: dict, target: float, steps: int = 9) -> tuple[float, float]:
@@ -177,7 +181,9 @@ def ratio_for(model, analysis, scores: dict, target: float, steps: int = 9) -> t
     return best
 
 
-def criteria_rows(model, calib, test, targets: list[float], criteria: list[str], limit: int | None) -> list[dict]:
+def criteria_rows(model, calib, test, targets: list[float], criteria: list[str], limit: int | None,
+                  ls_targets: tuple[float, ...] = ()) -> list[dict]:
+    """One row per (target, criterion); targets in ``ls_targets`` also get ``top1_ls`` (``--reconstruct ls``)."""
     import onnxprune
     from onnxprune import validate
     from onnxprune.importance import ScoreContext, fallback_summary, requires_data, score_groups
@@ -206,9 +212,18 @@ def criteria_rows(model, calib, test, targets: list[float], criteria: list[str],
                          "macs_fraction": res.after.macs / res.before.macs,
                          "params_fraction": res.after.params / res.before.params,
                          "top1": acc, "score_seconds": seconds, "fallbacks": fallback_summary(ctx, name),
-                         "verified": bool(res.verification and res.verification.passed)})
-            print(f"  {name:14s} {target:.1f}x {acc:.4f}  score {seconds:.2f}s", file=sys.stderr)
+                         "verified": bool(res.verification and res.verification.passed), "date": now()})
+            if target in ls_targets:
+                fitted = prune_with(model, analysis, scores, ratio, verify=False, calib=calib)
+                rows[-1]["top1_ls"] = validate.accuracy(fitted.proto, test, limit=limit)["top1"]
+                rows[-1]["reconstruct_seconds"] = fitted.seconds.get("reconstruct")
+            ls = f"  ls {rows[-1]['top1_ls']:.4f}" if "top1_ls" in rows[-1] else ""
+            print(f"  {name:14s} {target:.1f}x {acc:.4f}{ls}  score {seconds:.2f}s", file=sys.stderr, flush=True)
     return rows
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def cpu_name() -> str:
@@ -225,7 +240,7 @@ def run(args) -> dict:
     from onnxprune.importance import CRITERIA
 
     criteria = args.criteria or list(CRITERIA)
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    out = {"date": now(),
            "machine": f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "targets": args.targets}
     if "fmnist" in args.models:
@@ -235,7 +250,8 @@ def run(args) -> dict:
         out["fmnist"] = {"model": "models/fmnist_resnet.onnx", "calib_samples": calib.num_samples,
                          "test_samples": min(test.num_samples, args.limit or 10**12), "metric": "top-1",
                          "baseline": validate.accuracy(model, test, limit=args.limit)["top1"],
-                         "rows": criteria_rows(model, calib, test, args.targets, criteria, args.limit)}
+                         "rows": criteria_rows(model, calib, test, args.targets, criteria, args.limit,
+                                               tuple(args.ls_targets))}
         if args.torch_python:
             out["fmnist"]["torch_pruning"] = torch_pruning(args.torch_python, args.targets, test, args.limit)
     if "orientation" in args.models:
@@ -255,19 +271,23 @@ def table(result: dict, tp: dict | None = None) -> list[str]:
     from onnxprune.importance import requires_data
 
     targets = sorted({r["target"] for r in result["rows"]}, reverse=True)
+    ls_targets = sorted({r["target"] for r in result["rows"] if "top1_ls" in r}, reverse=True)
     names = list(dict.fromkeys(r["criterion"] for r in result["rows"]))
     by = {(r["target"], r["criterion"]): r for r in result["rows"]}
-    lines = ["| criterion | calib | " + " | ".join(f"{result['metric']} @ {t:.1f}× MACs" for t in targets)
-             + " | score s |", "| --- | --- | " + " | ".join("---:" for _ in targets) + " | ---: |"]
+    head = [f"{result['metric']} @ {t:.1f}× MACs" for t in targets]
+    head += [f"{result['metric']} @ {t:.1f}× MACs, `--reconstruct ls`" for t in ls_targets]
+    lines = ["| criterion | calib | " + " | ".join(head) + " | score s |",
+             "| --- | --- | " + " | ".join("---:" for _ in head) + " | ---: |"]
+    pct = lambda r, k: f"{r[k] * 100:.2f}%" if k in r else "—"  # noqa: E731
     for n in names:
         got = [by.get((t, n), {}) for t in targets]
-        cells = [f"{r['top1'] * 100:.2f}%" if "top1" in r else "—" for r in got]
+        cells = [pct(r, "top1") for r in got] + [pct(by.get((t, n), {}), "top1_ls") for t in ls_targets]
         secs = next((f"{r['score_seconds']:.2f}" for r in got if "score_seconds" in r), "—")
         lines.append(f"| `{n}` | {'yes' if requires_data(n) else 'no'} | " + " | ".join(cells) + f" | {secs} |")
     if tp:
         t_by = {r["target"]: r for r in tp["rows"]}
         cells = [f"{t_by[t]['top1'] * 100:.2f}% ({t_by[t]['macs_fraction']:.3f}×)" if t in t_by else "—"
-                 for t in targets]
+                 for t in targets] + ["—" for _ in ls_targets]
         lines.append("| Torch-Pruning L2 (torch, BN unfolded) | no | " + " | ".join(cells) + " | — |")
     ok = [r for r in result["rows"] if "ratio" in r]
     fracs = ", ".join(f"{t:.1f}× → ratio {r['ratio']:.3f} ({r['macs_fraction']:.3f}× MACs, "
@@ -276,8 +296,31 @@ def table(result: dict, tp: dict | None = None) -> list[str]:
     notes = [f"`{r['criterion']}`: {r['error']}" for r in result["rows"] if "error" in r and r["target"] == targets[0]]
     notes += [f"`{r['criterion']}` fell back: {'; '.join(r['fallbacks'])}" for r in ok
               if r.get("fallbacks") and r["target"] == targets[0]]
+    dates = sorted({r["date"] for r in result["rows"] if "date" in r})
+    when = f" Rows measured {dates[0]} – {dates[-1]} (re-runs of some criteria)." if len(dates) > 1 else ""
     return [f"Ratios: {fracs}. Unpruned: {result['baseline'] * 100:.2f}%; {result['test_samples']} test "
-            f"samples, {result['calib_samples']} calibration samples.", "", *lines, "", *notes]
+            f"samples, {result['calib_samples']} calibration samples.{when}", "", *lines, "", *notes]
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with the models and criteria measured in ``new`` replaced (``--merge``)."""
+    from onnxprune.importance import CRITERIA
+
+    out = {**old, "date": new["date"], "machine": new["machine"]}
+    order = {n: i for i, n in enumerate(CRITERIA)}
+    for key in ("fmnist", "orientation"):
+        if key not in new:
+            continue
+        if key not in old:
+            out[key] = new[key]
+            continue
+        redone = {r["criterion"] for r in new[key]["rows"]}
+        for r in old[key]["rows"]:
+            r.setdefault("date", old["date"])
+        rows = [r for r in old[key]["rows"] if r["criterion"] not in redone] + new[key]["rows"]
+        rows.sort(key=lambda r: (order.get(r["criterion"], len(order)), -r["target"]))
+        out[key] = {**old[key], **new[key], "rows": rows}
+    return out
 
 
 def section(result: dict) -> str:
@@ -328,11 +371,17 @@ def main() -> None:
     p.add_argument("--doc", type=Path, help="markdown file whose generated section is replaced")
     p.add_argument("--json", type=Path)
     p.add_argument("--from-json", type=Path, help="re-render the section from a saved --json instead of measuring")
+    p.add_argument("--ls-targets", type=float, nargs="*", default=[0.5],
+                   help="Fashion-MNIST targets also measured after --reconstruct ls (default: 0.5)")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the measured models and criteria in the existing --json, keep the rest")
     args = p.parse_args()
     if args.torch_worker:
         print(json.dumps(torch_worker(args.targets, args.out_dir)))
         return
     result = json.loads(args.from_json.read_text()) if args.from_json else run(args)
+    if args.merge and args.json and args.json.exists():
+        result = merge(json.loads(args.json.read_text()), result)
     text = section(result)
     print(text)
     if args.doc:

@@ -17,6 +17,8 @@ penalties, with large coefficients, score high.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from ..groups import Group
@@ -58,24 +60,167 @@ def _channel_sets(idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def obs_errors(h: np.ndarray, w: np.ndarray, idx: np.ndarray, size: int, damp: float) -> np.ndarray:
-    """OBS removal error per channel for one (conv group of a) layer: h [D, D], w [out, D], idx [D]."""
+    """Single-removal OBS error per channel for one (conv group of a) layer: h [D, D], w [out, D], idx [D].
+
+    The first step of :func:`obs_sequence`; kept for diagnostics and tests.
+    """
     err = np.zeros(size)
-    if not (idx >= 0).any():
-        return err
-    hinv = damped_inverse(h, damp)
-    for chans, cols in _channel_sets(idx):
-        blocks = hinv[cols[:, :, None], cols[:, None, :]]             # [n, k, k]
-        ws = w[:, cols].transpose(1, 2, 0)                            # [n, k, out]
-        sol = np.linalg.solve(blocks, ws)
-        err[chans] += (ws * sol).sum(axis=(1, 2))
+    if (idx >= 0).any():
+        for chans, cost in _removal_costs(_Downdated(damped_inverse(h, damp), w), _channel_sets(idx)):
+            err[chans] += cost
     return err
+
+
+MAX_STEPS = 128       # greedy steps per conv group; wider groups remove ceil(n / MAX_STEPS) channels per step
+COUPLED = 0.5         # ... but never two whose partial correlation (through H⁻¹) exceeds this in one step
+FLUSH = 32            # downdates of H⁻¹ kept as a low-rank factor before one GEMM applies them
+
+
+class _Downdated:
+    """``H⁻¹`` and the compensated ``W`` of one layer under a stream of OBS removals.
+
+    Removing columns ``S`` with ``B = H⁻¹_SS = CCᵀ`` subtracts ``ZZᵀ`` from ``H⁻¹``, where
+    ``Z = H⁻¹_{:,S} C⁻ᵀ``. The ``Z`` of the last few removals stay a ``[D, r]`` factor; one GEMM
+    applies them every ``FLUSH`` steps, and removed columns are then dropped (memory-bound
+    rank-k updates of a D×D matrix would otherwise dominate).
+    """
+
+    def __init__(self, hinv: np.ndarray, w: np.ndarray):
+        self.base, self.w = hinv, np.array(w, dtype=np.float64)
+        self.z = np.zeros((len(hinv), 0))
+        self.pos = np.arange(len(hinv))               # original column -> row of base / column of w
+        self.dead = np.zeros(len(hinv), dtype=bool)   # over original columns
+        self.steps = 0
+
+    def cols(self, cols: np.ndarray) -> np.ndarray:
+        """Current ``H⁻¹[:, cols]`` (rows in base order); ``cols`` are original column numbers."""
+        p = self.pos[cols]
+        return self.base[:, p] - self.z @ self.z[p].T
+
+    def blocks(self, cols: np.ndarray) -> np.ndarray:
+        """Current ``H⁻¹`` blocks ``[n, k, k]`` for channel column sets ``cols`` [n, k]."""
+        p = self.pos[cols]
+        zc = self.z[p]                                            # [n, k, r]
+        return self.base[p[:, :, None], p[:, None, :]] - zc @ zc.transpose(0, 2, 1)
+
+    def wcols(self, cols: np.ndarray) -> np.ndarray:
+        return self.w[:, self.pos[cols]]
+
+    def remove(self, cols: np.ndarray) -> float:
+        """Remove original columns ``cols``: compensate ``w``, downdate ``H⁻¹``; returns the error added."""
+        p = self.pos[cols]
+        hcols = self.cols(cols)                                   # [D', s]
+        c = np.linalg.cholesky(hcols[p])
+        zs = np.linalg.solve(c, hcols.T)                          # C⁻¹ H⁻¹_{S,:}: [s, D']
+        ws = np.linalg.solve(c, self.w[:, p].T).T                 # W_S C⁻ᵀ: [out, s]
+        self.w -= ws @ zs
+        self.w[:, p] = 0.0
+        self.z = np.hstack([self.z, zs.T])
+        self.dead[cols] = True
+        self.steps += 1
+        if self.steps % FLUSH == 0:
+            self._flush()
+        return float((ws * ws).sum())
+
+    def _flush(self) -> None:
+        self.base -= self.z @ self.z.T
+        alive = np.nonzero(~self.dead)[0]
+        if 4 * len(alive) < 3 * len(self.base):               # drop removed columns: O(D_left²) from now on
+            keep = self.pos[alive]
+            self.base = np.ascontiguousarray(self.base[np.ix_(keep, keep)])
+            self.w = np.ascontiguousarray(self.w[:, keep])
+            self.pos = np.full(len(self.pos), -1)
+            self.pos[alive] = np.arange(len(alive))
+        self.z = np.zeros((len(self.base), 0))
+
+
+def _removal_costs(state: "_Downdated", sets: list[tuple[np.ndarray, np.ndarray]]):
+    """Yield (channels, OBS cost ``Σ_o w_{o,S}ᵀ ((H⁻¹)_SS)⁻¹ w_{o,S}``) for every channel set."""
+    for chans, cols in sets:
+        ws = state.wcols(cols).transpose(1, 2, 0)                 # [n, k, out]
+        gram = ws @ ws.transpose(0, 2, 1)                         # W_Sᵀ W_S: [n, k, k]
+        yield chans, np.maximum((np.linalg.inv(state.blocks(cols)) * gram).sum(axis=(1, 2)), 0.0)
+
+
+def _pick(ranked: np.ndarray, cols: list[np.ndarray], state: "_Downdated", count: int) -> list[int]:
+    """The ``count`` first of ``ranked`` (indices into ``cols``), skipping any coupled with one already taken."""
+    taken: list[int] = []
+    whiten: dict[int, np.ndarray] = {}
+    for i in ranked:
+        if len(taken) == count:
+            break
+        ci = cols[i]
+        hc = state.cols(ci)
+        whiten[i] = np.linalg.inv(np.linalg.cholesky(hc[state.pos[ci]]))
+        if all(np.linalg.norm(whiten[i] @ hc[state.pos[cols[j]]].T @ whiten[j].T, 2) <= COUPLED for j in taken):
+            taken.append(int(i))
+    return taken
+
+
+def obs_sequence(h: np.ndarray, w: np.ndarray, idx: np.ndarray, damp: float,
+                 max_steps: int = MAX_STEPS) -> list[tuple[int, float]]:
+    """Greedy sequential OBS removal (OBC, Frantar & Alistarh 2022; SlimGPT) of one conv group's channels.
+
+    Repeatedly removes the channel whose removal, with the remaining columns re-fitted, costs
+    least; then downdates ``H⁻¹ ← H⁻¹ − H⁻¹_{:,S}(H⁻¹_SS)⁻¹H⁻¹_{S,:}`` and compensates
+    ``W ← W − W_S(H⁻¹_SS)⁻¹H⁻¹_{S,:}``, so every later cost is measured on the already
+    compensated layer. Returns ``[(channel, marginal error)]`` in removal order.
+
+    Groups of more than ``max_steps`` channels remove ``ceil(n / max_steps)`` of the cheapest per
+    step, never two coupled ones (partial correlation above ``COUPLED``): of two duplicated
+    channels one still goes first and the other becomes expensive.
+    """
+    state = _Downdated(damped_inverse(h, damp), w)
+    sets = _channel_sets(idx)
+    remaining = sum(len(c) for c, _ in sets)
+    per_step = -(-remaining // max(1, max_steps))
+    order: list[tuple[int, float]] = []
+    while remaining:
+        costs = list(_removal_costs(state, sets))
+        chans = np.concatenate([c for c, _ in costs])
+        cost = np.concatenate([e for _, e in costs])
+        ranked = np.argsort(cost, kind="stable")
+        if per_step == 1:
+            pick = ranked[:1]
+        else:
+            pick = np.array(_pick(ranked, [cl[j] for c, cl in sets for j in range(len(c))], state, per_step))
+        gone = chans[pick]
+        joint = state.remove(np.concatenate([cl[np.isin(c, gone)].ravel() for c, cl in sets]))
+        # inside one step the joint error is shared in proportion to the single costs
+        total = cost[pick].sum()
+        share = cost[pick] / total if total > 0 else np.full(len(pick), 1 / len(pick))
+        order += [(int(c), float(joint * f)) for c, f in zip(gone, share)]
+        sets = [(c[keep], cl[keep]) for c, cl in sets for keep in [~np.isin(c, gone)] if keep.any()]
+        remaining -= len(gone)
+    return order
+
+
+def obs_scores(h: np.ndarray, w: np.ndarray, idx: np.ndarray, size: int, damp: float) -> np.ndarray:
+    """[size] score per channel of a layer's conv groups (h [G, D, D], w [G, out, D], idx [G, D]).
+
+    A channel's score is the cumulative output error of the greedy removal at the step it goes:
+    the layer's summed squared error, with re-fitting, once it and every cheaper channel are
+    removed. Conv groups are independent (block-diagonal ``H``), so their sequences are merged
+    as one greedy would: always the group whose next removal is cheapest.
+    """
+    seqs = [obs_sequence(h[g], w[g], idx[g], damp) for g in range(len(h)) if (idx[g] >= 0).any()]
+    heap = [(s[0][1], g, 0) for g, s in enumerate(seqs) if s]
+    heapq.heapify(heap)
+    out, total = np.zeros(size), 0.0
+    while heap:
+        cost, g, i = heapq.heappop(heap)
+        total += cost
+        out[seqs[g][i][0]] += total
+        if i + 1 < len(seqs[g]):
+            heapq.heappush(heap, (seqs[g][i + 1][1], g, i + 1))
+    return out
 
 
 def _obs(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
     out = []
     for la in _gram_layers(group, ctx):
         h, w, idx = ctx.gram(la.key, la.gram_spec).gram, la.matrix(), la.column_channels()
-        out.append(sum(obs_errors(h[g], w[g], idx[g], group.size, ctx.damp) for g in range(len(h))))
+        out.append(obs_scores(h, w, idx, group.size, ctx.damp))
     return out
 
 

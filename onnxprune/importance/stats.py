@@ -24,7 +24,8 @@ from .. import calibrate, ir
 from ..data import DataSource
 from ..errors import OnnxPruneError
 
-DEFAULT_BINS = 32                 # even: the streaming histogram merges bin pairs
+DEFAULT_BINS = 32                 # entropy histogram bins over each channel's own range
+HIST_OVERSAMPLE = 16              # the streaming histogram keeps this many times finer bins
 _GRAM_CHUNK_BYTES = 64 << 20      # float64 bytes of im2col rows handled at once
 GRAM_ROWS = 256                   # rows per sample in a Gram matrix (None: all)
 MAX_OUTPUTS = 64                  # tapped tensors per onnxruntime session (more -> more passes)
@@ -79,9 +80,12 @@ class TensorStats:
     sumsq: np.ndarray
     nonpos: np.ndarray            # elements <= 0 per position
     samples: int = 0
-    hist: np.ndarray | None = None    # [P, bins] counts of per-sample channel means
-    lo: np.ndarray | None = None      # histogram start and bin width per position
+    hist: np.ndarray | None = None    # [P, bins * HIST_OVERSAMPLE] fine counts of per-sample channel means
+    lo: np.ndarray | None = None      # fine histogram start and bin width per position
     width: np.ndarray | None = None
+    low: np.ndarray | None = None     # exact range of the per-sample means per position
+    high: np.ndarray | None = None
+    bins: int = DEFAULT_BINS          # bins of :meth:`histogram` (and of the entropy)
 
     @classmethod
     def empty(cls, axis: int, positions: int) -> "TensorStats":
@@ -104,11 +108,34 @@ class TensorStats:
     def nonpos_fraction(self) -> np.ndarray:
         return self.nonpos / np.maximum(self.count, 1)
 
-    def entropy(self) -> np.ndarray:
-        """Shannon entropy (nats) of each position's histogram of per-sample means."""
+    def histogram(self) -> np.ndarray:
+        """[P, bins] counts of the per-sample means on ``bins`` equal bins over each position's own
+        [min, max], from the fine streaming histogram (mass spread uniformly inside a fine bin)."""
         if self.hist is None:
             raise ValueError("histogram was not collected")
-        p = self.hist / np.maximum(self.hist.sum(axis=1, keepdims=True), 1)
+        fine = self.hist.shape[1]
+        span = self.high - self.low
+        edges = self.low[:, None] + span[:, None] * np.linspace(0.0, 1.0, self.bins + 1)[None, :]
+        k = np.clip(np.floor((edges - self.lo[:, None]) / self.width[:, None]), 0, fine - 1).astype(np.int64)
+        # extent of fine bin k clipped to the data range, and how far into it each edge is
+        a = np.maximum(self.lo[:, None] + self.width[:, None] * k, self.low[:, None])
+        b = np.minimum(self.lo[:, None] + self.width[:, None] * (k + 1), self.high[:, None])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.where(b > a, np.clip((edges - a) / (b - a), 0.0, 1.0), 1.0)
+        cum = np.concatenate([np.zeros((len(self.hist), 1)), np.cumsum(self.hist, axis=1)], axis=1)
+        rows = np.arange(len(self.hist))[:, None]
+        cdf = cum[rows, k] + frac * self.hist[rows, k]
+        cdf[:, 0] = 0.0
+        cdf[:, -1] = cum[:, -1]
+        out = np.diff(cdf, axis=1)
+        out[span <= 0] = 0.0
+        out[span <= 0, 0] = cum[span <= 0, -1]                    # a constant channel: one bin
+        return out
+
+    def entropy(self) -> np.ndarray:
+        """Shannon entropy (nats) of each position's :meth:`histogram` of per-sample means."""
+        h = self.histogram()
+        p = h / np.maximum(h.sum(axis=1, keepdims=True), 1e-300)
         with np.errstate(divide="ignore", invalid="ignore"):
             return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
 
@@ -124,14 +151,18 @@ class TensorStats:
         self.sumsq += np.einsum("apb,apb->ap", x3, x3, dtype=np.float64).sum(axis=0)
         self.nonpos += np.count_nonzero(x3 <= 0, axis=(0, 2))
         if bins:
-            self._add_hist(x.astype(np.float64, copy=False), bins)
+            self.bins = bins
+            self._add_hist(x.astype(np.float64, copy=False), bins * HIST_OVERSAMPLE)
         self.samples += x.shape[0] if self.axis != 0 and x.ndim > 1 else 1
 
     def _add_hist(self, x: np.ndarray, bins: int) -> None:
-        """Streaming histogram: ``bins`` (even) bins per position whose width doubles whenever a
-        sample falls outside the range (adjacent bins merge), so no pass is needed to find the range."""
+        """Fine streaming histogram: ``bins`` (even) bins per position whose width doubles whenever a
+        sample falls outside the range (adjacent bins merge), so no pass is needed to find the range;
+        the exact range is kept beside it for :meth:`histogram`."""
         means = np.nan_to_num(_sample_means(x, self.axis))          # [N, P]
         lo_b, hi_b = means.min(axis=0), means.max(axis=0)
+        self.low = lo_b if self.low is None else np.minimum(self.low, lo_b)
+        self.high = hi_b if self.high is None else np.maximum(self.high, hi_b)
         if self.hist is None:
             span = hi_b - lo_b
             self.lo = lo_b.copy()
