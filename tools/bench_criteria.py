@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare the importance criteria at fixed MACs budgets (no fine-tuning, no reconstruction).
+"""Compare the importance criteria at fixed MACs budgets (no fine-tuning; reconstruction in one column).
 
 Two models:
 
@@ -18,7 +18,11 @@ Two models:
 For each target (fraction of the original MACs) the uniform per-group ratio that reaches it
 is found once by bisection — channel counts, hence MACs, do not depend on the criterion.
 Every criterion scores the groups once; for each target its plan prunes the model, the result
-is verified against the masked original and measured in onnxruntime. ``--doc`` replaces the
+is verified against the masked original and measured in onnxruntime. On Fashion-MNIST, the
+targets in ``--ls-targets`` (default 0.5) are also measured as users run the calibration
+criteria: ``onnxprune.prune(..., calib=calib, reconstruct="ls")`` re-fits the layers from the
+calibration set (fidelity check off). ``--merge`` re-measures only the given models and
+criteria and keeps the other rows of ``--json``. ``--doc`` replaces the
 generated part of the "Measured comparison" section of docs/criteria.md::
 
     nice flock /work/bench.lock python tools/bench_criteria.py \

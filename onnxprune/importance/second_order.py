@@ -1,9 +1,16 @@
 """Calibration criteria from the Gram matrix ``H = XᵀX`` of each consumer layer's input.
 
-``obs``: the Optimal Brain Surgeon cost of removing a channel's input columns
-``S`` of a consumer layer and optimally re-fitting the remaining columns,
-``Σ_rows w_Sᵀ ((H⁻¹)_SS)⁻¹ w_S`` — exactly the increase of the layer's summed
-squared output error on the calibration data (with damping ``H + λI``).
+``obs``: structured Optimal Brain Surgeon, applied greedily and sequentially
+as OBC (Frantar & Alistarh 2022) and SlimGPT do. Removing a channel's input
+columns ``S`` of a consumer layer and optimally re-fitting the remaining
+columns costs ``Σ_rows w_Sᵀ ((H⁻¹)_SS)⁻¹ w_S`` — exactly the increase of the
+layer's summed squared output error on the calibration data (with damping
+``H + λI``). The cheapest channel goes, ``H⁻¹`` is downdated and ``W``
+compensated, every cost is recomputed, and so on: a channel's score is the
+cumulative error once it and all channels removed before it are gone. So two
+channels that can stand in for each other are not both removed because each
+looked free while the other stayed. The score assumes the re-fit that
+``--reconstruct ls`` performs; without it, pruning leaves the uncompensated error.
 
 ``lasso``: channel selection of He et al. (2017): the layer output is the sum
 of per-channel contributions ``Z_c = X_c W_cᵀ``; a LASSO over coefficients
@@ -358,7 +365,7 @@ def _lasso(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
 
 CRITERIA = [
     Criterion("obs", _plan_gram, _obs, requires_data=True, fallback="wanda",
-              summary="OBS output error of removing the channel's input columns"),
+              summary="cumulative OBS error of greedy removal with re-fit (use with --reconstruct ls)"),
     Criterion("lasso", _plan_gram, _lasso, requires_data=True, fallback="wanda",
               summary="LASSO channel selection path (He et al. 2017)"),
 ]
