@@ -117,7 +117,7 @@ class _Downdated:
         """Remove original columns ``cols``: compensate ``w``, downdate ``H⁻¹``; returns the error added."""
         p = self.pos[cols]
         hcols = self.cols(cols)                                   # [D', s]
-        c = np.linalg.cholesky(hcols[p])
+        c = _cholesky(hcols[p])
         zs = np.linalg.solve(c, hcols.T)                          # C⁻¹ H⁻¹_{S,:}: [s, D']
         ws = np.linalg.solve(c, self.w[:, p].T).T                 # W_S C⁻ᵀ: [out, s]
         self.w -= ws @ zs
@@ -141,12 +141,26 @@ class _Downdated:
         self.z = np.zeros((len(self.base), 0))
 
 
+def _cholesky(block: np.ndarray) -> np.ndarray:
+    """Cholesky factor of a block of ``H⁻¹`` (positive definite up to rounding: jittered if not)."""
+    try:
+        return np.linalg.cholesky(block)
+    except np.linalg.LinAlgError:
+        jitter = 1e-10 * max(float(np.trace(block)) / len(block), 1e-300)
+        return np.linalg.cholesky(block + jitter * np.eye(len(block)))
+
+
 def _removal_costs(state: "_Downdated", sets: list[tuple[np.ndarray, np.ndarray]]):
     """Yield (channels, OBS cost ``Σ_o w_{o,S}ᵀ ((H⁻¹)_SS)⁻¹ w_{o,S}``) for every channel set."""
     for chans, cols in sets:
         ws = state.wcols(cols).transpose(1, 2, 0)                 # [n, k, out]
         gram = ws @ ws.transpose(0, 2, 1)                         # W_Sᵀ W_S: [n, k, k]
-        yield chans, np.maximum((np.linalg.inv(state.blocks(cols)) * gram).sum(axis=(1, 2)), 0.0)
+        blocks = state.blocks(cols)
+        try:
+            inv = np.linalg.inv(blocks)
+        except np.linalg.LinAlgError:                             # only without damping
+            inv = np.linalg.pinv(blocks, hermitian=True)
+        yield chans, np.maximum((inv * gram).sum(axis=(1, 2)), 0.0)
 
 
 def _pick(ranked: np.ndarray, cols: list[np.ndarray], state: "_Downdated", count: int) -> list[int]:
@@ -158,7 +172,7 @@ def _pick(ranked: np.ndarray, cols: list[np.ndarray], state: "_Downdated", count
             break
         ci = cols[i]
         hc = state.cols(ci)
-        whiten[i] = np.linalg.inv(np.linalg.cholesky(hc[state.pos[ci]]))
+        whiten[i] = np.linalg.inv(_cholesky(hc[state.pos[ci]]))
         if all(np.linalg.norm(whiten[i] @ hc[state.pos[cols[j]]].T @ whiten[j].T, 2) <= COUPLED for j in taken):
             taken.append(int(i))
     return taken
