@@ -503,6 +503,21 @@ def test_flatten_positions_are_summed_into_their_channel():
         assert s.shape == (3,) and np.all(np.isfinite(s)) and np.all(s >= 0), crit
 
 
+def test_entropy_of_a_flattened_map_is_that_of_the_pooled_channel():
+    g = GraphBuilder("x", [1, 2, 4, 4], seed=6, dynamic_batch=True)
+    h = g.conv("x", 3, k=3)
+    r = g.relu(h)
+    g.output(g.gemm(g.flatten(r), 5))
+    m = g.build()
+    grp = chain_group(m, h)
+    ctx = ctx_for(m, [grp], data=rand_data([1, 2, 4, 4], n=64))
+    assert any(mem.kind == WEIGHT_IN and len(mem.index) == 48 for mem in grp.members)
+    got = CRITERIA["entropy"].members(grp, ctx)
+    pooled = ctx.tensor_stats(r, 1, hist=True).entropy()             # per channel of the 4-D ReLU output
+    assert len(got) == 1
+    np.testing.assert_allclose(got[0], pooled, rtol=1e-12)
+
+
 def test_combine_without_members_gives_zeros():
     np.testing.assert_array_equal(combine([], 3, "mean", "mean"), np.zeros(3))
 

@@ -2,7 +2,7 @@
 
 On the group's activation tensors: mean |x| (``act-mean``), the average
 percentage of zeros after a ReLU-like op (``apoz``), the entropy of the
-per-sample channel means (``entropy``). On the inputs of its consumer layers,
+per-sample channel means (``entropy``, Luo & Wu 2017). On the inputs of its consumer layers,
 weighted by the consumer's weights: Wanda (``|W|·‖X‖``) and FLAP's fluctuation
 (``Var(X)·‖W‖²``).
 """
@@ -75,9 +75,31 @@ def _apoz(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
     return out
 
 
+def _producer_input(ctx: ScoreContext, tensor: str) -> str | None:
+    """The data input of the node that produces ``tensor``."""
+    memo = ctx.cache.setdefault("producer_input", None)
+    if memo is None:
+        memo = ctx.cache["producer_input"] = {o: n.input[0] for n in ctx.proto.graph.node if n.input
+                                               for o in n.output}
+    return memo.get(tensor)
+
+
+def _pooled_inputs(group: Group, ctx: ScoreContext) -> list[Member]:
+    """The layer inputs, where a member with several positions per channel (a Flatten of a spatial
+    map) is replaced by the one-position-per-channel activation it was made from, if the group has
+    it: Luo & Wu's entropy is of each channel's pooled value, not an average over its positions."""
+    out = []
+    for m in _layer_inputs(group, ctx):
+        if (m.index >= 0).sum() > len(np.unique(m.index[m.index >= 0])):
+            src = _producer_input(ctx, m.tensor)
+            m = next((a for a in _activations(group) if a.tensor == src and len(a.index) == group.size), m)
+        out.append(m)
+    return list({(m.tensor, m.axis): m for m in out}.values())
+
+
 def _entropy(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
     return [_per_channel(_stats_for(ctx, m.tensor, m.axis, m.index, hist=True).entropy(), m.index, group.size)
-            for m in _layer_inputs(group, ctx)]
+            for m in _pooled_inputs(group, ctx)]
 
 
 def _plan_layers(group: Group, ctx: ScoreContext) -> Needs | None:
@@ -109,7 +131,7 @@ CRITERIA = [
               fallback="l2", summary="mean |activation|"),
     Criterion("apoz", lambda g, c: _plan_members(_activations(g, relu_only=True)), _apoz, requires_data=True,
               fallback="act-mean", summary="1 - fraction of zeros after ReLU-like ops"),
-    Criterion("entropy", lambda g, c: _plan_members(_layer_inputs(g, c), hist=True), _entropy, requires_data=True,
+    Criterion("entropy", lambda g, c: _plan_members(_pooled_inputs(g, c), hist=True), _entropy, requires_data=True,
               fallback="act-mean", summary="entropy of per-sample channel means"),
     Criterion("wanda", _plan_layers, _wanda, requires_data=True, fallback="act-mean",
               summary="|W|·‖X‖ over consumer input columns"),
