@@ -357,7 +357,8 @@ def torch_side(args: argparse.Namespace, macs: float) -> dict | None:
 
 # ------------------------------------------------------------------ report
 def markdown(args: argparse.Namespace, ours: dict, theirs: dict | None, load: tuple) -> str:
-    return "\n".join(_intro(args) + _results(args, ours, theirs, load) + _costs(ours) + _how()
+    note = [f"Note: {ours['note']}", ""] if ours.get("note") else []
+    return "\n".join(_intro(args) + _results(args, ours, theirs, load) + note + _costs(ours) + _how()
                      + [f"Software: onnxruntime {ours.get('ort', '?')}, Python {platform.python_version()}"
                         + (f"; torch {theirs['torch']}, torch-pruning {theirs['torch_pruning']} "
                            f"({theirs['threads']} threads)" if theirs else "") + ".", ""])
@@ -391,7 +392,8 @@ def _intro(args) -> list[str]:
         "10,000 TEST images, which are never used for training or selection. Regenerate with",
         f"`python tools/bench_finetune.py --data-dir DIR --steps {args.steps} --eval-every {args.eval_every} "
         "--json docs/finetune.json` (the Debian package's `usr/share/datasets/fashion-mnist` as DIR; "
-        "`--from-json docs/finetune.json` only re-renders this page).", "",
+        "`--from-json docs/finetune.json` only re-renders this page; `--skip-costs`, then `--costs-into "
+        "docs/finetune.json` alone under a benchmark lock, keeps the per-batch timing apart from the long run).", "",
         f"Both sides: Adam, learning rate {args.lr} with cosine decay to 0, loss",
         f"`{args.alpha}·T²·KL(teacher‖student, T={args.temperature}) + {1 - args.alpha:g}·CE(labels)` with the",
         "unpruned model as the teacher, the same split and the same batches in the same order, no augmentation.",
