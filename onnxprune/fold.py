@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import ir, runtime
+from . import canonical, ir, runtime
 
 TINY = 64                # elements: shape arithmetic, always foldable
 SMALL = 1 << 14          # elements: foldable even next to a shared input (a copy this small is harmless)
@@ -33,9 +33,11 @@ NEVER = {"Constant", "Identity",    # Identity(constant) is how torch shares wei
 
 
 def fold_model(model: ir.Model) -> ir.Model:
-    """``model`` with its constant subgraphs folded (the same object when there is nothing to fold)."""
+    """``model`` with its constant subgraphs folded and its channel shuffles made Gathers
+    (:mod:`onnxprune.canonical`); the same object when there is nothing to change."""
     proto, folded = fold_constants(model.proto)
-    return model if not folded else dataclasses.replace(model, proto=proto)
+    proto, shuffles = canonical.channel_shuffles(proto)
+    return model if not (folded or shuffles) else dataclasses.replace(model, proto=proto)
 
 
 def fold_constants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 from builders import GraphBuilder
-from engine_util import attr, node, prune_model, weight
+from engine_util import attr, node, outputs, prune_model, weight
 
 
 def test_nhwc_transposes_tf_style(tmp_path):
@@ -36,20 +36,60 @@ def test_split_and_slice_on_channel_axis(tmp_path):
     assert sizes.sum() == 4 and (sizes >= 1).all()
 
 
-def test_channel_shuffle(tmp_path):
-    g = GraphBuilder("x", [1, 3, 8, 8])
+def shuffle_net(batch=1):
+    g = GraphBuilder("x", [batch, 3, 8, 8])
     a = g.relu(g.conv("x", 6))
     b = g.relu(g.conv(a, 6))
     y = g.concat([a, b])                                       # 12 channels
-    y = g.reshape(y, [1, 2, 6, 8, 8])
+    y = g.reshape(y, [batch, 2, 6, 8, 8])
     y = g.transpose(y, [0, 2, 1, 3, 4])
-    y = g.reshape(y, [1, 12, 8, 8])
+    y = g.reshape(y, [batch, 12, 8, 8])
     g.output(g.gemm(g.flatten(g.gap(g.conv(y, 5))), 3))
-    m = g.build()
-    r = prune_model(tmp_path, m, ratio=0.5)
-    reshapes = [n for n in r.proto.graph.node if n.op_type == "Reshape"]
-    first = onnx.numpy_helper.to_array(next(t for t in r.proto.graph.initializer if t.name == reshapes[0].input[1]))
-    assert first.tolist() == [1, 2, 3, 8, 8]
+    return g.build()
+
+
+def test_channel_shuffle_rule_couples_the_aligned_halves():
+    from onnxprune.analysis import analyze
+    m = shuffle_net()
+    groups = analyze(m).prunable                               # analysed as Reshape-Transpose-Reshape
+    convs = [n.output[0] for n in m.graph.node if n.op_type == "Conv"][:2]
+    (shared,) = [grp for grp in groups if all(any(mb.tensor == c for mb in grp.members) for c in convs)]
+    assert shared.size == 6                                    # channel j of a and of b are one channel
+
+
+def test_channel_shuffle_becomes_a_gather_and_halves_prune_independently(tmp_path):
+    from onnxprune import canonical
+    m = shuffle_net()
+    cm, n = canonical.channel_shuffles(m)
+    assert n == 1 and [x.op_type for x in cm.graph.node].count("Reshape") == 0
+    feed = {"x": np.random.default_rng(0).standard_normal([1, 3, 8, 8]).astype(np.float32)}
+    (before,), (after,) = outputs(m, feed).values(), outputs(cm, feed).values()
+    np.testing.assert_array_equal(before, after)
+    from onnxprune.analysis import analyze
+    convs = [x.output[0] for x in cm.graph.node if x.op_type == "Conv"][:2]
+    owners = [{grp.id for grp in analyze(cm).prunable if any(mb.tensor == c for mb in grp.members)} for c in convs]
+    assert len(owners[0]) == len(owners[1]) == 1 and owners[0] != owners[1]   # a and b are separate groups now
+    r = prune_model(tmp_path, m, ratio=0.5)                   # the pipeline canonicalises on load
+    gather = node(r.proto, "Gather")
+    perm = onnx.numpy_helper.to_array(next(t for t in r.proto.graph.initializer if t.name == gather.input[1]))
+    assert sorted(perm.tolist()) == list(range(6))             # 3 kept of each half, still a permutation
+    convs = [x for x in r.proto.graph.node if x.op_type == "Conv"]
+    assert [weight(r.proto, c.name).shape[0] for c in convs[:2]] == [3, 3]
+
+
+def test_shuffle_with_unknown_spatial_size_stays_as_is():
+    from onnxprune import canonical
+    m = shuffle_net()
+    x = m.graph.input[0].type.tensor_type.shape.dim
+    x[2].dim_param, x[3].dim_param = "H", "W"                  # nothing proves the Reshapes keep H and W
+    del m.graph.value_info[:]
+    assert canonical.channel_shuffles(m)[1] == 0
+
+
+def test_shuffle_permutation_matches_numpy():
+    from onnxprune.canonical import shuffle_permutation
+    x = np.arange(12)
+    np.testing.assert_array_equal(x.reshape(3, 4).T.reshape(-1), x[shuffle_permutation(12, 3)])
 
 
 def test_dynamic_batch_flatten_through_computed_reshape(tmp_path):

@@ -1,0 +1,157 @@
+"""Canonical forms before the analysis: a channel shuffle becomes a ``Gather`` of channels.
+
+ShuffleNet-style blocks shuffle channels with ``Reshape [N, C, ...] -> [N, g, C/g, ...]``,
+``Transpose`` swapping the two split axes, and ``Reshape`` back to ``[N, C, ...]``. Kept in
+that form, pruning must keep the ``g`` slices the same size and aligned, which couples
+channel ``j`` of every slice into one channel id (and chains whole stages into one group).
+The three nodes compute a fixed permutation of axis 1, so :func:`channel_shuffles`
+replaces them by one ``Gather(x, perm, axis=1)``: the same values, and any subset of
+channels can then go (the Gather rule slices ``perm``).
+
+A pattern is replaced only when shapes prove it (from shape inference, or observed in one
+onnxruntime run when every graph input dimension is fixed): the input's channel count and
+every non-batch dimension are known, the first Reshape splits exactly axis 1 into
+``g x C/g``, the Transpose swaps exactly those two axes, the second Reshape restores the
+input's shape, and the intermediate tensors have no other reader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import ir, runtime
+from .data import random_feed
+
+
+def shuffle_permutation(channels: int, groups: int) -> np.ndarray:
+    """Gather indices equal to the Reshape-Transpose-Reshape shuffle of ``channels`` in ``groups``."""
+    o = np.arange(channels)
+    return ((o % groups) * (channels // groups) + o // groups).astype(np.int64)
+
+
+def channel_shuffles(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``proto`` with proven channel shuffles replaced by Gathers, and how many (``proto`` itself if none)."""
+    candidates = _candidates(proto.graph)
+    if not candidates:
+        return proto, 0
+    shapes = ir.infer_shapes(proto)
+    _observe(proto, shapes, [n.input[0] for n, _, _ in candidates] + [n.output[0] for n, _, _ in candidates]
+             + [n.output[0] for _, _, n in candidates])
+    proven = [(r1, t, r2, g) for r1, t, r2 in candidates if (g := _groups(shapes, r1, r2)) is not None]
+    if not proven:
+        return proto, 0
+    return _rebuild(proto, proven, shapes), len(proven)
+
+
+def _observe(proto: onnx.ModelProto, shapes: dict[str, list], names: list[str]) -> None:
+    """Fill in shapes inference left open by one onnxruntime run, when every input dimension is fixed
+    (then the observed shape is the only one the tensor can have)."""
+    missing = sorted({n for n in names if shapes.get(n) is None or None in shapes[n]})
+    inputs = {vi.name: ir.input_dims(vi) for vi in ir.graph_inputs(proto)}
+    if not missing or not all(isinstance(d, int) and d > 0 for dims in inputs.values() for d in dims):
+        return
+    try:
+        sess = runtime.session(runtime.with_outputs(proto, missing), optimize=False)
+        got = runtime.run(sess, random_feed(proto, inputs), missing)
+    except Exception:       # a model onnxruntime cannot run here keeps its shuffles as they are
+        return
+    shapes.update({n: list(v.shape) for n, v in got.items()})
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+    return uses
+
+
+def _candidates(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
+    """Reshape -> Transpose (swapping axes 1 and 2 only) -> Reshape chains with private intermediates."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = _readers(graph)
+    consumer: dict[str, onnx.NodeProto] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumer.setdefault(i, n)
+    out = []
+    for t in graph.node:
+        if t.op_type != "Transpose" or not t.input:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        if perm is None or len(perm) < 4 or perm[:3] != [0, 2, 1] or perm[3:] != list(range(3, len(perm))):
+            continue
+        r1, r2 = producer.get(t.input[0]), consumer.get(t.output[0])
+        if r1 is None or r2 is None or r1.op_type != "Reshape" or r2.op_type != "Reshape":
+            continue
+        if readers.get(r1.output[0]) != 1 or readers.get(t.output[0]) != 1:
+            continue
+        out.append((r1, t, r2))
+    return out
+
+
+def _groups(shapes: dict[str, list], r1: onnx.NodeProto, r2: onnx.NodeProto) -> int | None:
+    """The shuffle's group count if shapes prove the chain is a channel permutation, else None."""
+    x, mid, y = shapes.get(r1.input[0]), shapes.get(r1.output[0]), shapes.get(r2.output[0])
+    if x is None or mid is None or y is None or len(x) < 3 or len(mid) != len(x) + 1 or len(y) != len(x):
+        return None
+    c, g, per = x[1], mid[1], mid[2]
+    if not all(isinstance(d, int) and d > 0 for d in (c, g, per)) or g * per != c or g == 1:
+        return None
+    rest = x[2:]
+    if not all(isinstance(d, int) and d > 0 for d in rest) or mid[3:] != rest or y[1:] != x[1:]:
+        return None
+    if not (x[0] == mid[0] == y[0] or (x[0] is None and mid[0] is None and y[0] is None)):
+        return None
+    return g
+
+
+def _rebuild(proto: onnx.ModelProto, proven: list, shapes: dict[str, list]) -> onnx.ModelProto:
+    """A copy of ``proto`` where every proven chain is one Gather writing the chain's output."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    gone, new_at = set(), {}
+    taken = {n.name for n in g.node} | {o for n in g.node for o in n.output} | {t.name for t in g.initializer}
+    for r1, t, r2, groups in proven:
+        name = _fresh(f"{r2.name or r2.output[0]}/shuffle_as_gather", taken)
+        perm = _fresh(f"{name}/perm", taken)
+        g.initializer.append(numpy_helper.from_array(shuffle_permutation(shapes[r1.input[0]][1], groups), perm))
+        gone.update((id(r1), id(t)))
+        new_at[id(r2)] = helper.make_node("Gather", [r1.input[0], perm], [r2.output[0]], name=name, axis=1)
+    nodes = []
+    for n in proto.graph.node:
+        if id(n) in gone:
+            continue
+        nodes.append(new_at.get(id(n), n))
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_unread(g)
+    return out
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def _drop_unread(g: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads (the shuffles' shape arithmetic), then unread initializers."""
+    while True:
+        uses = _readers(g)
+        nodes = [n for n in g.node if any(uses.get(o) for o in n.output if o)]
+        if len(nodes) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(nodes)
+    inputs = {i.name for i in g.input}
+    inits = [t for t in g.initializer if uses.get(t.name) or t.name in inputs]
+    del g.initializer[:]
+    g.initializer.extend(inits)
