@@ -18,20 +18,25 @@ changed. Safety: the last ``holdout`` fraction of the data is never fitted on; a
 is kept only if it lowers the layer's error on it (computed exactly from the held-out
 sums), so reconstruction never makes a layer worse on held-out data.
 
-Order versus cost. Exact layer-by-layer order needs one pass of both models per
+Order versus cost. Exact layer-by-layer order needs one pass of the pruned model per
 dependency level (refits of one level never feed each other, so they share a pass):
-about 50 levels on a ResNet-50, each pass running both models up to the tensors it
-taps, some 25 full forward passes of each model in all. That is ``stages=None``. By
-default the levels are merged into ``stages=4`` passes: the first level of each pass
-fits on the pruned model's input as rebuilt so far (exact), the later levels of the
-same pass fit on the original model's input restricted to the kept channels
-(ThiNet-style: consistent with upstream refits that reproduce the original, and never
-over-correcting an error that an upstream refit of the same pass removes). Fitting
-later levels on stale pruned inputs instead was tried and diverged on a ResNet-50.
-docs/reconstruction.md has the accuracy and time of each choice. Large feature maps
-are subsampled (``positions`` output positions per sample and layer), which keeps the
-Gram updates cheap; Gram rows are buffered so that small batches still make large
-matrix products.
+about 50 levels on a ResNet-50. That is ``stages=None``. By default the levels are
+merged into ``stages=4`` groups: the first level of each group fits on the pruned
+model's input as rebuilt so far (exact), the later levels of the group fit on the
+original model's input restricted to the kept channels (ThiNet-style: consistent with
+upstream refits that reproduce the original, and never over-correcting an error that
+an upstream refit of the same group removes). Fitting later levels on stale pruned
+inputs instead was tried and diverged on a ResNet-50.
+
+Passes. The original model runs once over the data, for every refit: those that read
+only the original accumulate their sums there; the others keep just their sampled
+target rows (up to ``cache_bytes``; beyond it they re-run the original in their own
+pass) for one pass of the pruned model per group, which runs only as far as the
+tensors it taps. A model exported with batch 1 that does not depend on it (checked on
+two samples) is tapped in batches of ``FREE_BATCH``. Large feature maps are subsampled
+(``positions`` output positions per sample and layer); Gram rows are buffered so that
+small batches still make large matrix products. docs/reconstruction.md has the
+accuracy and time of each choice.
 """
 
 from __future__ import annotations
