@@ -334,14 +334,14 @@ def merge(old: dict, new: dict) -> dict:
     out = {**old, "date": new["date"], "machine": new["machine"]}
     order = {n: i for i, n in enumerate(CRITERIA)}
     for key in ("fmnist", "orientation"):
+        for r in old.get(key, {}).get("rows", []):
+            r.setdefault("date", old["date"])           # rows kept from an older run keep its date
         if key not in new:
             continue
         if key not in old:
             out[key] = new[key]
             continue
         redone = {r["criterion"] for r in new[key]["rows"]}
-        for r in old[key]["rows"]:
-            r.setdefault("date", old["date"])
         rows = [r for r in old[key]["rows"] if r["criterion"] not in redone] + new[key]["rows"]
         rows.sort(key=lambda r: (order.get(r["criterion"], len(order)), -r["target"]))
         out[key] = {**old[key], **new[key], "rows": rows}
@@ -349,8 +349,8 @@ def merge(old: dict, new: dict) -> dict:
 
 
 def section(result: dict) -> str:
-    out = [BEGIN, "", f"Measured {result['date']} on {result['machine']} (shared with other jobs: score "
-           "seconds are only roughly comparable).", ""]
+    out = [BEGIN, "", f"Last measured {result['date']} on {result['machine']} (shared with other jobs: score "
+           "seconds are only roughly comparable; a table whose rows come from several runs says so).", ""]
     if "fmnist" in result:
         f = result["fmnist"]
         tp = f.get("torch_pruning")
