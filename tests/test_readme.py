@@ -4,6 +4,9 @@ import json
 import re
 import shlex
 
+import numpy as np
+import onnxruntime as ort
+
 from conftest import ROOT
 
 
@@ -28,3 +31,10 @@ def test_readme_main_command(cli, tmp_path):
     assert rep["verified"] is True and rep["reconstruct_mode"] == "ls"
     # issue 5's target: at 0.5x MACs, reconstruction keeps the top-1 drop within 1 point
     assert v["accuracy_before"]["top1"] - v["accuracy_after"]["top1"] <= 0.010
+    # what was measured is what was saved: the file on disk scores the reported accuracy
+    data = np.load(ROOT / "models" / "fmnist_test.npz")
+    sess = ort.InferenceSession(str(tmp_path / "fmnist_pruned.onnx"), providers=["CPUExecutionProvider"])
+    x = data[next(k for k in data.files if k != "labels")]
+    logits = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 500]})[0]
+                             for i in range(0, len(x), 500)])
+    assert abs(float((logits.argmax(1) == data["labels"]).mean()) - v["accuracy_after"]["top1"]) < 1e-9
