@@ -308,13 +308,14 @@ What the numbers say:
   corrected the same error twice and took PP-LCNet's agreement to chance, so such BN nodes are
   skipped (exact order or more stages re-estimates them).
 - ResNet-50 with 512 images of 224x224: the whole `onnxprune prune --reconstruct ls` command
-  (default: 4 stages) now needs a third of the CPU time it did: 283 CPU-seconds against 869
-  for the previous version, measured the same way (same command, same images). Its wall time
-  on this shared machine was 349 s at load 6.3; 283 CPU-seconds on two cores is no less than
-  142 s on an idle machine, which was not available to measure. With `stages=1`
-  reconstruction alone took 103 s of wall time (172 CPU-seconds) at load 5.7, under three
-  minutes even with the machine shared, for a slightly worse fit (relative error of the
-  output 0.022 against 0.016; both agree with the original on 98.4% of the held-out images).
+  (default: 4 stages) took 225 s of wall time at load 3.0 (349 s in a run at load 6.3), and
+  283 to 303 CPU-seconds against 869 for the previous version, measured the same way (same
+  command, same images): a third of the work. 300 CPU-seconds on two cores is no less than
+  150 s on an idle machine, which was not available to measure; on this shared one the
+  default lands at about four minutes. With `stages=1` reconstruction alone took 103 to 109 s
+  of wall time (172 to 200 CPU-seconds) at loads 5.7 and 2.7, well under three minutes even
+  with the machine shared, for a slightly worse fit (relative error of the output 0.022
+  against 0.016; both agree with the original on 98.4% of the held-out images).
   What changed: the original model runs once for all refits (refits of later levels read
   only it; the first level of each stage keeps just its sampled target rows, 85 MB here, for
   the pruned model's pass); the export fixes batch 1 but nothing depends on it, so taps run in
