@@ -123,6 +123,7 @@ class Pruner:
 
         self.seconds: dict[str, float] = {}
         self.peaks: dict[str, int] = {}   # stage -> peak resident MB at its end
+        self.reconstruct_options: dict = {}   # defaults for every finish() (e.g. {"stages": 1})
         self.criterion, self.progress = criterion, progress
         with _timed(self.seconds, "load", self.peaks):
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
@@ -194,7 +195,7 @@ class Pruner:
             with _timed(seconds, "reconstruct", peaks):
                 final, rep = recon.reconstruct(original.proto, result.proto, result.kept_inputs, data, mode=mode,
                                                kept_outputs=result.kept_outputs, progress=self.progress,
-                                               **(reconstruct_options or {}))
+                                               **{**self.reconstruct_options, **(reconstruct_options or {})})
             extra["reconstruction"] = rep.to_json()
         extra["reconstruct_mode"] = mode
         extra["importance_fallbacks"] = self.score_notes

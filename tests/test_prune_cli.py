@@ -64,6 +64,20 @@ def test_validation_rows_with_labelled_data(cli, tmp_path, model_path):
     assert json.loads(rep.read_text())["reconstruct_mode"] == "ls"
 
 
+def test_reconstruct_stages_reaches_the_refit(cli, tmp_path, model_path):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal([16, 3, 12, 12]).astype(np.float32))
+    got = {}
+    for stages in (None, 1):
+        rep = tmp_path / f"r{stages}.json"
+        extra = () if stages is None else ("--reconstruct-stages", str(stages))
+        cli("prune", model_path, "-o", tmp_path / f"o{stages}.onnx", "--calib", data, "--round-to", "1",
+            "--report", rep, *extra, check=0)
+        got[stages] = json.loads(rep.read_text())["reconstruction"]["stages"]
+    assert got[1] == 1 and got[None] > 1
+
+
 @pytest.mark.parametrize("args, words", [
     (["--ratio", "1.0"], "ratio"),
     (["--ratio", "-0.1"], "ratio"),
@@ -73,6 +87,7 @@ def test_validation_rows_with_labelled_data(cli, tmp_path, model_path):
     (["--input-shape", "nope=1x3"], "input"),
     (["--calib", "missing.npz"], "missing.npz"),
     (["--reconstruct", "ls"], "calib"),
+    (["--reconstruct-stages", "0"], "stages"),
 ])
 def test_bad_arguments_exit_2_with_one_line(cli, tmp_path, model_path, args, words):
     res = cli("prune", model_path, "-o", tmp_path / "o.onnx", *args)
