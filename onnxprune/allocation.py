@@ -31,7 +31,7 @@ from .metrics import ModelStats
 # measured per node with onnxruntime's profiler on MobileNetV2 (x86-64, AVX-512, 2 threads):
 # a 1x1 convolution sustains ~45 GMAC/s, memory-bound work 2 to 3 G elements/s.
 ELEMENT_MACS = 20.0
-GAMMA = 1.0          # how strongly weights skew the ratios (0 = uniform)
+GAMMA = 2.0          # how strongly weights skew the ratios (0 = uniform; 2 measured best, docs/latency.md)
 
 
 def _numel(shape) -> int:

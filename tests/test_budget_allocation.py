@@ -40,7 +40,7 @@ def test_cost_model_on_inverted_residual_blocks(model):
     w = allocation.weights(p.analysis, p.before, groups)
     assert w[hidden[0].id] > 1.0 > w[stream[0].id]   # the expanded width costs more time per MAC
     r = allocation.ratios(0.4, w, cap=0.9)
-    assert r[hidden[0].id] == pytest.approx(0.4 * w[hidden[0].id]) and r[stream[0].id] < 0.4
+    assert r[hidden[0].id] == pytest.approx(0.4 * w[hidden[0].id] ** allocation.GAMMA) and r[stream[0].id] < 0.4
     assert allocation.ratios(allocation.top_strength(w, 0.9), w, 0.9) == {k: 0.9 for k in w}
 
 
