@@ -60,20 +60,10 @@ def _observe(proto: onnx.ModelProto, shapes: dict[str, list], names: list[str]) 
     shapes.update({n: list(v.shape) for n, v in got.items()})
 
 
-def _readers(graph: onnx.GraphProto) -> dict[str, int]:
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    for o in graph.output:
-        uses[o.name] = uses.get(o.name, 0) + 1
-    return uses
-
-
 def _candidates(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
     """Reshape -> Transpose (swapping axes 1 and 2 only) -> Reshape chains with private intermediates."""
     producer = {o: n for n in graph.node for o in n.output}
-    readers = _readers(graph)
+    readers = ir.read_counts(graph)
     consumer: dict[str, onnx.NodeProto] = {}
     for n in graph.node:
         for i in n.input:
@@ -115,7 +105,7 @@ def _rebuild(proto: onnx.ModelProto, proven: list, shapes: dict[str, list]) -> o
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     g = out.graph
-    gone, new_at = set(), {}
+    gone, new_at, targets = set(), {}, set()
     taken = {n.name for n in g.node} | {o for n in g.node for o in n.output} | {t.name for t in g.initializer}
     for r1, t, r2, groups in proven:
         name = _fresh(f"{r2.name or r2.output[0]}/shuffle_as_gather", taken)
@@ -123,14 +113,11 @@ def _rebuild(proto: onnx.ModelProto, proven: list, shapes: dict[str, list]) -> o
         g.initializer.append(numpy_helper.from_array(shuffle_permutation(shapes[r1.input[0]][1], groups), perm))
         gone.update((id(r1), id(t)))
         new_at[id(r2)] = helper.make_node("Gather", [r1.input[0], perm], [r2.output[0]], name=name, axis=1)
-    nodes = []
-    for n in proto.graph.node:
-        if id(n) in gone:
-            continue
-        nodes.append(new_at.get(id(n), n))
+        targets.update(n.input[1] for n in (r1, r2) if len(n.input) > 1)
+    nodes = [new_at.get(id(n), n) for n in proto.graph.node if id(n) not in gone]
     del g.node[:]
     g.node.extend(nodes)
-    _drop_unread(g)
+    _drop_dead(g, targets)
     return out
 
 
@@ -142,16 +129,33 @@ def _fresh(base: str, taken: set[str]) -> str:
     return name
 
 
-def _drop_unread(g: onnx.GraphProto) -> None:
-    """Remove nodes whose outputs nothing reads (the shuffles' shape arithmetic), then unread initializers."""
-    while True:
-        uses = _readers(g)
-        nodes = [n for n in g.node if any(uses.get(o) for o in n.output if o)]
-        if len(nodes) == len(g.node):
-            break
-        del g.node[:]
-        g.node.extend(nodes)
+def _drop_dead(g: onnx.GraphProto, names: set[str]) -> None:
+    """Remove what computed the replaced Reshapes' targets (``names``) once nothing reads it any more:
+    their producers, transitively, and initializers that are not graph inputs. Nothing else is touched."""
+    producer = {o: n for n in g.node for o in n.output}
     inputs = {i.name for i in g.input}
-    inits = [t for t in g.initializer if uses.get(t.name) or t.name in inputs]
+    uses = ir.read_counts(g)
+    dead, dead_inits, todo = set(), set(), list(names)
+    while todo:
+        name = todo.pop()
+        if uses.get(name):
+            continue
+        node = producer.get(name)
+        if node is None:
+            if name not in inputs:
+                dead_inits.add(name)
+            continue
+        if id(node) in dead or any(uses.get(o) for o in node.output if o) or \
+                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        dead.add(id(node))
+        for i in node.input:
+            if i:
+                uses[i] -= 1
+                todo.append(i)
+    nodes = [n for n in g.node if id(n) not in dead]
+    inits = [t for t in g.initializer if t.name not in dead_inits]
+    del g.node[:]
+    g.node.extend(nodes)
     del g.initializer[:]
     g.initializer.extend(inits)

@@ -137,29 +137,11 @@ def _run(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], given: dict[str, n
 
 # ---------------------------------------------------------------- what to keep
 
-def _uses(graph: onnx.GraphProto) -> dict[str, int]:
-    """How many node inputs read each name, counting every read inside subgraphs too."""
-    count: dict[str, int] = {}
-
-    def walk(g: onnx.GraphProto):
-        for n in g.node:
-            for i in n.input:
-                if i:
-                    count[i] = count.get(i, 0) + 1
-            for a in n.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    walk(sub)
-    walk(graph)
-    for o in graph.output:
-        count[o.name] = count.get(o.name, 0) + 1
-    return count
-
-
 def _accept(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], consts: dict[str, tuple[int, int]],
             values: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
     """The candidates worth folding: shape arithmetic; small results no bigger than their inputs;
     larger ones only where they replace inputs that nothing else reads (no copy)."""
-    uses = _uses(graph)
+    uses = ir.read_counts(graph)
     done: set[str] = set()
     folded = []
     for n in nodes:
@@ -189,7 +171,7 @@ def _rebuild(proto: onnx.ModelProto, folded: list[onnx.NodeProto], values: dict[
     keep = [n for n in proto.graph.node if id(n) not in gone]
     del g.node[:]
     g.node.extend(keep)
-    uses = _uses(g)
+    uses = ir.read_counts(g)
     g.initializer.extend(numpy_helper.from_array(values[o], o) for n in folded for o in n.output
                          if o and uses.get(o, 0))
     read = {i for n in folded for i in n.input if i}

@@ -139,6 +139,24 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> Model:
                  stamp=(st.st_mtime_ns, st.st_size, structure_digest(proto)))
 
 
+def read_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many times each name is read: node inputs (inside subgraphs too) and graph outputs."""
+    count: dict[str, int] = {}
+
+    def walk(g: onnx.GraphProto):
+        for n in g.node:
+            for i in n.input:
+                if i:
+                    count[i] = count.get(i, 0) + 1
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    walk(sub)
+    walk(graph)
+    for o in graph.output:
+        count[o.name] = count.get(o.name, 0) + 1
+    return count
+
+
 def structure_digest(proto: onnx.ModelProto) -> int:
     """A digest of the nodes, inputs, outputs and initializer names/shapes (not the weights' values);
     stable within one process (Python's hash of bytes)."""

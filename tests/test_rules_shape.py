@@ -86,6 +86,46 @@ def test_shuffle_with_unknown_spatial_size_stays_as_is():
     assert canonical.channel_shuffles(m)[1] == 0
 
 
+def test_shuffle_read_inside_a_subgraph_stays_as_is():
+    from onnx import TensorProto, helper
+    from onnxprune import canonical
+    g = GraphBuilder("x", [1, 3, 8, 8])
+    y = g.relu(g.conv("x", 6))
+    mid = g.transpose(g.reshape(y, [1, 2, 3, 8, 8]), [0, 2, 1, 3, 4])
+    out = g.reshape(mid, [1, 6, 8, 8])
+    branch = helper.make_graph([helper.make_node("ReduceSum", [mid], ["s"], keepdims=0)], "b", [],
+                               [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)])
+    flag = g.const(np.array(True))
+    side = g.op("If", [flag], then_branch=branch, else_branch=branch)   # reads `mid` from inside
+    g.output(g.gemm(g.flatten(g.gap(out)), 2))
+    g.output(side)
+    m = g.build()
+    assert canonical.channel_shuffles(m)[1] == 0
+
+
+def test_shuffle_targets_computed_from_shape_are_removed_and_nothing_else():
+    from onnxprune import canonical
+    g = GraphBuilder("x", [1, 3, 8, 8])
+    y = g.relu(g.conv("x", 6))
+    dims = g.op("Shape", [y])                                  # [1, 6, 8, 8], computed at run time
+    n, hw = (g.op("Slice", [dims, g.const(np.array([a], np.int64)), g.const(np.array([b], np.int64))])
+             for a, b in ((0, 1), (2, 4)))
+    split = g.op("Concat", [n, g.const(np.array([2, 3], np.int64)), hw], axis=0)
+    merge = g.op("Concat", [n, g.const(np.array([6], np.int64)), hw], axis=0)
+    z = g.op("Reshape", [g.transpose(g.op("Reshape", [y, split]), [0, 2, 1, 3, 4]), merge])
+    g.op("Shape", ["x"], prefix="unused")                      # dead before canonicalisation: left alone
+    pooled = g.op("Flatten", [g.op("GlobalAveragePool", [z])], axis=1)
+    g.output(g.op("MatMul", [pooled, g.weight([6, 2])]))
+    m = g.build()
+    cm, n_done = canonical.channel_shuffles(m)
+    assert n_done == 1
+    ops = [x.op_type for x in cm.graph.node]
+    assert ops.count("Shape") == 1 and "Concat" not in ops and "Slice" not in ops and "Reshape" not in ops
+    onnx.checker.check_model(cm, full_check=True)
+    feed = {"x": np.random.default_rng(1).standard_normal([1, 3, 8, 8]).astype(np.float32)}
+    np.testing.assert_array_equal(*[list(outputs(p, feed).values())[0] for p in (m, cm)])
+
+
 def test_shuffle_permutation_matches_numpy():
     from onnxprune.canonical import shuffle_permutation
     x = np.arange(12)
