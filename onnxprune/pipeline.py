@@ -203,10 +203,10 @@ class Pruner:
         with _timed(seconds, "measure", peaks):
             after = metrics.summarize(final, analysis.input_shapes)
         source = "none" if data is None else data.kind
-        # the verified bytes are the model to save only if reconstruction did not change its weights since
-        same = data_bytes is not None and mode == "none" and final is result.proto
+        # the verified bytes are the model to save only if no refit changed its weights since
+        saved = (final, data_bytes) if data_bytes is not None and mode == "none" else None
         return PruneResult(final, original, analysis, the_plan, result, ver, self.before, after, self.criterion,
-                           source, seconds, extra, serialized=(final, data_bytes) if same else None)
+                           source, seconds, extra, serialized=saved)
 
 
 def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, criterion: str = "l2",
