@@ -228,8 +228,10 @@ def layer_error(layer: onnx.ModelProto, x: np.ndarray, target: np.ndarray) -> fl
     return float(((y - target) ** 2).sum() / (target ** 2).sum())
 
 
-def test_random_weights_every_layer_no_worse_on_held_out_data():
-    g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True, seed=7)
+def conv_bn_conv(seed: int):
+    """Conv(8) -> Relu -> Conv(8) -> BN -> Relu -> Conv(6), with channels 2, 5 and 1, 6 of the two
+    8-wide layers cut: (original, pruned, convs, BN node, kept indices of both cuts)."""
+    g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True, seed=seed)
     h = g.relu(g.conv("x", 8))
     h = g.relu(g.bn(g.conv(h, 8)))
     g.output(g.conv(h, 6))
@@ -241,6 +243,11 @@ def test_random_weights_every_layer_no_worse_on_held_out_data():
             c3.input[1]: (1, k2)}
     cuts.update({t: (0, k2) for t in bn.input[1:]})
     pruned = sliced(m, cuts)
+    return m, pruned, (c1, c2, c3), bn, (k1, k2)
+
+
+def test_random_weights_every_layer_no_worse_on_held_out_data():
+    m, pruned, (c1, c2, c3), bn, (k1, k2) = conv_bn_conv(seed=7)
     x = rng_images(64, seed=8)
     out, rep = reconstruct(m, pruned, {c2.name: k1, c3.name: k2}, data(x), positions=None)
     assert {r.node: r.kind for r in rep.layers} == {c2.name: "ls", c3.name: "ls", bn.name: "bn"}
@@ -400,18 +407,7 @@ def test_bad_arguments_are_user_errors():
 def test_queued_targets_give_the_same_refit_as_one_pass_of_both_models():
     """Targets queued from the original model's single pass (the default) or re-tapped in the
     pruned model's pass (over the cache budget): the same sums, so the same weights."""
-    g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True, seed=12)
-    h = g.relu(g.conv("x", 8))
-    h = g.relu(g.bn(g.conv(h, 8)))
-    g.output(g.conv(h, 6))
-    m = g.build()
-    c1, c2, c3 = [n for n in m.graph.node if n.op_type == "Conv"]
-    bn = node(m, "BatchNormalization")
-    k1, k2 = keep(8, [2, 5]), keep(8, [1, 6])
-    cuts = {c1.input[1]: (0, k1), c1.input[2]: (0, k1), c2.input[1]: [(0, k2), (1, k1)], c2.input[2]: (0, k2),
-            c3.input[1]: (1, k2)}
-    cuts.update({t: (0, k2) for t in bn.input[1:]})
-    pruned = sliced(m, cuts)
+    m, pruned, (c1, c2, c3), bn, (k1, k2) = conv_bn_conv(seed=12)
     x = data(rng_images(48, seed=13))
     runs = [reconstruct(m, pruned, {c2.name: k1, c3.name: k2}, x, positions=None, stages=None, cache_bytes=b)
             for b in (1 << 30, 0)]
