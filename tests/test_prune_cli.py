@@ -88,6 +88,9 @@ def test_reconstruct_stages_reaches_the_refit(cli, tmp_path, model_path):
     (["--calib", "missing.npz"], "missing.npz"),
     (["--reconstruct", "ls"], "calib"),
     (["--reconstruct-stages", "0"], "stages"),
+    (["--allocation", "latency"], "--target"),
+    (["--round-to", "0"], "round-to"),
+    (["--max-drop", "1"], "--target"),
 ])
 def test_bad_arguments_exit_2_with_one_line(cli, tmp_path, model_path, args, words):
     res = cli("prune", model_path, "-o", tmp_path / "o.onnx", *args)
