@@ -10,7 +10,7 @@ frozen, with the reasons collected on the way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx

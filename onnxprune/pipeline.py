@@ -10,7 +10,6 @@ import gc
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import budget, latency, pipeline, plots
 from ..data import open_data
 from ..errors import OnnxPruneError
-from ..plan import Plan, Policy
+from ..plan import Policy
 from . import finetune as finetune_cli
 from . import fmt, options
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..groups import PARAM
 from . import rule
 from .base import NodeCtx

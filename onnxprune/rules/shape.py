@@ -97,7 +97,7 @@ def reshape(ctx: NodeCtx) -> None:
     out_axis = fold(ctx, in_shape, out_shape)
     if out_axis is None:
         return
-    out_name, in_name = ctx.outputs[0].name, ctx.inputs[0].name
+    out_name = ctx.outputs[0].name
     in_axis = ctx.label(0).axis
     node = ctx.node
     allowzero = int(ctx.attr("allowzero", 0))
