@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from . import ir, runtime
 from .errors import OnnxPruneError
-from .data import random_feed
+from .data.readers import random_feed
 from .groups import ACTIVATION, Analysis, Barrier, Group, Member
 from .rules import RULES, NodeCtx, Unsupported
 from .rules.base import FIXED, Label, UnionFind

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import fold, ir, metrics, rewrite, verify as verify_mod
+from . import fold, ir, rewrite, verify as verify_mod
+from .measure import counts as metrics
 from .analysis import analyze
-from .data import ArrayData, open_data, random_feed
+from .data.readers import ArrayData, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
@@ -231,7 +232,8 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
     Stored in ``result.extra["validation"]`` and returned.
     """
-    from . import latency, validate as val
+    from .measure import latency
+    from .measure import quality as val
 
     t = time.perf_counter()
     out: dict = {"data": data.source or data.kind, "samples": data.num_samples}
@@ -256,7 +258,7 @@ def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None
     """Fine-tune the pruned model against the original (distillation, plus cross-entropy when ``data``
     has labels; see :mod:`onnxprune.finetune`). ``result.proto`` becomes the best checkpoint and
     ``result.extra["finetune"]`` the run summary, which is returned."""
-    from . import finetune as ft
+    from .train import finetune as ft
 
     with _timed(result.seconds, "finetune"):
         teacher = ir.materialize(result.original).proto  # a lazily loaded model's weights, all in memory

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import ir, runtime, wire
+from . import ir, runtime
+from .ir import wire
 from .errors import OnnxPruneError
 
 SHARE_WEIGHTS_BYTES = 2**28  # originals this large share their weights with the masked reference

@@ -17,7 +17,7 @@ from builders import GraphBuilder
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import ir, runtime
-from onnxprune.autodiff import RULES, build_gradient_model
+from onnxprune.train.autodiff import RULES, build_gradient_model
 from onnxprune.errors import OnnxPruneError
 
 F64, F32 = np.float64, np.float32

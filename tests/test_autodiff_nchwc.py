@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import runtime
-from onnxprune.autodiff import build_gradient_model, nchwc
+from onnxprune.train.autodiff import build_gradient_model
+from onnxprune.train.autodiff import nchwc
 
 BLOCK = nchwc.block_size()
 pytestmark = pytest.mark.skipif(BLOCK == 0, reason="onnxruntime has no NCHWc kernels on this CPU")

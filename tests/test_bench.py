@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from builders import GraphBuilder
 
-from onnxprune import ir, latency
-from onnxprune.data import ArrayData
+from onnxprune import ir
+from onnxprune.measure import latency
+from onnxprune.data.readers import ArrayData
 from onnxprune.errors import OnnxPruneError
 
 

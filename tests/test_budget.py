@@ -7,7 +7,8 @@ import onnx
 import pytest
 from builders import GraphBuilder
 
-from onnxprune import latency, runtime
+from onnxprune import runtime
+from onnxprune.measure import latency
 
 
 @pytest.fixture(scope="module")

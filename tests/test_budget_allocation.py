@@ -6,7 +6,8 @@ import onnx
 import pytest
 from builders import GraphBuilder
 
-from onnxprune import allocation, pipeline
+from onnxprune import pipeline
+from onnxprune.search import allocation
 
 
 def inverted_residual_model(path):

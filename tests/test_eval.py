@@ -8,8 +8,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import ir, validate
-from onnxprune.data import ArrayData
+from onnxprune import ir
+from onnxprune.measure import quality as validate
+from onnxprune.data.readers import ArrayData
 from onnxprune.errors import OnnxPruneError
 
 C = 10

@@ -10,10 +10,11 @@ import pytest
 from builders import GraphBuilder
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import finetune as ft
-from onnxprune import runtime, validate
-from onnxprune.autodiff import build_gradient_model
-from onnxprune.data import ArrayData
+from onnxprune.train import finetune as ft
+from onnxprune import runtime
+from onnxprune.measure import quality as validate
+from onnxprune.train.autodiff import build_gradient_model
+from onnxprune.data.readers import ArrayData
 from onnxprune.errors import OnnxPruneError
 
 DIM, CLASSES = 8, 3

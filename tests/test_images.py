@@ -12,7 +12,7 @@ from builders import GraphBuilder
 from onnx import TensorProto
 
 from onnxprune.errors import OnnxPruneError
-from onnxprune.images import open_images
+from onnxprune.data.images import open_images
 
 Image = pytest.importorskip("PIL.Image", reason="pillow is part of the test extra")
 
@@ -132,7 +132,7 @@ def test_missing_pillow_names_the_extra(tmp_path):
     save(tmp_path, "a.png", solid(4, 4, (0, 0, 0)))
     onnx.save(model(), tmp_path / "m.onnx")
     code = ("import sys, onnx; sys.modules['PIL'] = None\n"
-            "from onnxprune.images import open_images\n"
+            "from onnxprune.data.images import open_images\n"
             "from onnxprune.errors import OnnxPruneError\n"
             f"try:\n    open_images({str(tmp_path)!r}, onnx.load({str(tmp_path / 'm.onnx')!r}))\n"
             "except OnnxPruneError as e:\n    print(e)\n")

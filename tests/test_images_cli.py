@@ -9,9 +9,9 @@ import pytest
 from builders import GraphBuilder
 from conftest import MODELS
 
-from onnxprune.data import ArrayData, open_data
+from onnxprune.data.readers import ArrayData, open_data
 from onnxprune.errors import OnnxPruneError
-from onnxprune.images import ImageFolder, ImagePath, folder_labels, list_images
+from onnxprune.data.images import ImageFolder, ImagePath, folder_labels, list_images
 
 Image = pytest.importorskip("PIL.Image", reason="pillow is part of the test extra")
 

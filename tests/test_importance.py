@@ -9,7 +9,7 @@ from builders import GraphBuilder
 from onnx import numpy_helper
 
 from onnxprune import runtime
-from onnxprune.data import ArrayData
+from onnxprune.data.readers import ArrayData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.groups import ACTIVATION, PARAM, WEIGHT_IN, WEIGHT_OUT, Analysis, Group, Member
 from onnxprune.importance import CRITERIA, ScoreContext, requires_data, score_groups
@@ -436,7 +436,7 @@ def test_obs_on_conv_uses_the_im2col_gram(group):
     la = consumer_layers(grp, ctx)[0]
     hg, wg_all, idx = ctx.gram(la.key, la.gram_spec).gram, la.matrix(), la.column_channels()
     err = sum(obs_errors(hg[i], wg_all[i], idx[i], 4, 0.0) for i in range(group))
-    from onnxprune.calibrate import conv_patches
+    from onnxprune.runtime.taps import conv_patches
     conv2 = [n for n in m.graph.node if n.op_type == "Conv"][1]
     w = init(m, conv2.input[1]).astype(np.float64)              # [4, 4/group, 3, 3]
     p = conv_patches(_tensor(m, h, data), [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], group)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from builders import GraphBuilder
 
-from onnxprune import metrics
+from onnxprune.measure import counts as metrics
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,7 @@ def test_masked_reference_splice_zeroes_the_removed_positions(tmp_path):
 
 
 def test_wire_splice_replaces_nodes_and_appends_outputs_without_touching_weights(tmp_path):
-    from onnxprune import wire
+    from onnxprune.ir import wire
 
     src = tmp_path / "m.onnx"
     bench.generate(src, 2, 8)

@@ -1,6 +1,6 @@
 """The SIMD block that --round-to defaults to, from the CPU features numpy detects."""
 
-from onnxprune import latency
+from onnxprune.measure import latency
 
 
 def test_simd_block_follows_the_cpu_features():

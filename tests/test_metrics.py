@@ -8,7 +8,8 @@ import pytest
 from builders import GraphBuilder
 from onnx import helper, numpy_helper
 
-from onnxprune import ir, metrics
+from onnxprune import ir
+from onnxprune.measure import counts as metrics
 from onnxprune.errors import OnnxPruneError
 
 

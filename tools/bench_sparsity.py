@@ -34,8 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort  # noqa: E402
 
-from onnxprune import data as data_mod  # noqa: E402
-from onnxprune import ir, sharing, sparsity, validate  # noqa: E402
+from onnxprune.data import readers as data_mod  # noqa: E402
+from onnxprune import ir
+from onnxprune.compress import sharing
+from onnxprune.compress import sparsity
+from onnxprune.measure import quality as validate  # noqa: E402
 
 TARGETS = [("50%", {"sparsity": 0.5}), ("70%", {"sparsity": 0.7}), ("90%", {"sparsity": 0.9}),
            ("2:4", {"pattern": sparsity.Pattern(2, 4)})]

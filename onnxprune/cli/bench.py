@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 
-from .. import ir, latency
+from .. import ir
+from ..measure import latency
 from . import fmt, options
 
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import argparse
 
-from .. import data as data_mod
-from .. import ir, validate
+from ..data import readers as data_mod
+from .. import ir
+from ..measure import quality as validate
 from ..errors import OnnxPruneError
 from . import fmt, options
 

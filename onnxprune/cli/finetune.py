@@ -15,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import finetune as ft
+from ..train import finetune as ft
 from .. import ir
-from ..data import open_data
+from ..data.readers import open_data
 from ..errors import OnnxPruneError
 from . import fmt, options
 

@@ -15,7 +15,8 @@ import argparse
 import onnx
 from rich.markup import escape
 
-from .. import ir, metrics
+from .. import ir
+from ..measure import counts as metrics
 from . import fmt, options
 
 
@@ -77,7 +78,7 @@ def _dims(dims: list) -> str:
 def show(r: dict) -> None:
     out = fmt.out
     out.print(f"[bold]{escape(r['file'])}[/bold]  {fmt.human_bytes(r['file_bytes'])}  opset {r['opset']}  "
-              f"IR v{r['ir_version']}  producer {r['producer'] or 'unknown'}", markup=True)
+              f"IR v{r['ir_version']}  producer {r['producer'] or 'unknown'}", markup=True, soft_wrap=True)
     for i in r["inputs"]:
         given = "" if i["shape"] == i["analysed_shape"] else f" (analysed as {_dims(i['analysed_shape'])})"
         out.print(f"input   {i['name']}: {i['dtype']} {_dims(i['shape'])}{given}", markup=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import ir
 from ..errors import OnnxPruneError
-from ..images import ImagePath, is_image_path
+from ..data.images import ImagePath, is_image_path
 
 
 def add_model(parser: argparse.ArgumentParser) -> None:

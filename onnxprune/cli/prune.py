@@ -12,8 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from .. import budget, latency, pipeline, plots
-from ..data import open_data
+from .. import pipeline
+from ..search import budget
+from ..measure import latency
+from ..measure import plots
+from ..data.readers import open_data
 from ..errors import OnnxPruneError
 from ..plan import Policy
 from . import finetune as finetune_cli

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from .. import pipeline
-from ..data import open_data
+from ..data.readers import open_data
 from ..errors import OnnxPruneError
-from .. import plots
-from ..sensitivity import analyze_sensitivity
+from ..measure import plots
+from ..search.sensitivity import analyze_sensitivity
 from . import fmt, options
 
 

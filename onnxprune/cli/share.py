@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 
-from .. import ir, sharing
+from .. import ir
+from ..compress import sharing
 from . import fmt, options
 from .sparsify import add_report, add_selection, check_output, finish, print_skipped, print_totals
 

@@ -28,8 +28,10 @@ import argparse
 import os
 from pathlib import Path
 
-from .. import ir, sparsity, validate
-from ..data import ArrayData
+from .. import ir
+from ..compress import sparsity
+from ..measure import quality as validate
+from ..data.readers import ArrayData
 from ..errors import OnnxPruneError
 from . import fmt, options
 from .eval import load_data

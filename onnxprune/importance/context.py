@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from .. import ir
-from ..data import DataSource
+from ..data.readers import DataSource
 from ..errors import OnnxPruneError
 from ..groups import Analysis
 from . import stats as _stats

@@ -29,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import ir, runtime
-from ..autodiff import build_gradient_model, differentiable
+from ..train.autodiff import build_gradient_model, differentiable
 from ..groups import ACTIVATION, Group
 from .base import Criterion
 from .context import ScoreContext

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .. import calibrate
+from ..runtime import taps as calibrate
 from ..groups import ACTIVATION, WEIGHT_IN, Group, Member
 from .context import ScoreContext
 from .stats import GramSpec

@@ -20,8 +20,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .. import calibrate, ir
-from ..data import DataSource
+from .. import ir
+from ..runtime import taps as calibrate
+from ..data.readers import DataSource
 from ..errors import OnnxPruneError
 
 DEFAULT_BINS = 32                 # entropy histogram bins over each channel's own range

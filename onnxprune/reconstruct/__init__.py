@@ -47,8 +47,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import ir, validate
-from ..data import ArrayData
+from .. import ir
+from ..measure import quality as validate
+from ..data.readers import ArrayData
 from ..errors import OnnxPruneError
 from . import fits, layers, passes
 from .report import LayerResult, ReconstructReport

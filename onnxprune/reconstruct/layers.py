@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calibrate
+from ..runtime import taps as calibrate
 
 
 def const_input(node: gs.Node, i: int) -> gs.Constant | None:

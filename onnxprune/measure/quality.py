@@ -26,9 +26,9 @@ from typing import Iterator, Union
 import numpy as np
 import onnx
 
-from . import ir, runtime
-from .data import ArrayData
-from .errors import OnnxPruneError
+from .. import ir, runtime
+from ..data.readers import ArrayData
+from ..errors import OnnxPruneError
 
 ModelLike = Union[onnx.ModelProto, ir.Model]
 FIDELITY_KEYS = ("top1_agreement", "cosine", "max_abs", "mean_abs", "rel_error")
@@ -296,7 +296,7 @@ def model_name(model: ModelLike, default: str) -> str:
 def size_stats(model: ModelLike, input_shapes: dict[str, list[int]] | None = None
                ) -> tuple[int, int, int | None]:
     """``(params, macs, file_bytes)``; an in-memory model counts its serialised size."""
-    from .metrics import summarize
+    from .counts import summarize
 
     proto = proto_of(model)
     stats = summarize(proto, ir.resolve_input_shapes(proto, input_shapes))

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..errors import OnnxPruneError
+from ...errors import OnnxPruneError
 from .emit import Emitter, Shape
 
 

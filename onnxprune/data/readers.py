@@ -17,8 +17,8 @@ from typing import Iterator, Protocol
 import numpy as np
 import onnx
 
-from . import ir
-from .errors import OnnxPruneError
+from .. import ir
+from ..errors import OnnxPruneError
 
 
 class DataSource(Protocol):

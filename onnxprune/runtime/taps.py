@@ -17,8 +17,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from . import runtime
-from .data import ArrayData
+from .. import runtime
+from ..data.readers import ArrayData
 
 Visitor = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None]
 

@@ -30,9 +30,9 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from . import ir
-from .data import ArrayData
-from .errors import OnnxPruneError
+from .. import ir
+from .readers import ArrayData
+from ..errors import OnnxPruneError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 PRESETS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}

@@ -34,8 +34,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from . import ir
-from .errors import OnnxPruneError
+from .. import ir
+from ..errors import OnnxPruneError
 
 Shape = list[int]
 FLOAT_TYPES = frozenset({
@@ -184,7 +184,7 @@ def concrete_shapes(proto: onnx.ModelProto, names: set[str], known: dict[str, Sh
 
 
 def _shapes_by_running(proto: onnx.ModelProto, names: list[str]) -> dict[str, Shape]:
-    from . import runtime  # onnxruntime is only needed when shape inference falls short
+    from .. import runtime  # onnxruntime is only needed when shape inference falls short
 
     sess = runtime.session(runtime.with_outputs(proto, names), optimize=False)
     feed = {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in ir.input_dims(i)],

@@ -15,7 +15,9 @@ from typing import Callable
 from onnx import NodeProto
 
 from . import elementwise as ew
-from . import layout, linear, windows
+from . import layout
+from . import linear
+from . import windows
 from .emit import RuleContext
 
 Rule = Callable[[RuleContext, list], list]

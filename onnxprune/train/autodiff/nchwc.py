@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .. import ir, runtime
+from ... import ir, runtime
 from .emit import Emitter
 
 DOMAIN = "com.microsoft.nchwc"

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .. import calibrate, ir
+from ... import ir
+from ...runtime import taps as calibrate
 from .options import MIN_SIZE
 
 

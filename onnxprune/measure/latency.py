@@ -21,11 +21,11 @@ from typing import Union
 import numpy as np
 import onnx
 
-from . import data as data_mod
-from . import ir, runtime
-from .data import ArrayData
-from .errors import OnnxPruneError
-from .validate import ModelLike, check_same_inputs, proto_of, run_error
+from ..data import readers as data_mod
+from .. import ir, runtime
+from ..data.readers import ArrayData
+from ..errors import OnnxPruneError
+from .quality import ModelLike, check_same_inputs, proto_of, run_error
 
 Feeds = Union[dict[str, np.ndarray], ArrayData, None]
 

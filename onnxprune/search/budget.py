@@ -22,10 +22,11 @@ import math
 from dataclasses import dataclass, field, replace
 
 from . import allocation as alloc
-from . import latency, validate
-from .data import ArrayData
-from .errors import OnnxPruneError
-from .plan import Policy
+from ..measure import latency
+from ..measure import quality as validate
+from ..data.readers import ArrayData
+from ..errors import OnnxPruneError
+from ..plan import Policy
 
 
 @dataclass

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import ir
-from .errors import OnnxPruneError
+from .. import ir
+from ..errors import OnnxPruneError
 
 
 def session(proto: onnx.ModelProto | bytes, *, threads: int | None = None, optimize: bool = True,

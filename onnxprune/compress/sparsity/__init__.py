@@ -50,9 +50,10 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .. import calibrate, ir
-from ..data import ArrayData
-from ..errors import OnnxPruneError
+from ... import ir
+from ...runtime import taps as calibrate
+from ...data.readers import ArrayData
+from ...errors import OnnxPruneError
 from .options import CALIBRATED, CRITERIA, MIN_SIZE, Options, Pattern
 from .storage import compressed_size, compression_method, model_files
 from .sites import Site, find_sites, initializer_arrays, node_label, set_initializers, weights_as_initializers

@@ -34,8 +34,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import ir
-from .errors import OnnxPruneError
+from .. import ir
+from ..errors import OnnxPruneError
 from .sparsity import (MIN_SIZE, find_sites, initializer_arrays, relative_error, set_initializers,
                        weights_as_initializers)
 

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
-from .. import ir, runtime
-from ..errors import OnnxPruneError
+from ... import ir, runtime
+from ...errors import OnnxPruneError
 from .emit import Emitter, RuleContext
 from .losses import LOSSES, LossInput
 from .rules import NEEDS_OPSET, RULES
@@ -139,7 +139,7 @@ def _plan(model: onnx.ModelProto, wrt: list[str], output: str) -> _Plan:
             raise OnnxPruneError(
                 f"no gradient rule for {op} (node {node.name or node.output[0]}); it lies between the "
                 f"requested tensors and the loss: ask for gradients of tensors after it, or add a rule to "
-                f"onnxprune.autodiff.RULES")
+                f"onnxprune.train.autodiff.RULES")
     return _Plan(relevant, on_path, types)
 
 

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..errors import OnnxPruneError
+from ...errors import OnnxPruneError
 
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")

@@ -1,6 +1,6 @@
 """Reverse-mode gradients built as ONNX graphs that run in onnxruntime.
 
-    from onnxprune.autodiff import build_gradient_model
+    from onnxprune.train.autodiff import build_gradient_model
     gm = build_gradient_model(proto, wrt=["conv1.weight", "relu_3"], loss="cross_entropy")
     sess = runtime.session(gm.proto)
     loss, g_w, g_a = sess.run([gm.loss_name, *gm.grad_names.values()], {"input": x, "labels": y})

@@ -30,11 +30,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import ir, runtime, validate
-from .autodiff import build_gradient_model, differentiable, nchwc
-from .data import ArrayData
-from .errors import OnnxPruneError
-from .pipeline import _timed
+from .. import ir, runtime
+from ..measure import quality as validate
+from .autodiff import build_gradient_model, differentiable
+from .autodiff import nchwc
+from ..data.readers import ArrayData
+from ..errors import OnnxPruneError
+from ..pipeline import _timed
 
 # parameters a fine-tune may change: op -> indices of its inputs that are weights (float, more than one value)
 TRAINABLE: dict[str, tuple[int, ...]] = {

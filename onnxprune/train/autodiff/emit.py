@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import OnnxPruneError
+from ...errors import OnnxPruneError
 
 Shape = list  # list[int | None]: a static shape, None where shape inference left a dim unknown
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .budget import quality
-from .data import ArrayData
-from .plan import Plan
+from ..data.readers import ArrayData
+from ..plan import Plan
 
 
 @dataclass

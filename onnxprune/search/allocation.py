@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .groups import ACTIVATION, WEIGHT_IN, WEIGHT_OUT, Analysis, Group
-from .metrics import ModelStats
+from ..groups import ACTIVATION, WEIGHT_IN, WEIGHT_OUT, Analysis, Group
+from ..measure.counts import ModelStats
 
 # One float element read or written costs about as much time as this many MACs on a CPU:
 # measured per node with onnxruntime's profiler on MobileNetV2 (x86-64, AVX-512, 2 threads):

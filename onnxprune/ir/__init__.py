@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .errors import OnnxPruneError
+from ..errors import OnnxPruneError
 
 TWO_GB = 2**31
 CHECK_WEIGHTS_BYTES = 2**26  # larger models are checked without their weights (see check)

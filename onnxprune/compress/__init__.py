@@ -1,0 +1,1 @@
+"""Compression besides structured pruning: unstructured and N:M sparsity, weight sharing."""

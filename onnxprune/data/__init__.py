@@ -1,0 +1,1 @@
+"""Model input data: arrays, ``.npz`` files, image folders and random feeds behind one reader protocol."""

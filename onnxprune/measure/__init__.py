@@ -1,0 +1,1 @@
+"""Measurement: quality (accuracy, fidelity), params and MACs, latency, and plots of them."""

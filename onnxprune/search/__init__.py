@@ -1,0 +1,1 @@
+"""Choosing how much to prune: budgets, latency-aware allocation, per-group sensitivity."""

@@ -1,0 +1,1 @@
+"""Training without a training framework: gradients built as ONNX graphs, fine-tuning in onnxruntime."""
