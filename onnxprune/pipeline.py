@@ -17,7 +17,7 @@ import onnx
 from . import fold, ir, rewrite, verify as verify_mod
 from .measure import counts as metrics
 from .analysis import analyze
-from .data.readers import ArrayData, open_data, random_feed
+from .data.readers import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
@@ -129,9 +129,12 @@ class Pruner:
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze", self.peaks):
-            self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier)
-        self.data = calib if isinstance(calib, ArrayData) or calib is None else open_data(
-            calib, self.original.proto, self.analysis.input_shapes)
+            # real calibration data is opened first: its samples bind the model's symbolic dims
+            data = None if calib is None or calib == "random" else open_data(calib, self.original.proto,
+                                                                              input_shapes or {})
+            shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
+            self.analysis = analyze(self.original, shapes, split_carrier=split_carrier)
+        self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
         if score and requires_data(criterion) and self.data is None:
             raise OnnxPruneError(f"criterion '{criterion}' needs calibration data: add --calib DATA.npz "
                                  "(or --calib random)")
