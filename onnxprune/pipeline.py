@@ -231,7 +231,8 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
 
 
 def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
-    """Before/after accuracy (with labels) or fidelity to the original, and interleaved latency.
+    """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
+    :func:`measure.perplexity.token_data`), and interleaved latency.
 
     Stored in ``result.extra["validation"]`` and returned.
     """
@@ -240,11 +241,20 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
     t = time.perf_counter()
     out: dict = {"data": data.source or data.kind, "samples": data.num_samples}
-    m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
-                     want_accuracy=data.labels is not None)
-    out["accuracy_before"] = m.reference_accuracy
-    out["accuracy_after"] = m.accuracy
-    out["fidelity"] = m.fidelity
+    if data.kind == "tokens":  # a causal LM on token ids (measure.perplexity.token_data)
+        from .measure import perplexity
+
+        after, before = perplexity.perplexities([result.proto, result.original.proto], data,
+                                                batch_size=min(batch_size, 8))
+        out["perplexity_before"], out["perplexity_after"] = before, after
+        out["perplexity_ratio"] = (after["perplexity"] / before["perplexity"]
+                                   if before["perplexity"] and after["perplexity"] is not None else None)
+    else:
+        m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
+                         want_accuracy=data.labels is not None)
+        out["accuracy_before"] = m.reference_accuracy
+        out["accuracy_after"] = m.accuracy
+        out["fidelity"] = m.fidelity
     if bench_runs:
         bench = latency.benchmark({"after": result.proto, "before": result.original.proto}, warmup=5,
                                   runs=bench_runs, input_shapes=result.analysis.input_shapes)

@@ -74,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data", metavar="DATA", help="validation data (.npz or image folder, labels optional): "
                                                   "accuracy or fidelity and latency before/after are measured "
                                                   "and reported")
+    d.add_argument("--metric", choices=["auto", "perplexity"], default="auto",
+                   help="what --data measures: auto = accuracy with labels, else fidelity; perplexity = "
+                        "next-token perplexity of a causal LM (--data an .npz with 'input_ids', optional "
+                        "'attention_mask')")
     d.add_argument("--bench-runs", type=int, default=20, metavar="N",
                    help="timed onnxruntime runs per model for the latency row (with --data; 0 = skip)")
     options.add_input_shapes(d)
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ratios_from:
         policy.ratio_for.update(_read_ratios(args.ratios_from))
         policy.check()
-    data = open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
+    data = _validation_data(args, pruner)
     if target.active:
         outcome, result = budget.search(pruner, policy, target, data, reconstruct=args.reconstruct,
                                         progress=fmt.progress, allocation=args.allocation)
@@ -213,6 +217,17 @@ def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: f
         return None
     ref = pass_cost.reference_pass(pruner.original.proto, pruner.data)
     return pass_cost.in_passes(seconds - result.seconds.get("validate", 0.0), ref)
+
+
+def _validation_data(args: argparse.Namespace, pruner: pipeline.Pruner):
+    """``--data`` as accuracy/fidelity data, or as token ids with ``--metric perplexity``."""
+    if args.metric == "perplexity":
+        if not args.data:
+            raise OnnxPruneError("--metric perplexity measures --data: add --data TOKENS.npz")
+        from ..measure import perplexity
+
+        return perplexity.token_data(args.data, pruner.original.proto)
+    return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
 
 
 def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
@@ -269,6 +284,11 @@ def validation_rows(v: dict | None) -> list[tuple]:
     if not v:
         return []
     rows = []
+    pb, pa = v.get("perplexity_before"), v.get("perplexity_after")
+    if pa:
+        ratio = v.get("perplexity_ratio")
+        rows.append(("perplexity", f"{pb['perplexity']:.4g}", f"{pa['perplexity']:.4g}",
+                     "-" if ratio is None else f"{ratio:.3f}x"))
     b, a = v.get("accuracy_before"), v.get("accuracy_after")
     if a:
         rows.append(("top-1 accuracy", f"{100 * b['top1']:.2f}%", f"{100 * a['top1']:.2f}%",
