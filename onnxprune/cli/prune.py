@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_output(p)
     g = p.add_argument_group("what to remove")
     g.add_argument("--ratio", default="0.3", help="fraction of each group's channels to remove (default 0.3)")
-    g.add_argument("--criterion", default="l2", help="importance criterion (default l2; see docs/criteria.md)")
+    g.add_argument("--criterion", help="importance criterion (see docs/criteria.md), or auto: score l2, wanda, "
+                                       "fluctuation and obs, keep the one whose pruned and reconstructed model "
+                                       "is closest to the original on held-out calibration data (default with "
+                                       "real --calib data; l2 otherwise)")
     g.add_argument("--group-reduction", default="mean", choices=["mean", "sum", "max"],
                    help="how the scores of coupled layers combine (default mean)")
     g.add_argument("--global", dest="global_ranking", action="store_true",
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     plan = _read_plan(args.plan)
     if plan is not None and target.active:
         raise OnnxPruneError("--plan replays a fixed plan; it cannot be combined with --target-*")
-    pruner = pipeline.Pruner(args.model, criterion=args.criterion, group_reduction=args.group_reduction,
+    criterion = args.criterion or ("auto" if args.calib not in (None, "random") and plan is None else "l2")
+    pruner = pipeline.Pruner(args.model, criterion=criterion, group_reduction=args.group_reduction,
                              input_shapes=options.input_shapes(args), calib=args.calib,
                              split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
                              score=plan is None)
