@@ -11,7 +11,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..errors import OnnxPruneError
+from . import files
 
 TWO_GB = 2**31
 CHECK_WEIGHTS_BYTES = 2**26  # larger models are checked without their weights (see check)
@@ -60,16 +60,17 @@ def model_size_bytes(path: str | os.PathLike, proto: onnx.ModelProto | None = No
             proto = onnx.load(str(path), load_external_data=False)
         except Exception:
             return total
-    seen = set()
-    for t in _all_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = {e.key: e.value for e in t.external_data}.get("location")
-            if loc and loc not in seen:
-                seen.add(loc)
-                f = path.parent / loc
-                if f.exists():
-                    total += f.stat().st_size
+    for loc in external_locations(proto):
+        f = path.parent / loc
+        if f.exists():
+            total += f.stat().st_size
     return total
+
+
+def external_locations(proto: onnx.ModelProto) -> set[str]:
+    """The external data file names (relative to the model's folder) that ``proto``'s tensors reference."""
+    return {loc for t in _all_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+            for loc in [{e.key: e.value for e in t.external_data}.get("location")] if loc}
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -250,30 +251,31 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
     if not os.access(parent, os.W_OK):
         raise OnnxPruneError(f"{parent}: output folder is not writable")
     big = external or proto_bytes(proto) >= TWO_GB or _has_external(proto)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise OnnxPruneError(f"{parent}: cannot write the output there ({e.strerror}); choose another -o folder") \
-            from None
-    os.close(fd)
     data_name = out.name + ".data"
-    tmp_data = str(parent / f".{data_name}.tmp") if big else None
+    made = []  # temporary files created exclusively (O_EXCL, unpredictable names): never a planted link
     try:
+        fd, tmp = files.temp_beside(out)
+        os.close(fd)
+        made.append(tmp)
         if big:  # external data is written under its final name's reference, then both files renamed
+            fd, tmp_data = files.temp_beside(parent / data_name)
+            os.close(fd)
+            made.append(tmp_data)
             write_external(proto, tmp, data_name, data_file=tmp_data)
             size = os.path.getsize(tmp) + os.path.getsize(tmp_data)
-            os.replace(tmp_data, parent / data_name)
+            files.finish_temp(tmp_data, parent / data_name)
         else:
-            with open(tmp, "wb") as fh:
+            with files.open_new(tmp) as fh:
                 fh.write(proto.SerializeToString() if data is None else data)
             size = os.path.getsize(tmp)
-        os.replace(tmp, out)
+        files.finish_temp(tmp, out)
     except BaseException as e:
-        for f in (tmp, tmp_data):
-            if f and os.path.exists(f):
+        for f in made:
+            if os.path.lexists(f):
                 os.unlink(f)
         if isinstance(e, OSError):
-            raise OnnxPruneError(f"{out}: cannot write the model ({e.strerror or e})") from None
+            raise OnnxPruneError(f"{out}: cannot write the model ({e.strerror or e}); choose another -o folder") \
+                from None
         raise
     return size
 
@@ -306,7 +308,7 @@ def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_n
         wanted = {i for n in proto.graph.node for i in n.input} - have
         tensors += [t for t in extra.graph.initializer if t.name in wanted]
     data_file = Path(data_file) if data_file is not None else Path(model_file).parent / data_name
-    with open(data_file, "wb") as fh:
+    with files.open_new(data_file) as fh:
         for t in tensors:
             if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data") and lazy_dir(t) is None:
                 raise ValueError(f"tensor '{t.name}' has no data in memory")
@@ -328,7 +330,7 @@ def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_n
                 e.key, e.value = key, str(value)
             fh.write(raw)
             del raw
-    with open(model_file, "wb") as fh:
+    with files.open_new(model_file) as fh:
         fh.write(header.SerializeToString())
 
 
