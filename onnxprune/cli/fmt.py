@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import OnnxPruneError
-from ..ir import files
+from ..ir import safety
 
 out = Console(highlight=False, soft_wrap=False, width=max(100, Console().width))
 err = Console(stderr=True, highlight=False)
@@ -69,7 +69,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         return
     p = Path(path)
     try:
-        with files.atomic_output(p, "w") as fh:
+        with safety.atomic_output(p, "w") as fh:
             fh.write(text)
     except OSError as e:
         raise OnnxPruneError(f"{p}: cannot write there ({e.strerror or e}); choose another folder") from None

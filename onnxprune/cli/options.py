@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .. import ir
-from ..ir import files
+from ..ir import safety
 from ..errors import OnnxPruneError
 from ..data.images import ImagePath, is_image_path
 
@@ -170,7 +170,7 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 inputs.append((label, v))
                 if role == "model":
                     inputs += [(f"{label}'s external data", f) for f in _external_files(v)]
-    clash = files.colliding(inputs, outputs)
+    clash = safety.colliding(inputs, outputs)
     if clash:
         raise OnnxPruneError(clash)
 

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..errors import OnnxPruneError
-from . import files
+from . import safety
 
 TWO_GB = 2**31
 CHECK_WEIGHTS_BYTES = 2**26  # larger models are checked without their weights (see check)
@@ -254,21 +254,21 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
     data_name = out.name + ".data"
     made = []  # temporary files created exclusively (O_EXCL, unpredictable names): never a planted link
     try:
-        fd, tmp = files.temp_beside(out)
+        fd, tmp = safety.temp_beside(out)
         os.close(fd)
         made.append(tmp)
         if big:  # external data is written under its final name's reference, then both files renamed
-            fd, tmp_data = files.temp_beside(parent / data_name)
+            fd, tmp_data = safety.temp_beside(parent / data_name)
             os.close(fd)
             made.append(tmp_data)
             write_external(proto, tmp, data_name, data_file=tmp_data)
             size = os.path.getsize(tmp) + os.path.getsize(tmp_data)
-            files.finish_temp(tmp_data, parent / data_name)
+            safety.finish_temp(tmp_data, parent / data_name)
         else:
-            with files.open_new(tmp) as fh:
+            with safety.open_new(tmp) as fh:
                 fh.write(proto.SerializeToString() if data is None else data)
             size = os.path.getsize(tmp)
-        files.finish_temp(tmp, out)
+        safety.finish_temp(tmp, out)
     except BaseException as e:
         for f in made:
             if os.path.lexists(f):
@@ -308,7 +308,7 @@ def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_n
         wanted = {i for n in proto.graph.node for i in n.input} - have
         tensors += [t for t in extra.graph.initializer if t.name in wanted]
     data_file = Path(data_file) if data_file is not None else Path(model_file).parent / data_name
-    with files.open_new(data_file) as fh:
+    with safety.open_new(data_file) as fh:
         for t in tensors:
             if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data") and lazy_dir(t) is None:
                 raise ValueError(f"tensor '{t.name}' has no data in memory")
@@ -330,7 +330,7 @@ def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_n
                 e.key, e.value = key, str(value)
             fh.write(raw)
             del raw
-    with files.open_new(model_file) as fh:
+    with safety.open_new(model_file) as fh:
         fh.write(header.SerializeToString())
 
 

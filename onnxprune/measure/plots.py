@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..ir import files
+from ..ir import safety
 
 INSTALL_HINT = "matplotlib is not installed; no plot written (pip install onnxprune[plots])"
 
@@ -29,7 +29,7 @@ def _pyplot():
 
 def _save(plt, fig, path: str | os.PathLike) -> None:
     try:
-        with files.atomic_path(path, suffix=".png") as tmp:
+        with safety.atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
