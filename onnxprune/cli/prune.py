@@ -73,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data", metavar="DATA", help="validation data (.npz or image folder, labels optional): "
                                                   "accuracy or fidelity and latency before/after are measured "
                                                   "and reported")
+    d.add_argument("--metric", choices=["auto", "perplexity"], default="auto",
+                   help="what --data measures: auto = accuracy with labels, else fidelity; perplexity = "
+                        "next-token perplexity of a causal LM (--data an .npz with 'input_ids', optional "
+                        "'attention_mask')")
     d.add_argument("--bench-runs", type=int, default=20, metavar="N",
                    help="timed onnxruntime runs per model for the latency row (with --data; 0 = skip)")
     options.add_input_shapes(d)
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ratios_from:
         policy.ratio_for.update(_read_ratios(args.ratios_from))
         policy.check()
-    data = open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
+    data = _validation_data(args, pruner)
     if target.active:
         outcome, result = budget.search(pruner, policy, target, data, reconstruct=args.reconstruct,
                                         progress=fmt.progress, allocation=args.allocation)
@@ -197,6 +201,17 @@ def run(args: argparse.Namespace) -> int:
         fmt.write_text(args.report_md, markdown_report(result, rep, args.report_md))
     print_summary(result, size)
     return 0
+
+
+def _validation_data(args: argparse.Namespace, pruner: pipeline.Pruner):
+    """``--data`` as accuracy/fidelity data, or as token ids with ``--metric perplexity``."""
+    if args.metric == "perplexity":
+        if not args.data:
+            raise OnnxPruneError("--metric perplexity measures --data: add --data TOKENS.npz")
+        from ..measure import perplexity
+
+        return perplexity.token_data(args.data, pruner.original.proto)
+    return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
 
 
 def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
@@ -253,6 +268,11 @@ def validation_rows(v: dict | None) -> list[tuple]:
     if not v:
         return []
     rows = []
+    pb, pa = v.get("perplexity_before"), v.get("perplexity_after")
+    if pa:
+        ratio = v.get("perplexity_ratio")
+        rows.append(("perplexity", f"{pb['perplexity']:.4g}", f"{pa['perplexity']:.4g}",
+                     "-" if ratio is None else f"{ratio:.3f}x"))
     b, a = v.get("accuracy_before"), v.get("accuracy_after")
     if a:
         rows.append(("top-1 accuracy", f"{100 * b['top1']:.2f}%", f"{100 * a['top1']:.2f}%",
