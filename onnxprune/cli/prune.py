@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .. import pipeline
 from ..search import budget
-from ..measure import latency
+from ..measure import latency, pass_cost
 from ..measure import plots
 from ..data.readers import open_data
 from ..errors import OnnxPruneError
@@ -150,6 +151,7 @@ def _read_plan(path: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
     out = Path(args.output)
@@ -196,10 +198,11 @@ def run(args: argparse.Namespace) -> int:
                                reconstruct=args.reconstruct)
     if args.finetune_steps and not args.dry_run:
         _finetune(args, pruner, result)
-    return _finish(args, result, data, policy, out)
+    return _finish(args, result, data, policy, out, pruner, start)
 
 
-def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy: Policy, out: Path) -> int:
+def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy: Policy, out: Path,
+            pruner: pipeline.Pruner | None = None, start: float = 0.0) -> int:
     """Validate, write the plan, model and reports, print the summary."""
     if data is not None:
         pipeline.validate(result, data, bench_runs=args.bench_runs)
@@ -209,16 +212,30 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
         print_summary(result, None)
         return 0
     size = pipeline.save(result, out)
+    passes = _in_passes(pruner, result, time.perf_counter() - start) if pruner is not None else None
     rep = result.report()
     rep["output"] = str(out)
     rep["round_to"] = policy.round_to or 1
     rep["file_bytes_after"] = size
+    rep["calibration_passes"] = passes
     if args.report:
         fmt.write_json(args.report, rep)
     if args.report_md:
         fmt.write_text(args.report_md, markdown_report(result, rep, args.report_md))
     print_summary(result, size)
+    if passes is not None:
+        print(f"prune time {passes['prune_seconds']:.1f} s = {passes['passes']} calibration passes (one onnxruntime "
+              f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s)",
+              file=sys.stderr)
     return 0
+
+
+def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: float) -> dict | None:
+    """The prune's wall time (validation with --data left out) in passes of the original over --calib."""
+    if pruner.data is None or pruner.data.kind == "random":
+        return None
+    ref = pass_cost.reference_pass(pruner.original.proto, pruner.data)
+    return pass_cost.in_passes(seconds - result.seconds.get("validate", 0.0), ref)
 
 
 def _validation_data(args: argparse.Namespace, pruner):
