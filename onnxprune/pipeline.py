@@ -60,6 +60,7 @@ class PruneResult:
             "verified": bool(self.verification.passed) if self.verification is not None else False,
             "verification": self.verification.to_json() if self.verification is not None else None,
             "input_shapes": a.input_shapes,
+            "kv_cache": a.kv_cache,
             "groups": self.rewrite.groups,
             "frozen": [{"group": g.id, "label": g.label, "size": g.size, "reasons": g.reasons}
                        for g in a.frozen if g.size > 1],
@@ -118,7 +119,7 @@ class Pruner:
     def __init__(self, model: str | os.PathLike | ir.Model, *, criterion: str = "l2",
                  group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
                  calib: str | ArrayData | None = None, split_carrier: str = "largest", progress=None,
-                 score: bool = True):
+                 score: bool = True, kv_cache: bool = False):
         from .importance import ScoreContext, fallback_summary, requires_data, score_groups
 
         self.seconds: dict[str, float] = {}
@@ -129,7 +130,7 @@ class Pruner:
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze", self.peaks):
-            self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier)
+            self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier, kv_cache=kv_cache)
         self.data = calib if isinstance(calib, ArrayData) or calib is None else open_data(
             calib, self.original.proto, self.analysis.input_shapes)
         if score and requires_data(criterion) and self.data is None:
@@ -157,7 +158,7 @@ class Pruner:
     def candidate(self, plan: Plan) -> tuple[rewrite.RewriteResult, metrics.ModelStats]:
         """The rewritten (unverified) model for ``plan`` and its params/MACs."""
         result = rewrite.apply(self.analysis, plan.removed, self.original)
-        return result, metrics.summarize(result.proto, self.analysis.input_shapes)
+        return result, metrics.summarize(result.proto, result.input_shapes)
 
     def finish(self, plan: Plan | dict, *, verify: bool = True, rtol: float = 1e-4, reconstruct: str = "auto",
                reconstruct_options: dict | None = None) -> PruneResult:
@@ -201,7 +202,7 @@ class Pruner:
         extra["importance_fallbacks"] = self.score_notes
         extra["peak_rss_mb"] = peaks
         with _timed(seconds, "measure", peaks):
-            after = metrics.summarize(final, analysis.input_shapes)
+            after = metrics.summarize(final, result.input_shapes)
         source = "none" if data is None else data.kind
         # the verified bytes are the model to save only if no refit changed its weights since
         saved = (final, data_bytes) if data_bytes is not None and mode == "none" else None
@@ -213,8 +214,13 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
           calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
-          reconstruct: str = "auto", reconstruct_options: dict | None = None) -> PruneResult:
+          reconstruct: str = "auto", reconstruct_options: dict | None = None,
+          kv_cache: bool = False) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
+
+    ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
+    (``present.*``) shrink with their heads (``onnxprune prune --kv-cache``); otherwise every graph
+    input and output keeps its shape.
 
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
@@ -222,7 +228,8 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     policy = policy or Policy()
     policy.check()
     pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
-                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None)
+                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None,
+                    kv_cache=kv_cache)
     return pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
                          reconstruct=reconstruct, reconstruct_options=reconstruct_options)
 
