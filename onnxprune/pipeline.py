@@ -17,7 +17,7 @@ import onnx
 from . import fold, ir, rewrite, verify as verify_mod
 from .measure import counts as metrics
 from .analysis import analyze
-from .data.readers import ArrayData, open_data, random_feed
+from .data.readers import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
@@ -130,9 +130,12 @@ class Pruner:
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze", self.peaks):
-            self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier, kv_cache=kv_cache)
-        self.data = calib if isinstance(calib, ArrayData) or calib is None else open_data(
-            calib, self.original.proto, self.analysis.input_shapes)
+            # real calibration data is opened first: its samples bind the model's symbolic dims
+            data = None if calib is None or calib == "random" else open_data(calib, self.original.proto,
+                                                                              input_shapes or {})
+            shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
+            self.analysis = analyze(self.original, shapes, split_carrier=split_carrier, kv_cache=kv_cache)
+        self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
         if score and requires_data(criterion) and self.data is None:
             raise OnnxPruneError(f"criterion '{criterion}' needs calibration data: add --calib DATA.npz "
                                  "(or --calib random)")
@@ -235,7 +238,8 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
 
 
 def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
-    """Before/after accuracy (with labels) or fidelity to the original, and interleaved latency.
+    """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
+    :func:`measure.perplexity.token_data`), and interleaved latency.
 
     Stored in ``result.extra["validation"]`` and returned.
     """
@@ -244,11 +248,20 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
     t = time.perf_counter()
     out: dict = {"data": data.source or data.kind, "samples": data.num_samples}
-    m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
-                     want_accuracy=data.labels is not None)
-    out["accuracy_before"] = m.reference_accuracy
-    out["accuracy_after"] = m.accuracy
-    out["fidelity"] = m.fidelity
+    if data.kind == "tokens":  # a causal LM on token ids (measure.perplexity.token_data)
+        from .measure import perplexity
+
+        after, before = perplexity.perplexities([result.proto, result.original.proto], data,
+                                                batch_size=min(batch_size, 8))
+        out["perplexity_before"], out["perplexity_after"] = before, after
+        out["perplexity_ratio"] = (after["perplexity"] / before["perplexity"]
+                                   if before["perplexity"] and after["perplexity"] is not None else None)
+    else:
+        m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
+                         want_accuracy=data.labels is not None)
+        out["accuracy_before"] = m.reference_accuracy
+        out["accuracy_after"] = m.accuracy
+        out["fidelity"] = m.fidelity
     if bench_runs:
         bench = latency.benchmark({"after": result.proto, "before": result.original.proto}, warmup=5,
                                   runs=bench_runs, input_shapes=result.analysis.input_shapes)

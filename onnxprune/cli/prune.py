@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .. import pipeline
 from ..search import budget
-from ..measure import latency
+from ..measure import latency, pass_cost
 from ..measure import plots
 from ..data.readers import open_data
 from ..errors import OnnxPruneError
@@ -77,6 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data", metavar="DATA", help="validation data (.npz or image folder, labels optional): "
                                                   "accuracy or fidelity and latency before/after are measured "
                                                   "and reported")
+    d.add_argument("--metric", choices=["auto", "perplexity"], default="auto",
+                   help="what --data measures: auto = accuracy with labels, else fidelity; perplexity = "
+                        "next-token perplexity of a causal LM (--data an .npz with 'input_ids', optional "
+                        "'attention_mask')")
     d.add_argument("--bench-runs", type=int, default=20, metavar="N",
                    help="timed onnxruntime runs per model for the latency row (with --data; 0 = skip)")
     options.add_input_shapes(d)
@@ -141,6 +146,7 @@ def _read_plan(path: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
     out = Path(args.output)
@@ -168,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ratios_from:
         policy.ratio_for.update(_read_ratios(args.ratios_from))
         policy.check()
-    data = open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
+    data = _validation_data(args, pruner)
     if target.active:
         outcome, result = budget.search(pruner, policy, target, data, reconstruct=args.reconstruct,
                                         progress=fmt.progress, allocation=args.allocation)
@@ -191,16 +197,41 @@ def run(args: argparse.Namespace) -> int:
         print_summary(result, None)
         return 0
     size = pipeline.save(result, out)
+    passes = _in_passes(pruner, result, time.perf_counter() - start)
     rep = result.report()
     rep["output"] = str(out)
     rep["round_to"] = policy.round_to or 1
     rep["file_bytes_after"] = size
+    rep["calibration_passes"] = passes
     if args.report:
         fmt.write_json(args.report, rep)
     if args.report_md:
         fmt.write_text(args.report_md, markdown_report(result, rep, args.report_md))
     print_summary(result, size)
+    if passes is not None:
+        print(f"prune time {passes['prune_seconds']:.1f} s = {passes['passes']} calibration passes (one onnxruntime "
+              f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s)",
+              file=sys.stderr)
     return 0
+
+
+def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: float) -> dict | None:
+    """The prune's wall time (validation with --data left out) in passes of the original over --calib."""
+    if pruner.data is None or pruner.data.kind == "random":
+        return None
+    ref = pass_cost.reference_pass(pruner.original.proto, pruner.data)
+    return pass_cost.in_passes(seconds - result.seconds.get("validate", 0.0), ref)
+
+
+def _validation_data(args: argparse.Namespace, pruner: pipeline.Pruner):
+    """``--data`` as accuracy/fidelity data, or as token ids with ``--metric perplexity``."""
+    if args.metric == "perplexity":
+        if not args.data:
+            raise OnnxPruneError("--metric perplexity measures --data: add --data TOKENS.npz")
+        from ..measure import perplexity
+
+        return perplexity.token_data(args.data, pruner.original.proto)
+    return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
 
 
 def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
@@ -257,6 +288,11 @@ def validation_rows(v: dict | None) -> list[tuple]:
     if not v:
         return []
     rows = []
+    pb, pa = v.get("perplexity_before"), v.get("perplexity_after")
+    if pa:
+        ratio = v.get("perplexity_ratio")
+        rows.append(("perplexity", f"{pb['perplexity']:.4g}", f"{pa['perplexity']:.4g}",
+                     "-" if ratio is None else f"{ratio:.3f}x"))
     b, a = v.get("accuracy_before"), v.get("accuracy_after")
     if a:
         rows.append(("top-1 accuracy", f"{100 * b['top1']:.2f}%", f"{100 * a['top1']:.2f}%",
