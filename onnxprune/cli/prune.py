@@ -48,12 +48,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--heads", action="store_true",
                    help="when a channel axis is split (attention heads), prune whole heads rather than "
                         "the same dimensions of every head")
+<<<<<<< HEAD
     g.add_argument("--slice-hidden", action="store_true",
                    help="transformers: rotate the residual stream (verified exact) and remove its least-used "
                         "directions, chosen by PCA of --calib; embeddings and every layer shrink (approximate: "
                         "measure with --data; see docs/transformers.md). --ratio then defaults to 0")
     g.add_argument("--hidden-keep", metavar="F", help="with --slice-hidden: fraction of the hidden width kept "
                                                       "(default: from --target-params/--target-macs, else 1)")
+=======
+    g.add_argument("--kv-cache", action="store_true",
+                   help="let KV-cache inputs (past_key_values.*, past_*) and outputs (present.*) shrink with "
+                        "their attention heads; the pruned model declares their new shapes (otherwise every "
+                        "graph input and output keeps its shape)")
+>>>>>>> main
     g.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of scoring")
     g.add_argument("--ratios-from", metavar="SENS.json",
                    help="per-group ratios suggested by 'onnxprune sensitivity --json' (scaled by budget search)")
@@ -175,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     pruner = pipeline.Pruner(args.model, criterion=args.criterion, group_reduction=args.group_reduction,
                              input_shapes=options.input_shapes(args), calib=args.calib,
                              split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
-                             score=plan is None)
+                             score=plan is None, kv_cache=args.kv_cache)
     if args.reconstruct_stages is not None:
         pruner.reconstruct_options["stages"] = args.reconstruct_stages
     if plan is None and not pruner.analysis.prunable:

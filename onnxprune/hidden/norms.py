@@ -53,7 +53,7 @@ def find_norms(proto: onnx.ModelProto, shapes: dict[str, list] | None = None) ->
     """Every region of ``proto``'s main graph that computes a normalisation over the last axis."""
     g = proto.graph
     shapes = shapes if shapes is not None else {k: v for k, (v, _) in ir.infer(proto).items()}
-    consts = _constants(g)
+    consts = constants(g)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
@@ -90,7 +90,8 @@ def find_norms(proto: onnx.ModelProto, shapes: dict[str, list] | None = None) ->
     return found
 
 
-def _constants(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+def constants(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and ``Constant`` node values of ``g`` by tensor name."""
     out = {t.name: t for t in g.initializer}
     for n in g.node:
         if n.op_type == "Constant" and len(n.output) == 1:

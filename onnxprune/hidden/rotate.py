@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import ir
+from .norms import constants
 from .stream import Stream, _attr
 
 F32 = np.float32
@@ -42,12 +43,7 @@ def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray) -> onnx.ModelPr
     if d != stream.width:
         raise ValueError(f"Q is {Q.shape}, the stream is {stream.width} wide")
     g = proto.graph
-    consts = {t.name: t for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    consts[n.output[0]] = a.t
+    consts = constants(g)
     arrays: dict[str, np.ndarray] = {}
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
 

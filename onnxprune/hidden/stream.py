@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from .. import ir
-from .norms import Norm, find_norms
+from .norms import Norm, constants, find_norms
 
 
 @dataclass
@@ -77,12 +77,7 @@ def find_stream(proto: onnx.ModelProto) -> Stream | NoStream:
         return NoStream("no LayerNorm or RMSNorm over the last axis")
     width = Counter(n.width for n in norms).most_common(1)[0][0]
     norms = [n for n in norms if n.width == width]
-    consts = {t.name: t for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    consts[n.output[0]] = a.t
+    consts = constants(g)
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
