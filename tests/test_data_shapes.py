@@ -44,3 +44,15 @@ def test_explicit_input_shape_wins_and_conflicts_are_one_line(cli, tmp_path, cro
     res = cli("prune", ORIENT, "-o", tmp_path / "o.onnx", "--ratio", "0.25", "--calib", crops, check=2)
     assert "the model wants" in res.err and "224" in res.err and len(res.err.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_prune_time_in_calibration_passes(cli, tmp_path, crops):
+    rep = tmp_path / "r.json"
+    res = cli("prune", CLS, "-o", tmp_path / "p.onnx", "--ratio", "0.25", "--calib", crops, "--report", rep, check=0)
+    c = json.loads(rep.read_text())["calibration_passes"]
+    assert c["samples"] == 4 and c["timed_samples"] == 4 and c["pass_seconds"] > 0
+    assert c["passes"] == pytest.approx(c["prune_seconds"] / c["pass_seconds"], rel=0.01)
+    assert f"= {c['passes']} calibration passes" in res.err
+    # no real data, no unit: the key stays, empty
+    cli("prune", CLS, "-o", tmp_path / "q.onnx", "--ratio", "0.25", "--report", rep, check=0)
+    assert json.loads(rep.read_text())["calibration_passes"] is None
