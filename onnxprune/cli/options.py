@@ -185,4 +185,4 @@ def _external_files(path: str) -> list[str]:
     except Exception:
         return []
     folder = os.path.dirname(path)
-    return sorted({os.path.join(folder, loc) for loc in ir.external_locations(proto)})
+    return sorted({os.path.join(folder, loc) for loc in ir.external.locations(proto)})
