@@ -164,3 +164,89 @@ def test_replacing_a_file_keeps_its_mode(work):
     res = run("inspect", work / "m.onnx", "--json", out, umask=0o077)
     assert res.returncode == 0, res
     assert stat.S_IMODE(out.stat().st_mode) == 0o640 and out.read_text().startswith("{\n")
+
+
+# ---------------------------------------------------------------- external data outside the model's folder
+
+def _external_model(folder: Path, location: str) -> Path:
+    """A MatMul whose 4x4 weight lives at ``location``, plus an unused 256 MiB tensor in a sparse file
+    inside the folder, so the model's external data reaches ``limits.LAZY_BYTES`` and ``prune`` loads it
+    lazily (weights read from disk when used)."""
+    from onnx import TensorProto, helper
+
+    def ext(name, dims, loc, length):
+        t = helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)  # noqa: F841 (shape only)
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims,
+                             data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", loc), ("offset", "0"), ("length", str(length))):
+            e = tensor.external_data.add()
+            e.key, e.value = k, v
+        return tensor
+    big = 2**28
+    with open(folder / "big.bin", "wb") as fh:
+        fh.truncate(big)  # sparse: no disk space used
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [ext("w", [4, 4], location, 64), ext("big", [big // 4], "big.bin", big),
+         onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w2")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = folder / "model.onnx"
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+ESCAPES = {
+    "../ outside the folder": "../outside/w.bin",
+    "absolute path": "{outside}/w.bin",
+    "symlink to a file outside": "link.bin",
+    "file under a symlinked folder leading outside": "sub/w.bin",
+}
+
+
+@pytest.mark.parametrize("command", ["prune", "prune --no-verify", "inspect", "sparsify"])
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_external_data_outside_the_folder_is_refused_unread(tmp_path, case, command):
+    """The outside 'file' is a FIFO: reading it would block (and time out the test), so the run provably
+    opens nothing outside. The lazy path (>= 256 MiB of external data) is the one that used to read it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "w.bin")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.symlink(outside / "w.bin", folder / "link.bin")
+    os.symlink(outside, folder / "sub")
+    model = _external_model(folder, ESCAPES[case].format(outside=outside))
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd, *flags = command.split()
+    args = [cmd, model, *flags] + ([] if cmd == "inspect" else ["-o", out / "p.onnx"]) + \
+        (["--sparsity", "0.5"] if cmd == "sparsify" else [])
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc
+    assert "external data" in lines[0] and ("outside the model's folder" in lines[0] or "absolute" in lines[0]
+                                            or "symbolic link" in lines[0]), lines[0]
+    assert list(out.iterdir()) == []
+
+
+def test_a_lazily_read_tensor_is_held_to_the_same_rules(tmp_path):
+    """``tensor_to_array`` on weights left on disk checks the location itself too (not only ``load``)."""
+    from onnxprune import ir
+    from onnxprune.errors import OnnxPruneError
+    (tmp_path / "outside.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    folder = tmp_path / "m"
+    folder.mkdir()
+    model = onnx.load(str(_external_model(folder, "../outside.bin")), load_external_data=False)
+    ir.external.mark_lazy(model, folder)
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    with pytest.raises(OnnxPruneError, match="leads outside the model's folder"):
+        ir.tensor_to_array(w)
+    inside = next(t for t in model.graph.initializer if t.name == "big")
+    inside.dims[:] = [4]
+    inside.external_data[2].value = "16"
+    assert ir.tensor_to_array(inside).tolist() == [0.0] * 4

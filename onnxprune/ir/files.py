@@ -13,7 +13,8 @@ import onnx
 
 from ..errors import OnnxPruneError
 from . import limits, safety
-from .external import has_external, is_lazy, locations, mark_lazy, model_size_bytes, write_external
+from .external import (check_locations, has_external, is_lazy, locations, mark_lazy, model_size_bytes,
+                       write_external)
 from .proto import proto_bytes
 from .shapes import skeleton
 
@@ -66,6 +67,10 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> Model:
         raise OnnxPruneError(f"{p}: not a valid ONNX model (protobuf parse failed; is the file truncated?)") from None
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise OnnxPruneError(f"{p}: not an ONNX model (no graph found)")
+    try:
+        check_locations(proto, p.parent)
+    except OnnxPruneError as e:
+        raise OnnxPruneError(f"{p}: {e}") from None
     missing = [loc for loc in locations(proto) if not (p.parent / loc).exists()]
     if missing:
         raise OnnxPruneError(

@@ -127,14 +127,18 @@ def colliding(inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]) -> 
 # ---------------------------------------------------------------- external data containment
 
 def contained(base: str | os.PathLike, location: str) -> Path:
-    """The file an external-data ``location`` names inside the model folder ``base``, by onnx's rules:
-    no absolute path, no ``..`` leaving the folder, no symlink leading out of it. Raises ValueError."""
+    """The file an external-data ``location`` names inside the model folder ``base``, by onnx's rules
+    (applied to lazily read weights as well): a relative path, not a symbolic link, and once every link
+    and ``..`` is resolved still inside the folder. Raises ValueError saying which rule failed."""
     if not location:
-        raise ValueError("empty external data location")
+        raise ValueError("an external data location is empty")
     if os.path.isabs(location) or Path(location).drive or location.startswith(("/", "\\")):
         raise ValueError(f"external data location '{location}' is an absolute path")
     root = os.path.realpath(base)
-    target = os.path.realpath(os.path.join(root, location))
+    named = os.path.join(root, location)
+    if os.path.islink(named):
+        raise ValueError(f"external data location '{location}' is a symbolic link")
+    target = os.path.realpath(named)
     if os.path.commonpath([root, target]) != root:
         raise ValueError(f"external data location '{location}' leads outside the model's folder")
     return Path(target)
