@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
-import traceback
 
 import numpy as np
 
@@ -117,10 +117,8 @@ def main(argv=None):
             entry["cosine_to_reference"] = {"mean": float(cos.mean()), "min": float(cos.min())}
             entry["ok"] = True
         except Exception as exc:  # noqa: BLE001 - recorded
-            entry["ok"] = False
-            entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            entry["traceback_tail"] = traceback.format_exc()[-1500:]
-        print(name, {k: v for k, v in entry.items() if k not in ("describe", "traceback_tail")}, flush=True)
+            entry.update(ok=False, **et.failure(exc))
+        print(name, json.dumps(et.brief(entry)), flush=True)
         manifest["exports"][name] = entry
         et.write_json(mpath, manifest)
     print(f"manifest: {mpath}")

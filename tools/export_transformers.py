@@ -393,6 +393,16 @@ def check(path, arch, model, kv):
     return result
 
 
+def failure(exc, key="error"):
+    """What a manifest records of a caught exception: its message and the end of its traceback."""
+    return {key: f"{type(exc).__name__}: {exc}"[:3000], "traceback_tail": traceback.format_exc()[-1500:]}
+
+
+def brief(entry):
+    """A manifest entry without its bulky fields, for the progress line."""
+    return {k: v for k, v in entry.items() if k not in ("describe", "traceback_tail", "config")}
+
+
 def describe(path):
     import onnx
 
@@ -529,9 +539,7 @@ def main(argv=None):
                                                       external_data=args.size != "tiny"))
                         entry["export_ok"] = True
                     except Exception as exc:  # noqa: BLE001 - recorded
-                        entry["export_ok"] = False
-                        entry["export_error"] = f"{type(exc).__name__}: {exc}"[:3000]
-                        entry["traceback_tail"] = traceback.format_exc()[-1500:]
+                        entry.update(export_ok=False, **failure(exc, "export_error"))
                         print(f"{name}: EXPORT FAILED {entry['export_error'][:400]}", flush=True)
                     entry["export_s"] = round(time.perf_counter() - t0, 1)
                     if entry["export_ok"]:
