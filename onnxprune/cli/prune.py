@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_model(p)
     options.add_output(p)
     g = p.add_argument_group("what to remove")
-    g.add_argument("--ratio", default="0.3", help="fraction of each group's channels to remove (default 0.3)")
+    g.add_argument("--ratio", default=None, help="fraction of each group's channels to remove (default 0.3; "
+                                                 "0 with --slice-hidden)")
     g.add_argument("--criterion", help="importance criterion (see docs/criteria.md), or auto: score l2, wanda, "
                                        "fluctuation and obs, keep the one whose pruned and reconstructed model "
                                        "is closest to the original on held-out calibration data (default with "
@@ -50,6 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--heads", action="store_true",
                    help="when a channel axis is split (attention heads), prune whole heads rather than "
                         "the same dimensions of every head")
+    g.add_argument("--slice-hidden", action="store_true",
+                   help="transformers: rotate the residual stream (verified exact) and remove its least-used "
+                        "directions, chosen by PCA of --calib; embeddings and every layer shrink (approximate: "
+                        "measure with --data; see docs/transformers.md). --ratio then defaults to 0")
+    g.add_argument("--hidden-keep", metavar="F", help="with --slice-hidden: fraction of the hidden width kept "
+                                                      "(default: from --target-params/--target-macs, else 1)")
+    g.add_argument("--kv-cache", action="store_true",
+                   help="let KV-cache inputs (past_key_values.*, past_*) and outputs (present.*) shrink with "
+                        "their attention heads; the pruned model declares their new shapes (otherwise every "
+                        "graph input and output keeps its shape)")
     g.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of scoring")
     g.add_argument("--ratios-from", metavar="SENS.json",
                    help="per-group ratios suggested by 'onnxprune sensitivity --json' (scaled by budget search)")
@@ -99,6 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def policy_from(args: argparse.Namespace) -> Policy:
+    if args.ratio is None:
+        args.ratio = "0" if getattr(args, "slice_hidden", False) else "0.3"
     return Policy(ratio=options.fraction("--ratio", args.ratio),
                   ratio_for=options.name_values("--ratio-for", args.ratio_for),
                   ignore=list(args.ignore), round_to=round_to_from(args.round_to),
@@ -145,7 +158,7 @@ def _read_plan(path: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
     out = Path(args.output)
@@ -162,11 +175,15 @@ def run(args: argparse.Namespace) -> int:
     plan = _read_plan(args.plan)
     if plan is not None and target.active:
         raise OnnxPruneError("--plan replays a fixed plan; it cannot be combined with --target-*")
+    if args.slice_hidden:
+        return _run_sliced(args, policy, target, plan, out)
+    if args.hidden_keep is not None:
+        raise OnnxPruneError("--hidden-keep goes with --slice-hidden")
     criterion = args.criterion or ("auto" if args.calib not in (None, "random") and plan is None else "l2")
     pruner = pipeline.Pruner(args.model, criterion=criterion, group_reduction=args.group_reduction,
                              input_shapes=options.input_shapes(args), calib=args.calib,
                              split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
-                             score=plan is None)
+                             score=plan is None, kv_cache=args.kv_cache)
     if args.reconstruct_stages is not None:
         pruner.reconstruct_options["stages"] = args.reconstruct_stages
     if plan is None and not pruner.analysis.prunable:
@@ -189,6 +206,12 @@ def run(args: argparse.Namespace) -> int:
                                reconstruct=args.reconstruct)
     if args.finetune_steps and not args.dry_run:
         _finetune(args, pruner, result)
+    return _finish(args, result, data, policy, out, pruner, (start, cpu_start))
+
+
+def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy: Policy, out: Path,
+            pruner: pipeline.Pruner | None = None, start: tuple[float, float] = (0.0, 0.0)) -> int:
+    """Validate, write the plan, model and reports, print the summary."""
     if data is not None:
         pipeline.validate(result, data, bench_runs=args.bench_runs)
     if args.save_plan:
@@ -197,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         print_summary(result, None)
         return 0
     size = pipeline.save(result, out)
-    passes = _in_passes(pruner, result, time.perf_counter() - start)
+    passes = _in_passes(pruner, result, start) if pruner is not None else None
     rep = result.report()
     rep["output"] = str(out)
     rep["round_to"] = policy.round_to or 1
@@ -210,20 +233,23 @@ def run(args: argparse.Namespace) -> int:
     print_summary(result, size)
     if passes is not None:
         print(f"prune time {passes['prune_seconds']:.1f} s = {passes['passes']} calibration passes (one onnxruntime "
-              f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s)",
-              file=sys.stderr)
+              f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s); "
+              f"in CPU time {passes['cpu_passes']} passes", file=sys.stderr)
     return 0
 
 
-def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: float) -> dict | None:
-    """The prune's wall time (validation with --data left out) in passes of the original over --calib."""
+def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, start: tuple[float, float]) -> dict | None:
+    """The prune's wall and CPU time since ``start`` (validation with --data left out) in passes of the
+    original over --calib."""
     if pruner.data is None or pruner.data.kind == "random":
         return None
+    wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
     ref = pass_cost.reference_pass(pruner.original.proto, pruner.data)
-    return pass_cost.in_passes(seconds - result.seconds.get("validate", 0.0), ref)
+    validate = result.seconds.get("validate", 0.0)
+    return pass_cost.in_passes(wall - validate, ref, cpu - validate * (cpu / max(wall, 1e-9)))
 
 
-def _validation_data(args: argparse.Namespace, pruner: pipeline.Pruner):
+def _validation_data(args: argparse.Namespace, pruner):
     """``--data`` as accuracy/fidelity data, or as token ids with ``--metric perplexity``."""
     if args.metric == "perplexity":
         if not args.data:
@@ -232,6 +258,38 @@ def _validation_data(args: argparse.Namespace, pruner: pipeline.Pruner):
 
         return perplexity.token_data(args.data, pruner.original.proto)
     return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
+
+
+def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget, plan, out: Path) -> int:
+    """``--slice-hidden``: the hidden-width stage, then (with --ratio) channel pruning of the sliced model."""
+    from .. import hidden
+
+    for flag, bad in (("--plan", plan is not None), ("--target-latency", target.latency is not None),
+                      ("--max-drop", target.max_drop is not None), ("--finetune-steps", bool(args.finetune_steps)),
+                      ("--dry-run", args.dry_run), ("--ratios-from", bool(args.ratios_from)),
+                      ("--allocation", args.allocation != "uniform")):
+        if bad:
+            raise OnnxPruneError(f"{flag} does not combine with --slice-hidden yet")
+    if not args.calib:
+        raise OnnxPruneError("--slice-hidden chooses the directions to keep from data: add --calib DATA.npz "
+                             "(--calib random only checks the rotation)")
+    keep = None if args.hidden_keep is None else options.fraction("--hidden-keep", args.hidden_keep, low=1e-9,
+                                                                  high=1.0, high_open=False)
+    width = None
+    round_to = policy.round_to or 1
+    if target.active:
+        if keep is not None or policy.ratio > 0:
+            raise OnnxPruneError("with --slice-hidden, a --target-* budget searches the hidden width alone: "
+                                 "drop --hidden-keep and --ratio")
+        from ..ir import load
+        width, fr = hidden.slicing.width_for_budget(load(args.model), params=target.params, macs=target.macs,
+                                                    input_shapes=options.input_shapes(args), round_to=round_to)
+    result = pipeline.prune_sliced(args.model, policy=policy, criterion=args.criterion or "l2", calib=args.calib,
+                                   input_shapes=options.input_shapes(args), width=width, keep=keep,
+                                   round_to=round_to, verify=not args.no_verify, reconstruct=args.reconstruct,
+                                   progress=fmt.progress)
+    data = _validation_data(args, result)
+    return _finish(args, result, data, policy, out)
 
 
 def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
@@ -276,6 +334,17 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
     fmt.out.print(f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
                   f"{rep['groups_frozen']} frozen; {status}"
                   + (f" (worst relative error {ver.needed_rtol:.1e})" if ver and ver.passed else ""))
+    h = rep.get("hidden")
+    if h:
+        rv = h.get("rotation_verification") or {}
+        worst = max((o["max_abs"] / o["scale"] if o["scale"] else o["max_abs"] for o in rv.get("outputs", [])),
+                    default=None)
+        fmt.out.print(f"hidden width {h['width_before']} -> {h['width_after']} ({h['norms']} norms, "
+                      f"{h['writers']} writers, {h['readers']} readers); rotation "
+                      + ("verified exact" + (f" (worst relative error {worst:.1e})" if worst is not None else "")
+                         if h["rotation_verified"] else "NOT verified")
+                      + f"; slicing keeps {100 * h['variance_kept']:.1f}% of the normalised stream's variance "
+                        "(approximate: measured with --data)")
     reasons = {}
     for fz in rep["frozen"]:
         for r in fz["reasons"][:1]:
