@@ -178,7 +178,7 @@ class Pruner:
             return plan
         if self.trial.chosen is None:
             with _timed(self.seconds, "criterion_trial"):
-                self.trial.choose(self, plan.policy, progress=self.progress)
+                self.trial.choose(self, plan.policy)
             seconds["criterion_trial"] = self.seconds["criterion_trial"]
             peaks["criterion_trial"] = peak_rss_mb()
             self.criterion = self.trial.chosen

@@ -23,7 +23,7 @@ def test_auto_keeps_the_candidate_closest_to_the_original(fmnist_model, data):
     errs = {c["criterion"]: c["rel_error"] for c in t["candidates"]}
     assert set(errs) == {"l2", "wanda", "fluctuation", "obs"}
     assert res.criterion == t["chosen"] == min(errs, key=errs.get)
-    assert t["fit_samples"] == 72 and t["held_out_samples"] == 24 and t["proxy"]["held_out_samples"] == 24
+    assert t["fit_samples"] == 72 and t["held_out_samples"] == 24 and t["judged_on"] == 24
     # the saved plan is the chosen criterion's: pruning with it by name removes the same channels
     named = pipeline.prune(fmnist_model, policy=Policy(ratio=0.3), criterion=t["chosen"],
                            calib=data.split(72)[0], reconstruct="none")

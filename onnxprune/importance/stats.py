@@ -199,6 +199,7 @@ def _sample_means(x: np.ndarray, axis: int) -> np.ndarray:
 class GramStats:
     gram: np.ndarray              # [conv groups, D, D], float64
     rows: int = 0
+    sums: np.ndarray | None = None    # [conv groups, D]: column sums (means for an intercept)
 
 
 @dataclass
@@ -270,8 +271,9 @@ def _add_gram(store: dict[str, GramStats], key: str, x: np.ndarray, spec: GramSp
     for p in gram_rows(x, spec, keep, rng):
         g = p.transpose(0, 2, 1) @ p     # batched BLAS (einsum loops in C: 9x slower on depthwise groups)
         if key not in store:
-            store[key] = GramStats(np.zeros_like(g))
+            store[key] = GramStats(np.zeros_like(g), sums=np.zeros(g.shape[:2]))
         store[key].gram += g
+        store[key].sums += p.sum(axis=1)
         store[key].rows += p.shape[1]
 
 
