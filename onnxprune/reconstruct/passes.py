@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import runtime
-from ..data.readers import ArrayData
+from ..data import ArrayData
 
 Progress = Callable[[Iterable, int, str], Iterable]
 
