@@ -173,11 +173,12 @@ def _fit(proto, x, y, nodes, consts, rank, d) -> Norm | None:
         n = _normalize(big, kind, 0.0)
         scale = ((f(big) - bias) * n).sum(0) / np.maximum((n * n).sum(0), 1e-30)
         eps = _fit_eps(f, kind, scale, bias, d, rng)
-        for s in (1.0, 0.05, 30.0, np.sqrt(eps) if eps > 0 else 1e-3):
+        # at the scale of eps itself float32 kernels lose digits (var = E[x^2] - E[x]^2): a looser check there
+        for s, rtol in ((1.0, FIT_RTOL), (0.05, FIT_RTOL), (30.0, FIT_RTOL), (np.sqrt(eps) if eps > 0 else 1e-3, 1e-2)):
             v = rng.standard_normal((8, d)) * s + (rng.standard_normal((8, 1)) * s if kind == "layer" else 0)
             want = scale * _normalize(v, kind, eps) + bias
             got = f(v)
-            if not np.all(np.isfinite(got)) or np.abs(got - want).max() > FIT_RTOL * max(np.abs(want).max(), 1e-6):
+            if not np.all(np.isfinite(got)) or np.abs(got - want).max() > rtol * max(np.abs(want).max(), 1e-6):
                 return None
     except Exception:
         return None
