@@ -66,6 +66,29 @@ def name_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` without Casts to the type their input already has (torch's RMSNorm casts the stream to
+    float32 in a float32 model, and the residual then reads the cast): their readers read the input."""
+    types = {k: t for k, (_, t) in ir.infer(proto).items()}
+    outputs = {o.name for o in proto.graph.output}
+    same = {n.output[0]: n.input[0] for n in proto.graph.node
+            if n.op_type == "Cast" and n.output[0] not in outputs and types.get(n.input[0]) is not None
+            and any(a.name == "to" and a.i == types[n.input[0]] for a in n.attribute)}
+    if not same:
+        return proto
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    keep = [n for n in m.graph.node if n.output[0] not in same or n.op_type != "Cast"]
+    for n in keep:
+        for k, i in enumerate(n.input):
+            while i in same:
+                i = same[i]
+            n.input[k] = i
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
+
+
 def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch_size: int = 8,
                limit: int | None = None, progress=None) -> list[np.ndarray]:
     """Per segment of the stream, ``sum z z^T / |z|^2`` over its norms' inputs and every real token of
@@ -161,7 +184,7 @@ def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = No
     ``per_segment``: each part of the stream between post-norm blocks gets the principal directions of
     its own norm's input (free: those parts already meet through a matrix); False uses one basis for
     all (the same thing for pre-norm models, which have one part)."""
-    proto = name_nodes(model.proto if isinstance(model, ir.Model) else model)
+    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model))
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     stream = find_stream(proto)
@@ -219,7 +242,7 @@ def width_for_budget(model: onnx.ModelProto | ir.Model, *, params: float | None 
     give them exactly at every width."""
     from ..measure import counts
 
-    proto = name_nodes(model.proto if isinstance(model, ir.Model) else model)
+    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model))
     stream = find_stream(proto)
     if isinstance(stream, NoStream):
         raise OnnxPruneError(f"--slice-hidden: no residual stream to rotate ({stream.reason})")
