@@ -20,6 +20,7 @@ DECODERS = {
     "llama-primitives-gqa": dict(norm="rms", spelled="primitives", gated=True, kv_heads=2, bias=False),
     "llama-opset23": dict(norm="rms", gated=True, bias=False, opset=23),
     "layer-primitives-opset18": dict(norm="layer", spelled="primitives", opset=18),
+    "llama-tied-copy": dict(norm="rms", spelled="primitives", gated=True, tied="copy"),
 }
 
 
@@ -96,10 +97,14 @@ def low_rank_decoder(rank=6, **kw):
         a = (rng.standard_normal((a.shape[0], rank)) @ rng.standard_normal((rank, a.shape[1]))) \
             if w.op == "Gather" else a * 0.003
         inits[w.tensor].CopyFrom(numpy_helper.from_array(a.astype(np.float32), w.tensor))
+        head = next((t for t in inits if t.startswith("lm_head")), None)
+        if w.op == "Gather" and head:   # the head stays an exact copy of the (new) table
+            inits[head].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a.T.astype(np.float32)), head))
     return model
 
 
-@pytest.mark.parametrize("kw", [dict(norm="rms", spelled="primitives", gated=True), dict(norm="layer")])
+@pytest.mark.parametrize("kw", [dict(norm="rms", spelled="primitives", gated=True), dict(norm="layer"),
+                                dict(norm="rms", spelled="primitives", tied="copy")])
 def test_pca_finds_the_used_directions_and_ties_stay_tied(kw):
     from onnxprune.data.readers import ArrayData
 

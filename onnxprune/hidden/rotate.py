@@ -250,8 +250,17 @@ def _tied_head(n, r, norm, Q, QE, s, kind, E, E_rot, node, new_const, fresh, ext
     n.input[0] = y2
     if r.via:
         node(r.via).input[0] = E_rot
-    else:
+    elif r.copy and n.op_type == "MatMul":   # a copy of the table: read the table itself, transposed
+        t = fresh(f"{E_rot}.T")
+        extra.append(("before", r.node, [helper.make_node("Transpose", [E_rot], [t], name=fresh(f"{n.name}.tie"),
+                                                          perm=[1, 0])]))
+        n.input[1] = t
+    else:       # Gemm with transB, or a copy read that way
         n.input[1] = E_rot
+        if r.copy:
+            keep = [a for a in n.attribute if a.name != "transB"]
+            del n.attribute[:]
+            n.attribute.extend(keep + [helper.make_attribute("transB", 1)])
     post, out = [], n.output[0]
     cur = fresh(f"{out}.main")
     n.output[0] = cur

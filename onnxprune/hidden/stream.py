@@ -47,6 +47,7 @@ class Reader:
     tensor: str          # the weight constant (for a tied head: the embedding table)
     rows: bool = False   # the weight is [k, d] (Gemm transB, or MatMul of Transpose(E))
     via: str = ""        # the Transpose node between the weight and the MatMul
+    copy: str = ""       # the weight the node reads, when ``tensor`` is an embedding table it equals (transposed)
 
 
 @dataclass
@@ -209,6 +210,7 @@ def find_stream(proto: onnx.ModelProto) -> Stream | NoStream:
         if n.y in outputs:
             outs.append(i)
     written = {w.tensor for w in writers}
+    _tie_copies(readers, writers, consts)
     tied = sorted({r.tensor for r in readers if r.tensor in written})
     roots = list(dict.fromkeys(find(t) for t in stream))
     segment = {t: roots.index(find(t)) for t in stream}
@@ -227,6 +229,23 @@ def _reader(c, norm, consts, producer, consumers) -> Reader | None:
             abs(_attr(c, "alpha", 1.0) - 1.0) < 1e-12:
         return Reader(norm, c.name, c.input[1], rows=bool(_attr(c, "transB", 0)))
     return None
+
+
+def _tie_copies(readers: list[Reader], writers: list[Writer], consts) -> None:
+    """A head whose weight holds exactly the embedding table's values (transposed) reads the table: the
+    exporter stored a tied head twice (torch's legacy exporter does), and one rotated table serves both."""
+    tables = {w.tensor: consts[w.tensor] for w in writers if w.op == "Gather"}
+    for r in readers:
+        if r.via or r.tensor in tables:
+            continue
+        w = consts[r.tensor]
+        for name, t in tables.items():
+            dims = list(t.dims)
+            if list(w.dims) == (dims if r.rows else dims[::-1]) and w.data_type == t.data_type:
+                a, b = ir.tensor_to_array(w), ir.tensor_to_array(t)
+                if np.array_equal(a if r.rows else a.T, b):
+                    r.copy, r.tensor, r.rows = r.tensor, name, True
+                    break
 
 
 def _shape_ok(c, consumers, consts, rank) -> bool:
