@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import fold, ir, rewrite, verify as verify_mod
+from . import fold, ir, rewrite, runtime, verify as verify_mod
 from .measure import counts as metrics
 from .analysis import analyze
 from .data.readers import ArrayData, open_data, random_feed
@@ -213,18 +213,30 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
           calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
-          reconstruct: str = "auto", reconstruct_options: dict | None = None) -> PruneResult:
+          reconstruct: str = "auto", reconstruct_options: dict | None = None,
+          providers: list[str] | None = None, session_options: dict | None = None) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
+
+    ``providers`` (onnxruntime execution providers, in order) and ``session_options`` (onnxruntime
+    SessionOptions attributes or dotted config entries) reach every session the pipeline opens;
+    without them the current :func:`runtime.use` target applies (by default onnxruntime on the CPU).
+    The report's ``runtime`` entry counts the sessions opened and what each got.
 
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
     """
     policy = policy or Policy()
     policy.check()
-    pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
-                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None)
-    return pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
-                         reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+    here = runtime.current()
+    target = here if providers is None and session_options is None else runtime.Target(
+        here.runtime, providers or here.providers, {**here.options, **(session_options or {})}, here.device)
+    with runtime.use(target):
+        pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
+                        calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None)
+        result = pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
+                               reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+    result.extra["runtime"] = target.to_json()
+    return result
 
 
 def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 
 from ..data import readers as data_mod
-from .. import ir
+from .. import ir, runtime
 from ..measure import quality as validate
 from ..errors import OnnxPruneError
 from . import fmt, options
@@ -44,6 +44,7 @@ def register(sub) -> None:
     options.add_input_shapes(p)
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per run (default 64)")
     options.add_json(p, "evaluation")
+    options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                       "computed; showing size only", soft_wrap=True)
     print_report(report)
     if json_out:
-        fmt.write_json(json_out, report.to_json())
+        fmt.write_json(json_out, {**report.to_json(), "runtime": runtime.current().to_json()})
     return 0
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .. import pipeline
+from .. import pipeline, runtime
 from ..search import budget
 from ..measure import latency
 from ..measure import plots
@@ -87,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--save-plan", metavar="PATH", help="write the plan (removed channels per group) as JSON")
     o.add_argument("--dry-run", action="store_true", help="analyse, score and plan; write nothing but the plan")
     o.add_argument("--no-verify", action="store_true", help="skip the masked-reference check (not recommended)")
+    options.add_runtime(p)
     p.set_defaults(func=run)
 
 
@@ -191,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     rep["output"] = str(out)
     rep["round_to"] = policy.round_to or 1
     rep["file_bytes_after"] = size
+    rep["runtime"] = runtime.current().to_json()
     if args.report:
         fmt.write_json(args.report, rep)
     if args.report_md:
