@@ -220,16 +220,16 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     ``providers`` (onnxruntime execution providers, in order) and ``session_options`` (onnxruntime
     SessionOptions attributes or dotted config entries) reach every session the pipeline opens;
     without them the current :func:`runtime.use` target applies (by default onnxruntime on the CPU).
-    The report's ``runtime`` entry counts the sessions opened and what each got.
+    The report's ``runtime`` entry counts the sessions this call opened and what each got.
 
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
     """
     policy = policy or Policy()
     policy.check()
-    here = runtime.current()
-    target = here if providers is None and session_options is None else runtime.Target(
-        here.runtime, providers or here.providers, {**here.options, **(session_options or {})}, here.device)
+    here = runtime.current()  # its settings, with a count of this call's sessions alone
+    target = runtime.Target(here.runtime, providers or here.providers, {**here.options, **(session_options or {})},
+                            here.device)
     with runtime.use(target):
         pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
                         calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None)
