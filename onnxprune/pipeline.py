@@ -217,20 +217,20 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
           calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
-          reconstruct: str = "auto", reconstruct_options: dict | None = None, slice_hidden: bool = False,
-          hidden_width: int | None = None, hidden_keep: float | None = None, round_to: int = 8,
-          kv_cache: bool = False, providers: list[str] | None = None, session_options: dict | None = None
-          ) -> PruneResult:
+          reconstruct: str = "auto", reconstruct_options: dict | None = None,
+          kv_cache: bool = False, slice_hidden: bool = False, hidden_width: int | None = None,
+          hidden_keep: float | None = None, round_to: int = 8, providers: list[str] | None = None,
+          session_options: dict | None = None) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
+
+    ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
+    (``present.*``) shrink with their heads (``onnxprune prune --kv-cache``); otherwise every graph
+    input and output keeps its shape.
 
     ``slice_hidden``: first rotate the residual stream of a normalised transformer (verified exact) and
     keep ``hidden_width`` directions (or ``hidden_keep`` of them, a multiple of ``round_to``), chosen by
     PCA of ``calib`` (see :mod:`onnxprune.hidden`); then ``policy`` prunes channels of the sliced model
     (nothing unless a policy is given). The report's ``hidden`` key states what was verified.
-
-    ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
-    (``present.*``) shrink with their heads (``onnxprune prune --kv-cache``); otherwise every graph
-    input and output keeps its shape.
 
     ``providers`` (onnxruntime execution providers, in order) and ``session_options`` (onnxruntime
     SessionOptions attributes or dotted config entries) reach every session the pipeline opens;
@@ -258,6 +258,7 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
                                    reconstruct=reconstruct, reconstruct_options=reconstruct_options)
     result.extra["runtime"] = target.to_json()
     return result
+
 
 def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
                ) -> ArrayData | None:
