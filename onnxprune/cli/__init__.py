@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 
 from ..errors import OnnxPruneError, VerificationError
+from . import options
 
 COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune"]
 
@@ -29,6 +31,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    parser.commands = sub.choices
     return parser
 
 
@@ -49,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("ONNXPRUNE_DEBUG") == "1"
     try:
-        rc = args.func(args)
+        options.check_paths(parser.commands[args.command], args)
+        with _runtime(args):
+            rc = args.func(args)
         return 0 if rc is None else int(rc)
     except OnnxPruneError as e:
         if debug:
@@ -65,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _runtime(args: argparse.Namespace):
+    """The runtime flags' target, current for the whole command (see :mod:`onnxprune.runtime`)."""
+    if not hasattr(args, "provider"):
+        return contextlib.nullcontext()
+    from .. import runtime
+    from .options import target_from
+
+    return runtime.use(target_from(args))
 
 
 if __name__ == "__main__":  # pragma: no cover
