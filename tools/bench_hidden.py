@@ -36,7 +36,7 @@ def load() -> float:
 
 def pooled(model: str, data: dict, batch: int = 32) -> np.ndarray:
     sess = runtime.session(__import__("onnx").load(model))
-    names = [i.name for i in sess.get_inputs()]
+    names = [i.name for i in sess.inputs]
     out = []
     for s in range(0, len(data["input_ids"]), batch):
         feed = {k: data[k][s:s + batch] for k in names}
