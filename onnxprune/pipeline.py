@@ -10,6 +10,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -320,6 +321,13 @@ def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
 
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
-    """Write the pruned model (the bytes verification ran, when it ran on this very model)."""
-    return ir.save(result.proto, path, source=result.original.path, external=result.original.external,
+    """Write the pruned model (the bytes verification ran, when it ran on this very model), and beside
+    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs)."""
+    from . import configs
+
+    size = ir.save(result.proto, path, source=result.original.path, external=result.original.external,
                    data=result.proto_bytes())
+    notes = configs.write_beside(result.original.proto, result.proto, result.original.path, Path(path))
+    if notes:
+        result.extra["configs"] = notes
+    return size

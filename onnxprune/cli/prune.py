@@ -247,6 +247,8 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
             reasons[r] = reasons.get(r, 0) + 1
     for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
         print(f"  frozen x{n}: {r}", file=sys.stderr)
+    for note in rep.get("configs", []) + rep.get("validity", []):
+        print(f"  {note}", file=sys.stderr)
 
 
 def validation_rows(v: dict | None) -> list[tuple]:
