@@ -10,6 +10,7 @@ frozen, with the reasons collected on the way.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,9 +55,16 @@ class _Record:
     input_index: int
 
 
+# KV caches cross the graph boundary: inputs past_key_values.* / past_*, outputs present.*
+KV_INPUT = re.compile(r"^past(_key_values)?[._]")
+KV_OUTPUT = re.compile(r"^present[._]")
+KV_FLAG = "--kv-cache"
+
+
 @dataclass
 class Options:
     split_carrier: str = "largest"   # or "outer": prune whole attention heads
+    kv_cache: bool = False           # KV-cache graph inputs/outputs may shrink with their heads
 
 
 class _Driver:
@@ -75,6 +83,21 @@ class _Driver:
         self.fix_log: list[tuple[np.ndarray, str]] = []
         self.barriers: list[Barrier] = []
         self.fixups: list = []
+        self.graph_inputs = {t.name for t in graph.inputs}
+
+    def boundary_ids(self, t: gs.Tensor, axis: int, node: gs.Node) -> np.ndarray | None:
+        """Ids for ``axis`` of an unlabelled KV-cache graph input that a rule couples with channels.
+
+        The input gets its own ids (a label on that axis, recorded as a member), so the group it
+        joins can shrink it when ``kv_cache`` is on; without it the ids are fixed with a reason
+        naming the flag. None for any other tensor."""
+        if t.name not in self.graph_inputs or not KV_INPUT.match(t.name) or t.name in self.labels:
+            return None
+        ids = self.uf.new(self.shape_of(t)[axis])
+        self.set_label(t, axis, ids, node)
+        if not self.options.kv_cache:
+            self.fix(ids, f"KV-cache input '{t.name}' keeps its shape ({KV_FLAG} lets it shrink with its heads)")
+        return ids
 
     # -------------------------------------------------- services for NodeCtx
     def shape_of(self, t: gs.Tensor) -> list[int]:
@@ -119,7 +142,11 @@ class _Driver:
             self.visit(node)
         for t in self.graph.outputs:
             lab = self.labels.get(t.name)
-            if lab is not None:
+            if lab is not None and KV_OUTPUT.match(t.name):
+                if not self.options.kv_cache:
+                    self.fix(lab.ids, f"KV-cache output '{t.name}' keeps its shape ({KV_FLAG} lets it shrink "
+                                      "with its heads)")
+            elif lab is not None:
                 self.fix(lab.ids, f"graph output '{t.name}' keeps its shape")
             for ids, where, _ in self.taint.get(t.name, []):
                 self.fix(ids, f"{where}: its channel count reaches graph output '{t.name}'")
@@ -344,18 +371,20 @@ def _static_values(proto: onnx.ModelProto, shapes_in: dict, observed: dict) -> s
 
 
 def analyze(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
-            *, split_carrier: str = "largest") -> Analysis:
-    """Find every group of coupled channels in ``model``."""
+            *, split_carrier: str = "largest", kv_cache: bool = False) -> Analysis:
+    """Find every group of coupled channels in ``model``.
+
+    Graph inputs and outputs keep their shapes, except with ``kv_cache``: KV-cache inputs
+    (``past_key_values.*``, ``past_*``) and outputs (``present.*``) then shrink with the heads
+    they carry, and the pruned model declares their new shapes."""
     proto = model.proto if isinstance(model, ir.Model) else model
     graph, shapes, observed, static, shapes_in = prepare(proto, input_shapes)
     opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), 0)
     if split_carrier not in ("largest", "outer"):
         raise OnnxPruneError(f"split carrier '{split_carrier}': expected largest or outer")
-    d = _Driver(graph, shapes, observed, opset, Options(split_carrier=split_carrier))
+    d = _Driver(graph, shapes, observed, opset, Options(split_carrier=split_carrier, kv_cache=kv_cache))
     d.static = static
     d.run()
     groups = d.groups()
-    a = Analysis(groups=groups, barriers=d.barriers, shapes=shapes, input_shapes=shapes_in)
-    a._driver = d  # the rewrite needs labels and fixups
-    a._graph = graph
-    return a
+    return Analysis(groups=groups, barriers=d.barriers, shapes=shapes, input_shapes=shapes_in,
+                    channel_axes=d.labels, fixups=d.fixups, kv_cache=kv_cache)

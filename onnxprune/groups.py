@@ -8,15 +8,24 @@ array mapping each position of that axis to the group's channel (or -1 when
 the position belongs to another group or to nothing prunable).
 
 Removing channel ``c`` removes, in every member, every position whose index
-is ``c``. That is the whole contract the rewrite, the masked-reference
-verification, the importance criteria and the report share.
+is ``c``. Members are what the masked-reference verification, the importance
+criteria and the report read. The rewrite also needs what the rules declared
+besides members: the labelled axis of every tensor (``Analysis.channel_axes``)
+and the attribute/shape-constant edits that must follow a removal
+(``Analysis.fixups``). Both are declared fields of :class:`Analysis`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # rules import this module: only the type checker reads these names
+    import onnx_graphsurgeon as gs
+
+    from .rules.base import Fixup, Label
 
 # Member kinds
 WEIGHT_OUT = "weight_out"      # a layer weight's output axis (Conv W axis 0, Gemm/MatMul output features)
@@ -91,6 +100,11 @@ class Analysis:
     barriers: list[Barrier]
     shapes: dict[str, list[int]]                # tensor name -> concrete shape used for the analysis
     input_shapes: dict[str, list[int]]
+    # tensor name -> its labelled axis and the channel id of every position (see rules.base)
+    channel_axes: dict[str, "Label"] = field(default_factory=dict)
+    # (node of the analysed graph, edit) pairs the rewrite runs in order after slicing constants
+    fixups: list[tuple["gs.Node", "Fixup"]] = field(default_factory=list)
+    kv_cache: bool = False                      # KV-cache graph inputs/outputs were allowed to shrink
 
     @property
     def prunable(self) -> list[Group]:

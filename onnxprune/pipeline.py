@@ -18,7 +18,7 @@ import onnx
 from . import fold, ir, rewrite, verify as verify_mod
 from .measure import counts as metrics
 from .analysis import analyze
-from .data.readers import ArrayData, open_data, random_feed
+from .data.readers import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
@@ -61,6 +61,7 @@ class PruneResult:
             "verified": bool(self.verification.passed) if self.verification is not None else False,
             "verification": self.verification.to_json() if self.verification is not None else None,
             "input_shapes": a.input_shapes,
+            "kv_cache": a.kv_cache,
             "groups": self.rewrite.groups,
             "frozen": [{"group": g.id, "label": g.label, "size": g.size, "reasons": g.reasons}
                        for g in a.frozen if g.size > 1],
@@ -119,7 +120,7 @@ class Pruner:
     def __init__(self, model: str | os.PathLike | ir.Model, *, criterion: str = "l2",
                  group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
                  calib: str | ArrayData | None = None, split_carrier: str = "largest", progress=None,
-                 score: bool = True):
+                 score: bool = True, kv_cache: bool = False):
         from .importance import ScoreContext, fallback_summary, requires_data, score_groups
 
         self.seconds: dict[str, float] = {}
@@ -130,9 +131,12 @@ class Pruner:
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze", self.peaks):
-            self.analysis = analyze(self.original, input_shapes, split_carrier=split_carrier)
-        self.data = calib if isinstance(calib, ArrayData) or calib is None else open_data(
-            calib, self.original.proto, self.analysis.input_shapes)
+            # real calibration data is opened first: its samples bind the model's symbolic dims
+            data = None if calib is None or calib == "random" else open_data(calib, self.original.proto,
+                                                                              input_shapes or {})
+            shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
+            self.analysis = analyze(self.original, shapes, split_carrier=split_carrier, kv_cache=kv_cache)
+        self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
         if score and requires_data(criterion) and self.data is None:
             raise OnnxPruneError(f"criterion '{criterion}' needs calibration data: add --calib DATA.npz "
                                  "(or --calib random)")
@@ -158,7 +162,7 @@ class Pruner:
     def candidate(self, plan: Plan) -> tuple[rewrite.RewriteResult, metrics.ModelStats]:
         """The rewritten (unverified) model for ``plan`` and its params/MACs."""
         result = rewrite.apply(self.analysis, plan.removed, self.original)
-        return result, metrics.summarize(result.proto, self.analysis.input_shapes)
+        return result, metrics.summarize(result.proto, result.input_shapes)
 
     def finish(self, plan: Plan | dict, *, verify: bool = True, rtol: float = 1e-4, reconstruct: str = "auto",
                reconstruct_options: dict | None = None) -> PruneResult:
@@ -202,7 +206,7 @@ class Pruner:
         extra["importance_fallbacks"] = self.score_notes
         extra["peak_rss_mb"] = peaks
         with _timed(seconds, "measure", peaks):
-            after = metrics.summarize(final, analysis.input_shapes)
+            after = metrics.summarize(final, result.input_shapes)
         source = "none" if data is None else data.kind
         # the verified bytes are the model to save only if no refit changed its weights since
         saved = (final, data_bytes) if data_bytes is not None and mode == "none" else None
@@ -214,22 +218,93 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
           calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
-          reconstruct: str = "auto", reconstruct_options: dict | None = None) -> PruneResult:
+<<<<<<< HEAD
+          reconstruct: str = "auto", reconstruct_options: dict | None = None, slice_hidden: bool = False,
+          hidden_width: int | None = None, hidden_keep: float | None = None, round_to: int = 8) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
+
+    ``slice_hidden``: first rotate the residual stream of a normalised transformer (verified exact) and
+    keep ``hidden_width`` directions (or ``hidden_keep`` of them, a multiple of ``round_to``), chosen by
+    PCA of ``calib`` (see :mod:`onnxprune.hidden`); then ``policy`` prunes channels of the sliced model
+    (nothing unless a policy is given). The report's ``hidden`` key states what was verified.
+=======
+          reconstruct: str = "auto", reconstruct_options: dict | None = None,
+          kv_cache: bool = False) -> PruneResult:
+    """Prune ``model`` and verify the result against the masked original.
+
+    ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
+    (``present.*``) shrink with their heads (``onnxprune prune --kv-cache``); otherwise every graph
+    input and output keeps its shape.
+>>>>>>> main
 
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
     """
+    if slice_hidden:
+        return prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
+                            input_shapes=input_shapes, width=hidden_width, keep=hidden_keep, round_to=round_to,
+                            verify=verify, rtol=rtol, reconstruct=reconstruct, progress=progress)
     policy = policy or Policy()
     policy.check()
     pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
-                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None)
+                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None,
+                    kv_cache=kv_cache)
     return pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
                          reconstruct=reconstruct, reconstruct_options=reconstruct_options)
 
 
+def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
+               ) -> ArrayData | None:
+    """Calibration data; for a causal LM (an ``input_ids`` input) an .npz of token ids whose missing
+    ``attention_mask``/``position_ids`` are made (see :mod:`measure.perplexity`)."""
+    from .measure import perplexity
+
+    if isinstance(spec, (str, os.PathLike)) and spec != "random" and perplexity.is_causal_lm(proto) \
+            and str(spec).endswith(".npz"):
+        return perplexity.token_data(spec, proto)
+    return open_data(spec, proto, input_shapes)
+
+
+def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criterion: str = "l2",
+                 calib: str | ArrayData | None = None, input_shapes: dict[str, list[int]] | None = None,
+                 width: int | None = None, keep: float | None = None, round_to: int = 8, verify: bool = True,
+                 rtol: float = 1e-4, reconstruct: str = "auto", progress=None) -> PruneResult:
+    """The hidden-width stage (rotate, verify, slice) then the channel pipeline on the sliced model.
+
+    The result's ``original`` and ``before`` are the input model's; its ``verification`` is the
+    channel pruning's against the sliced model, and ``extra["hidden"]`` the rotation's against the
+    input model (see :class:`hidden.HiddenResult`)."""
+    from . import hidden
+
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "load"):
+        original = model if isinstance(model, ir.Model) else ir.load(model)
+        ir.materialize(original)
+        shapes = ir.resolve_input_shapes(original.proto, input_shapes)
+        data = calib_data(calib, original.proto, shapes)
+    with _timed(seconds, "slice_hidden"):
+        h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
+                                progress=progress)
+    sliced = ir.Model(h.proto)
+    policy.check()
+    active = policy.ratio > 0 or any(r > 0 for r in policy.ratio_for.values())
+    pruner = Pruner(sliced, criterion=criterion, input_shapes=input_shapes, calib=data, progress=progress,
+                    score=active)
+    result = pruner.finish(pruner.plan(policy) if active else Plan({}), verify=verify, rtol=rtol,
+                           reconstruct=reconstruct if active else "none")
+    result.seconds = {**seconds, **result.seconds}
+    result.extra["hidden"] = h.to_json()
+    result.original = original
+    result.before = metrics.summarize(original.proto, result.analysis.input_shapes)
+    result.plan.notes.append(f"hidden width {h.width_before} -> {h.width_after} (rotation verified exact: "
+                             f"{bool(h.rotation and h.rotation.passed)}; slicing is approximate, measure it "
+                             "with --data)")
+    return result
+
+
 def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
-    """Before/after accuracy (with labels) or fidelity to the original, and interleaved latency.
+    """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
+    :func:`measure.perplexity.token_data`), and interleaved latency.
 
     Stored in ``result.extra["validation"]`` and returned.
     """
@@ -238,11 +313,20 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
     t = time.perf_counter()
     out: dict = {"data": data.source or data.kind, "samples": data.num_samples}
-    m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
-                     want_accuracy=data.labels is not None)
-    out["accuracy_before"] = m.reference_accuracy
-    out["accuracy_after"] = m.accuracy
-    out["fidelity"] = m.fidelity
+    if data.kind == "tokens":  # a causal LM on token ids (measure.perplexity.token_data)
+        from .measure import perplexity
+
+        after, before = perplexity.perplexities([result.proto, result.original.proto], data,
+                                                batch_size=min(batch_size, 8))
+        out["perplexity_before"], out["perplexity_after"] = before, after
+        out["perplexity_ratio"] = (after["perplexity"] / before["perplexity"]
+                                   if before["perplexity"] and after["perplexity"] is not None else None)
+    else:
+        m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
+                         want_accuracy=data.labels is not None)
+        out["accuracy_before"] = m.reference_accuracy
+        out["accuracy_after"] = m.accuracy
+        out["fidelity"] = m.fidelity
     if bench_runs:
         bench = latency.benchmark({"after": result.proto, "before": result.original.proto}, warmup=5,
                                   runs=bench_runs, input_shapes=result.analysis.input_shapes)

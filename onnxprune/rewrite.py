@@ -28,6 +28,7 @@ class RewriteResult:
     kept_inputs: dict[str, np.ndarray] = field(default_factory=dict)   # layer node -> kept input channels
     kept_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # layer node -> kept output channels
     groups: list[dict] = field(default_factory=list)                   # the report's per-group removals
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)   # the pruned model's (analysis) input shapes
 
 
 def removal_maps(analysis: Analysis, plan: dict[int, np.ndarray]):
@@ -59,7 +60,7 @@ class _View(RewriteView):
 
     def __init__(self, graph: gs.Graph, nodes: dict[str, gs.Node], analysis: Analysis, acts: dict):
         self.graph, self.nodes, self.acts = graph, nodes, acts
-        self.shapes, self.labels = analysis.shapes, analysis._driver.labels
+        self.shapes, self.labels = analysis.shapes, analysis.channel_axes
         self._n = 0
 
     def kept(self, tensor: str) -> np.ndarray:
@@ -146,12 +147,13 @@ def apply(analysis: Analysis, plan: dict[int, np.ndarray], original: ir.Model | 
                 copies[k] = gs.Constant(view.unique(f"{tname}_pruned"), _slice(_values(const), spec))
             node.inputs[idx] = copies[k]
 
-    for _, fn in analysis._driver.fixups:
+    for _, fn in analysis.fixups:
         fn(view)
+    input_shapes = _boundary_shapes(graph, analysis, view, acts)
 
     proto = ir.from_graph(graph, template)
     result = RewriteResult(proto=proto, removed_positions={k: (a, np.array(sorted(p))) for k, (a, p) in acts.items()},
-                           groups=report)
+                           groups=report, input_shapes=input_shapes)
     for n in graph.nodes:
         if n.op in LAYER_OPS:
             data_in = 1 if (n.op == "MatMul" and isinstance(n.inputs[0], gs.Constant)) else 0
@@ -161,6 +163,23 @@ def apply(analysis: Analysis, plan: dict[int, np.ndarray], original: ir.Model | 
             if n.outputs and n.outputs[0].name in acts:
                 result.kept_outputs[n.name] = view.kept(n.outputs[0].name)
     return result
+
+
+def _boundary_shapes(graph: gs.Graph, analysis: Analysis, view: _View, acts: dict) -> dict[str, list[int]]:
+    """Graph inputs and outputs that lost positions (KV caches, with ``kv_cache``) declare their new
+    size; returns the analysis input shapes of the pruned model."""
+    shapes = {k: list(v) for k, v in analysis.input_shapes.items()}
+    for t in [*graph.inputs, *graph.outputs]:
+        if t.name not in acts or isinstance(t, gs.Constant):
+            continue
+        axis, n = acts[t.name][0], view.new_size(t.name)
+        if t.shape is not None and axis < len(t.shape):
+            dims = list(t.shape)
+            dims[axis] = n
+            t.shape = dims
+        if t.name in shapes:
+            shapes[t.name][axis] = n
+    return shapes
 
 
 def _key(spec: dict[int, set]) -> tuple:

@@ -109,7 +109,8 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
             feeds: list[dict[str, np.ndarray]], rtol: float = 1e-4, atol: float = 1e-5,
             taps: dict[str, tuple[str, int, np.ndarray]] | None = None,
             reference_weights: onnx.ModelProto | None = None, *, external_dir: str | None = None,
-            reference_names: set[str] | None = None) -> Verification:
+            reference_names: set[str] | None = None,
+            input_cuts: dict[str, tuple[int, np.ndarray]] | None = None) -> Verification:
     """Run both models on ``feeds`` and compare every output.
 
     Outputs of a low-precision float type (float16, bfloat16) are compared with a relative
@@ -121,7 +122,9 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
     outputs is tiny (e.g. a residual branch behind a 1e-6 layer scale) is still checked.
 
     Either model may be given serialized (bytes); ``external_dir`` is where the serialized
-    reference's external data lives, ``reference_names`` the tensors it produces.
+    reference's external data lives, ``reference_names`` the tensors it produces. ``input_cuts``
+    names graph inputs that lost positions (KV caches): the candidate is fed them without those
+    positions, the reference (which masks them) the whole feed.
     """
     have = _produced(candidate)
     have_ref = reference_names if reference_names is not None else _produced(reference)
@@ -135,8 +138,11 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
         del candidate
         outs = [o.name for o in s_cand.get_outputs() if o.name not in taps]
         pairs = [(n, n, None, None) for n in outs] + [(c, r, ax, pos) for c, (r, ax, pos) in taps.items()]
+        cut = input_cuts or {}
+        cand_feeds = [{k: np.delete(v, cut[k][1], axis=cut[k][0]) if k in cut else v for k, v in feed.items()}
+                      for feed in feeds]
         try:
-            got = [runtime.run(s_cand, feed, [c for c, *_ in pairs]) for feed in feeds]
+            got = [runtime.run(s_cand, feed, [c for c, *_ in pairs]) for feed in cand_feeds]
         except Exception as e:
             return Verification(False, error=f"pruned model failed to run: {e}", rtol=rtol, atol=atol)
         del s_cand
@@ -144,7 +150,7 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
         del reference
     except Exception as e:  # the candidate must load; if it does not, that is a failed verification
         return Verification(False, error=str(e), rtol=rtol, atol=atol)
-    lost = [o.name for o in s_ref.get_outputs() if o.name not in outs and o.name not in tapped]
+    lost = [o.name for o in s_ref.get_outputs() if o.name not in outs and o.name not in tapped and o.name not in taps]
     if lost:
         return Verification(False, error=f"the pruned model lacks output '{lost[0]}'", rtol=rtol, atol=atol)
     worst: dict[str, list[float]] = {c: [0.0, 0.0, rtol] for c, *_ in pairs}
@@ -243,10 +249,13 @@ def verify(original: onnx.ModelProto | ir.Model, pruned: onnx.ModelProto,
     names = [n for n, (_, pos) in removed.items() if len(pos)]
     pick = names if len(names) <= max_taps else [names[i] for i in np.linspace(0, len(names) - 1, max_taps)
                                                      .round().astype(int)]
+    outputs = {o.name for o in proto.graph.output}
+    pick += [n for n in names if n in outputs and n not in pick]  # outputs that lost positions: always
     taps = {n: (f"{n}__masked", removed[n][0], removed[n][1]) for n in pick}
+    inputs = {i.name for i in proto.graph.input}
+    cuts = {n: removed[n] for n in names if n in inputs}
     patch = reference_patch(proto, removed, shapes)
     ref_names = {o for n in patch.node for o in n.output}
-    outputs = {o.name for o in proto.graph.output}
     for r, _, _ in taps.values():  # spliced in now rather than appended later (a second copy)
         if r in ref_names and r not in outputs:
             patch.output.add().name = r
@@ -260,7 +269,7 @@ def verify(original: onnx.ModelProto | ir.Model, pruned: onnx.ModelProto,
     del base
     candidate = pruned_bytes if pruned_bytes is not None else pruned
     ver = compare(candidate, reference, feeds, rtol, atol, taps, reference_weights=weights,
-                  external_dir=external_dir, reference_names=ref_names)
+                  external_dir=external_dir, reference_names=ref_names, input_cuts=cuts)
     if not ver.passed and ver.error:
         _require_runnable(proto, feeds[0] if feeds else None)
     return ver

@@ -117,7 +117,8 @@ def test_evaluate_combines_accuracy_fidelity_and_size():
     report = validate.evaluate(linear(bias), ArrayData({"x": x}, labels), reference=linear())
     j = report.to_json()
     assert list(j) == ["model", "reference", "samples", "accuracy", "reference_accuracy", "fidelity", "params",
-                       "macs", "file_bytes", "reference_params", "reference_macs", "reference_file_bytes"]
+                       "macs", "file_bytes", "reference_params", "reference_macs", "reference_file_bytes",
+                       "perplexity", "reference_perplexity"]
     assert j["samples"] == 4
     assert j["accuracy"] == {"top1": 0.75, "top5": 1.0} == j["reference_accuracy"]
     assert j["fidelity"]["logits"]["max_abs"] == 0.5

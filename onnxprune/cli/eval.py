@@ -20,6 +20,12 @@ JSON keys (stable; absent values are null)::
     params, macs          parameters and multiply-accumulates (symbolic dims = 1 unless --input-shape)
     file_bytes            model size on disk
     reference_params, reference_macs, reference_file_bytes   the same for the reference, or null
+    perplexity            with --metric perplexity: {"perplexity", "nll" (mean per token), "tokens"}, else null
+    reference_perplexity  the same for the reference, or null
+
+``--metric perplexity`` is for causal language models (an ``input_ids`` input, logits
+``[batch, seq, vocab]``): ``--data`` is then an .npz of token ids, ``input_ids [sequences, tokens]``
+and optionally ``attention_mask`` (0 = padding, not scored); tokenize outside onnxprune.
 """
 
 from __future__ import annotations
@@ -42,7 +48,11 @@ def register(sub) -> None:
                         "images (class subfolders give labels), or 'random'")
     p.add_argument("--reference", metavar="ORIG", help="original model to measure fidelity against")
     options.add_input_shapes(p)
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per run (default 64)")
+    p.add_argument("--metric", choices=["auto", "perplexity"], default="auto",
+                   help="auto: accuracy with labels, fidelity with --reference; perplexity: next-token "
+                        "perplexity of a causal LM on token ids (--data with 'input_ids')")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="samples per run (default 64; 8 sequences with --metric perplexity)")
     options.add_json(p, "evaluation")
     options.add_images(p)
     p.set_defaults(func=run)
@@ -56,6 +66,8 @@ def load_data(spec: str, proto, shapes: dict[str, list[int]], num_random: int = 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size is None:
+        args.batch_size = 8 if args.metric == "perplexity" else 64
     if args.batch_size < 1:
         raise OnnxPruneError(f"--batch-size {args.batch_size}: must be at least 1")
     options.image_data(args, "data")
@@ -65,15 +77,36 @@ def run(args: argparse.Namespace) -> int:
     reference = ir.load(args.reference) if args.reference else None
     if reference is not None:
         validate.check_same_inputs(model, reference)
-    data = load_data(args.data, model.proto, shapes)
-    report = validate.evaluate(model, data, reference, shapes, batch_size=args.batch_size)
-    if report.accuracy is None and report.fidelity is None:
+    if args.metric == "perplexity":
+        report = _perplexity_report(args, model, reference, shapes)
+    else:
+        data = load_data(args.data, model.proto, shapes)
+        report = validate.evaluate(model, data, reference, shapes, batch_size=args.batch_size)
+    if report.accuracy is None and report.fidelity is None and report.perplexity is None:
         fmt.err.print("no 'labels' in the data and no --reference: accuracy and fidelity cannot be "
                       "computed; showing size only", soft_wrap=True)
     print_report(report)
     if json_out:
         fmt.write_json(json_out, report.to_json())
     return 0
+
+
+def _perplexity_report(args: argparse.Namespace, model, reference, shapes) -> validate.EvalReport:
+    from ..measure import perplexity as ppl
+
+    data = ppl.token_data(args.data, model.proto)
+    models = [model] + ([reference] if reference is not None else [])
+    measured = ppl.perplexities(models, data, batch_size=args.batch_size)
+    params, macs, size = validate.size_stats(model, shapes)
+    report = validate.EvalReport(model=validate.model_name(model, "model"), samples=data.num_samples,
+                                 params=params, macs=macs, file_bytes=size, data=data.source,
+                                 perplexity=measured[0])
+    if reference is not None:
+        report.reference = validate.model_name(reference, "reference")
+        report.reference_perplexity = measured[1]
+        report.reference_params, report.reference_macs, report.reference_file_bytes = \
+            validate.size_stats(reference, shapes)
+    return report
 
 
 def _pct(x: float | None) -> str:
@@ -96,6 +129,11 @@ def print_report(r: validate.EvalReport) -> None:
         ref = r.reference_accuracy or {}
         rows.append(["top-1", _pct(r.accuracy["top1"])] + ([_pct(ref.get("top1"))] if both else []))
         rows.append(["top-5", _pct(r.accuracy["top5"])] + ([_pct(ref.get("top5"))] if both else []))
+    if r.perplexity is not None:
+        ref = r.reference_perplexity or {}
+        rows.append(["perplexity", _num(r.perplexity["perplexity"])]
+                    + ([_num(ref.get("perplexity"))] if both else []))
+        rows.append(["tokens scored", str(r.perplexity["tokens"])] + ([str(ref.get("tokens"))] if both else []))
     rows.append(["params", fmt.human_count(r.params)] + ([fmt.human_count(r.reference_params)] if both else []))
     rows.append(["MACs", fmt.human_count(r.macs)] + ([fmt.human_count(r.reference_macs)] if both else []))
     rows.append(["file size", _size(r.file_bytes)] + ([_size(r.reference_file_bytes)] if both else []))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .. import pipeline
 from ..search import budget
-from ..measure import latency
+from ..measure import latency, pass_cost
 from ..measure import plots
 from ..data.readers import open_data
 from ..errors import OnnxPruneError
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_model(p)
     options.add_output(p)
     g = p.add_argument_group("what to remove")
-    g.add_argument("--ratio", default="0.3", help="fraction of each group's channels to remove (default 0.3)")
+    g.add_argument("--ratio", default=None, help="fraction of each group's channels to remove (default 0.3; "
+                                                 "0 with --slice-hidden)")
     g.add_argument("--criterion", default="l2", help="importance criterion (default l2; see docs/criteria.md)")
     g.add_argument("--group-reduction", default="mean", choices=["mean", "sum", "max"],
                    help="how the scores of coupled layers combine (default mean)")
@@ -46,6 +48,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--heads", action="store_true",
                    help="when a channel axis is split (attention heads), prune whole heads rather than "
                         "the same dimensions of every head")
+<<<<<<< HEAD
+    g.add_argument("--slice-hidden", action="store_true",
+                   help="transformers: rotate the residual stream (verified exact) and remove its least-used "
+                        "directions, chosen by PCA of --calib; embeddings and every layer shrink (approximate: "
+                        "measure with --data; see docs/transformers.md). --ratio then defaults to 0")
+    g.add_argument("--hidden-keep", metavar="F", help="with --slice-hidden: fraction of the hidden width kept "
+                                                      "(default: from --target-params/--target-macs, else 1)")
+=======
+    g.add_argument("--kv-cache", action="store_true",
+                   help="let KV-cache inputs (past_key_values.*, past_*) and outputs (present.*) shrink with "
+                        "their attention heads; the pruned model declares their new shapes (otherwise every "
+                        "graph input and output keeps its shape)")
+>>>>>>> main
     g.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of scoring")
     g.add_argument("--ratios-from", metavar="SENS.json",
                    help="per-group ratios suggested by 'onnxprune sensitivity --json' (scaled by budget search)")
@@ -73,6 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data", metavar="DATA", help="validation data (.npz or image folder, labels optional): "
                                                   "accuracy or fidelity and latency before/after are measured "
                                                   "and reported")
+    d.add_argument("--metric", choices=["auto", "perplexity"], default="auto",
+                   help="what --data measures: auto = accuracy with labels, else fidelity; perplexity = "
+                        "next-token perplexity of a causal LM (--data an .npz with 'input_ids', optional "
+                        "'attention_mask')")
     d.add_argument("--bench-runs", type=int, default=20, metavar="N",
                    help="timed onnxruntime runs per model for the latency row (with --data; 0 = skip)")
     options.add_input_shapes(d)
@@ -91,6 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def policy_from(args: argparse.Namespace) -> Policy:
+    if args.ratio is None:
+        args.ratio = "0" if getattr(args, "slice_hidden", False) else "0.3"
     return Policy(ratio=options.fraction("--ratio", args.ratio),
                   ratio_for=options.name_values("--ratio-for", args.ratio_for),
                   ignore=list(args.ignore), round_to=round_to_from(args.round_to),
@@ -137,6 +158,7 @@ def _read_plan(path: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
     out = Path(args.output)
@@ -153,10 +175,14 @@ def run(args: argparse.Namespace) -> int:
     plan = _read_plan(args.plan)
     if plan is not None and target.active:
         raise OnnxPruneError("--plan replays a fixed plan; it cannot be combined with --target-*")
+    if args.slice_hidden:
+        return _run_sliced(args, policy, target, plan, out)
+    if args.hidden_keep is not None:
+        raise OnnxPruneError("--hidden-keep goes with --slice-hidden")
     pruner = pipeline.Pruner(args.model, criterion=args.criterion, group_reduction=args.group_reduction,
                              input_shapes=options.input_shapes(args), calib=args.calib,
                              split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
-                             score=plan is None)
+                             score=plan is None, kv_cache=args.kv_cache)
     if args.reconstruct_stages is not None:
         pruner.reconstruct_options["stages"] = args.reconstruct_stages
     if plan is None and not pruner.analysis.prunable:
@@ -164,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ratios_from:
         policy.ratio_for.update(_read_ratios(args.ratios_from))
         policy.check()
-    data = open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
+    data = _validation_data(args, pruner)
     if target.active:
         outcome, result = budget.search(pruner, policy, target, data, reconstruct=args.reconstruct,
                                         progress=fmt.progress, allocation=args.allocation)
@@ -179,6 +205,12 @@ def run(args: argparse.Namespace) -> int:
                                reconstruct=args.reconstruct)
     if args.finetune_steps and not args.dry_run:
         _finetune(args, pruner, result)
+    return _finish(args, result, data, policy, out, pruner, start)
+
+
+def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy: Policy, out: Path,
+            pruner: pipeline.Pruner | None = None, start: float = 0.0) -> int:
+    """Validate, write the plan, model and reports, print the summary."""
     if data is not None:
         pipeline.validate(result, data, bench_runs=args.bench_runs)
     if args.save_plan:
@@ -187,16 +219,73 @@ def run(args: argparse.Namespace) -> int:
         print_summary(result, None)
         return 0
     size = pipeline.save(result, out)
+    passes = _in_passes(pruner, result, time.perf_counter() - start) if pruner is not None else None
     rep = result.report()
     rep["output"] = str(out)
     rep["round_to"] = policy.round_to or 1
     rep["file_bytes_after"] = size
+    rep["calibration_passes"] = passes
     if args.report:
         fmt.write_json(args.report, rep)
     if args.report_md:
         fmt.write_text(args.report_md, markdown_report(result, rep, args.report_md))
     print_summary(result, size)
+    if passes is not None:
+        print(f"prune time {passes['prune_seconds']:.1f} s = {passes['passes']} calibration passes (one onnxruntime "
+              f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s)",
+              file=sys.stderr)
     return 0
+
+
+def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: float) -> dict | None:
+    """The prune's wall time (validation with --data left out) in passes of the original over --calib."""
+    if pruner.data is None or pruner.data.kind == "random":
+        return None
+    ref = pass_cost.reference_pass(pruner.original.proto, pruner.data)
+    return pass_cost.in_passes(seconds - result.seconds.get("validate", 0.0), ref)
+
+
+def _validation_data(args: argparse.Namespace, pruner):
+    """``--data`` as accuracy/fidelity data, or as token ids with ``--metric perplexity``."""
+    if args.metric == "perplexity":
+        if not args.data:
+            raise OnnxPruneError("--metric perplexity measures --data: add --data TOKENS.npz")
+        from ..measure import perplexity
+
+        return perplexity.token_data(args.data, pruner.original.proto)
+    return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
+
+
+def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget, plan, out: Path) -> int:
+    """``--slice-hidden``: the hidden-width stage, then (with --ratio) channel pruning of the sliced model."""
+    from .. import hidden
+
+    for flag, bad in (("--plan", plan is not None), ("--target-latency", target.latency is not None),
+                      ("--max-drop", target.max_drop is not None), ("--finetune-steps", bool(args.finetune_steps)),
+                      ("--dry-run", args.dry_run), ("--ratios-from", bool(args.ratios_from)),
+                      ("--allocation", args.allocation != "uniform")):
+        if bad:
+            raise OnnxPruneError(f"{flag} does not combine with --slice-hidden yet")
+    if not args.calib:
+        raise OnnxPruneError("--slice-hidden chooses the directions to keep from data: add --calib DATA.npz "
+                             "(--calib random only checks the rotation)")
+    keep = None if args.hidden_keep is None else options.fraction("--hidden-keep", args.hidden_keep, low=1e-9,
+                                                                  high=1.0, high_open=False)
+    width = None
+    round_to = policy.round_to or 1
+    if target.active:
+        if keep is not None or policy.ratio > 0:
+            raise OnnxPruneError("with --slice-hidden, a --target-* budget searches the hidden width alone: "
+                                 "drop --hidden-keep and --ratio")
+        from ..ir import load
+        width, fr = hidden.slicing.width_for_budget(load(args.model), params=target.params, macs=target.macs,
+                                                    input_shapes=options.input_shapes(args), round_to=round_to)
+    result = pipeline.prune_sliced(args.model, policy=policy, criterion=args.criterion, calib=args.calib,
+                                   input_shapes=options.input_shapes(args), width=width, keep=keep,
+                                   round_to=round_to, verify=not args.no_verify, reconstruct=args.reconstruct,
+                                   progress=fmt.progress)
+    data = _validation_data(args, result)
+    return _finish(args, result, data, policy, out)
 
 
 def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
@@ -241,6 +330,17 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
     fmt.out.print(f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
                   f"{rep['groups_frozen']} frozen; {status}"
                   + (f" (worst relative error {ver.needed_rtol:.1e})" if ver and ver.passed else ""))
+    h = rep.get("hidden")
+    if h:
+        rv = h.get("rotation_verification") or {}
+        worst = max((o["max_abs"] / o["scale"] if o["scale"] else o["max_abs"] for o in rv.get("outputs", [])),
+                    default=None)
+        fmt.out.print(f"hidden width {h['width_before']} -> {h['width_after']} ({h['norms']} norms, "
+                      f"{h['writers']} writers, {h['readers']} readers); rotation "
+                      + ("verified exact" + (f" (worst relative error {worst:.1e})" if worst is not None else "")
+                         if h["rotation_verified"] else "NOT verified")
+                      + f"; slicing keeps {100 * h['variance_kept']:.1f}% of the normalised stream's variance "
+                        "(approximate: measured with --data)")
     reasons = {}
     for fz in rep["frozen"]:
         for r in fz["reasons"][:1]:
@@ -255,6 +355,11 @@ def validation_rows(v: dict | None) -> list[tuple]:
     if not v:
         return []
     rows = []
+    pb, pa = v.get("perplexity_before"), v.get("perplexity_after")
+    if pa:
+        ratio = v.get("perplexity_ratio")
+        rows.append(("perplexity", f"{pb['perplexity']:.4g}", f"{pa['perplexity']:.4g}",
+                     "-" if ratio is None else f"{ratio:.3f}x"))
     b, a = v.get("accuracy_before"), v.get("accuracy_after")
     if a:
         rows.append(("top-1 accuracy", f"{100 * b['top1']:.2f}%", f"{100 * a['top1']:.2f}%",

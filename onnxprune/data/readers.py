@@ -112,15 +112,36 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
                 f"{p}: array '{vi.name}' has shape {list(a.shape)}, the model wants rank {len(dims)} ({dims})")
         for i, d in enumerate(dims[1:], start=1):
             fixed = (input_shapes or {}).get(vi.name, [None] * len(dims))[i] if input_shapes else None
-            want_d = d if isinstance(d, int) and d > 0 else fixed
+            static = isinstance(d, int) and d > 0
+            want_d = d if static else fixed
             if want_d and a.shape[i] != want_d:
-                raise OnnxPruneError(
-                    f"{p}: array '{vi.name}' has shape {list(a.shape)}, the model wants {dims}")
+                wants = f"the model wants {dims}" if static else f"--input-shape gives {input_shapes[vi.name]}"
+                raise OnnxPruneError(f"{p}: array '{vi.name}' has shape {list(a.shape)}, {wants}")
     if labels is not None:
         if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != next(iter(counts)):
             raise OnnxPruneError(f"{p}: 'labels' must be a 1-D int array with one label per sample")
         labels = labels.astype(np.int64)
     return ArrayData(arrays, labels, kind="npz", source=str(p))
+
+
+def bind_shapes(proto: onnx.ModelProto, data: ArrayData, explicit: dict[str, list[int]] | None = None
+                ) -> dict[str, list[int]]:
+    """Analysis shapes for ``proto`` fed ``data``: ``explicit`` (``--input-shape``) where given; otherwise
+    the model's dims, with each symbolic dim after the first (batch) taken from the data's samples.
+
+    The batch dim stays as the model has it (symbolic: resolved later to 1); static dims were already
+    checked against the data when it was opened."""
+    explicit = dict(explicit or {})
+    out = {}
+    for vi in ir.graph_inputs(proto):
+        if vi.name in explicit or vi.name not in data.arrays:
+            continue
+        dims, have = ir.input_dims(vi), tuple(data.arrays[vi.name].shape)
+        if not dims or len(have) != len(dims) or all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            continue
+        first = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
+        out[vi.name] = [first] + [d if isinstance(d, int) and d > 0 else int(h) for d, h in zip(dims[1:], have[1:])]
+    return {**out, **explicit}
 
 
 def random_feed(proto: onnx.ModelProto, input_shapes: dict[str, list[int]], seed: int = 0

@@ -267,6 +267,8 @@ class EvalReport:
     reference_macs: int | None = None
     reference_file_bytes: int | None = None
     data: str = ""
+    perplexity: dict | None = None            # measure.perplexity.perplexity() of the model, or None
+    reference_perplexity: dict | None = None
 
     def to_json(self) -> dict:
         def acc(a: dict | None) -> dict | None:
@@ -281,7 +283,13 @@ class EvalReport:
             "params": self.params, "macs": self.macs, "file_bytes": self.file_bytes,
             "reference_params": self.reference_params, "reference_macs": self.reference_macs,
             "reference_file_bytes": self.reference_file_bytes,
+            "perplexity": _ppl(self.perplexity), "reference_perplexity": _ppl(self.reference_perplexity),
         }
+
+
+def _ppl(p: dict | None) -> dict | None:
+    return None if p is None else {"perplexity": _finite(p["perplexity"]), "nll": _finite(p["nll"]),
+                                   "tokens": p["tokens"]}
 
 
 def _finite(x: float | None) -> float | None:

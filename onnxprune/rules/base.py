@@ -157,11 +157,18 @@ class NodeCtx:
         return self._a.labels.get(self._t(t).name)
 
     def ids_on(self, t: gs.Tensor | int, axis: int) -> np.ndarray:
-        """Ids along ``axis`` of ``t``: its label if that axis is labelled, else all FIXED."""
+        """Ids along ``axis`` of ``t``: its label if that axis is labelled, else all FIXED.
+
+        An unlabelled KV-cache graph input gets ids of its own on ``axis`` (see
+        ``analysis._Driver.boundary_ids``): coupling it then frees or freezes it with its heads."""
         t = self._t(t)
         lab = self._a.labels.get(t.name)
         if lab is not None and lab.axis == axis:
             return lab.ids
+        if lab is None:
+            ids = self._a.boundary_ids(t, axis, self.node)
+            if ids is not None:
+                return ids
         return np.zeros(self.shape(t)[axis], dtype=np.int64)
 
     def attr(self, name: str, default=None):
