@@ -48,19 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--heads", action="store_true",
                    help="when a channel axis is split (attention heads), prune whole heads rather than "
                         "the same dimensions of every head")
-<<<<<<< HEAD
     g.add_argument("--slice-hidden", action="store_true",
                    help="transformers: rotate the residual stream (verified exact) and remove its least-used "
                         "directions, chosen by PCA of --calib; embeddings and every layer shrink (approximate: "
                         "measure with --data; see docs/transformers.md). --ratio then defaults to 0")
     g.add_argument("--hidden-keep", metavar="F", help="with --slice-hidden: fraction of the hidden width kept "
                                                       "(default: from --target-params/--target-macs, else 1)")
-=======
     g.add_argument("--kv-cache", action="store_true",
                    help="let KV-cache inputs (past_key_values.*, past_*) and outputs (present.*) shrink with "
                         "their attention heads; the pruned model declares their new shapes (otherwise every "
                         "graph input and output keeps its shape)")
->>>>>>> main
     g.add_argument("--plan", metavar="PLAN.json", help="replay a saved plan instead of scoring")
     g.add_argument("--ratios-from", metavar="SENS.json",
                    help="per-group ratios suggested by 'onnxprune sensitivity --json' (scaled by budget search)")
