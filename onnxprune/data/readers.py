@@ -166,9 +166,7 @@ def _random_array(rng: np.random.Generator, vi, full: list[int]) -> np.ndarray:
     dt = ir.input_dtype(vi)
     if dt.kind == "f":
         return rng.standard_normal(full).astype(dt)
-    if dt.kind in "iub" and "mask" in vi.name.lower():
-        # an attention mask of random zeros can mask every position (onnxruntime's attention then
-        # refuses the batch, or it reads nothing): every position is attended, as in a plain prompt
+    if ir.is_mask_input(vi):   # every position attended, as in a plain prompt
         return np.ones(full, dtype=dt)
     if dt.kind in "iu":
         return rng.integers(0, 2, size=full).astype(dt)
