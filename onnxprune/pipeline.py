@@ -224,19 +224,19 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           group_reduction: str = "mean", input_shapes: dict[str, list[int]] | None = None,
           calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
-          reconstruct: str = "auto", reconstruct_options: dict | None = None, slice_hidden: bool = False,
-          hidden_width: int | None = None, hidden_keep: float | None = None, round_to: int = 8,
-          kv_cache: bool = False) -> PruneResult:
+          reconstruct: str = "auto", reconstruct_options: dict | None = None,
+          kv_cache: bool = False, slice_hidden: bool = False, hidden_width: int | None = None,
+          hidden_keep: float | None = None, round_to: int = 8) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
+
+    ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
+    (``present.*``) shrink with their heads (``onnxprune prune --kv-cache``); otherwise every graph
+    input and output keeps its shape.
 
     ``slice_hidden``: first rotate the residual stream of a normalised transformer (verified exact) and
     keep ``hidden_width`` directions (or ``hidden_keep`` of them, a multiple of ``round_to``), chosen by
     PCA of ``calib`` (see :mod:`onnxprune.hidden`); then ``policy`` prunes channels of the sliced model
     (nothing unless a policy is given). The report's ``hidden`` key states what was verified.
-
-    ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
-    (``present.*``) shrink with their heads (``onnxprune prune --kv-cache``); otherwise every graph
-    input and output keeps its shape.
 
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
