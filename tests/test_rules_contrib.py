@@ -98,6 +98,16 @@ def test_group_query_attention_cache_inputs_keep_heads_without_opt_in(tmp_path):
     assert heads.frozen and any("past_key_values.0.key" in r or "present.0.key" in r for r in heads.reasons)
 
 
+def test_group_query_attention_cache_shrinks_with_its_kv_heads(tmp_path):
+    shapes = {"past_key_values.0.key": [1, NKV, 2, HS], "past_key_values.0.value": [1, NKV, 2, HS]}
+    r = prune_model(tmp_path, _gqa(past=True), ratio=0.5, round_to=1, input_shapes=shapes, kv_cache=True)
+    assert _attr(r.proto, "GroupQueryAttention", "kv_num_heads") == NKV // 2
+    dims = {t.name: t.type.tensor_type.shape.dim[1].dim_value for t in [*r.proto.graph.input, *r.proto.graph.output]
+            if t.name not in ("x", "y")}
+    assert dims == {n: NKV // 2 for n in ("past_key_values.0.key", "past_key_values.0.value", "present.0.key",
+                                          "present.0.value")}
+
+
 def test_multi_head_attention_with_packed_bias(tmp_path):
     n, h = 4, 8
     inits = [_w(f"W{c}", D, n * h) for c in "qkv"] + [_w("bias", 3 * n * h), _w("Wo", n * h, D)]
