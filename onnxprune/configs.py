@@ -141,29 +141,21 @@ def _copy_companions(src_dir: Path, out_dir: Path, proto: onnx.ModelProto, model
         target = out_dir / f.name
         if target.exists() and os.path.samefile(target, f):
             continue
-        _atomic_copy(f, target)
+        _atomic_write(target, copy_of=f)
         copied.append(f.name)
     return copied
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | None = None, *, copy_of: Path | None = None) -> None:
+    """``data`` (or a copy of the file ``copy_of``) at ``path``, written to a temporary name and renamed."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        if copy_of is not None:
+            shutil.copyfile(copy_of, tmp)
+        else:
+            Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
