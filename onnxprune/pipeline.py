@@ -133,8 +133,8 @@ class Pruner:
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
-            data = None if calib is None or calib == "random" else open_data(calib, self.original.proto,
-                                                                              input_shapes or {})
+            data = None if calib is None or calib == "random" else calib_data(calib, self.original.proto,
+                                                                               input_shapes or {})
             shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
             self.analysis = analyze(self.original, shapes, split_carrier=split_carrier, kv_cache=kv_cache)
         self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
@@ -262,7 +262,7 @@ def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shape
 
     if isinstance(spec, (str, os.PathLike)) and spec != "random" and perplexity.is_causal_lm(proto) \
             and str(spec).endswith(".npz"):
-        return perplexity.token_data(spec, proto)
+        return perplexity.token_data(spec, proto, input_shapes)
     return open_data(spec, proto, input_shapes)
 
 
@@ -330,7 +330,7 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
         out["fidelity"] = m.fidelity
     if bench_runs:
         bench = latency.benchmark({"after": result.proto, "before": result.original.proto}, warmup=5,
-                                  runs=bench_runs, input_shapes=result.analysis.input_shapes)
+                                  runs=bench_runs, input_shapes=result.rewrite.input_shapes or result.analysis.input_shapes)
         out["latency_ms_before"] = bench["before"].p50
         out["latency_ms_after"] = bench["after"].p50
         out["latency_ratio"] = bench.ratio_p50

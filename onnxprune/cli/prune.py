@@ -249,7 +249,7 @@ def _validation_data(args: argparse.Namespace, pruner):
             raise OnnxPruneError("--metric perplexity measures --data: add --data TOKENS.npz")
         from ..measure import perplexity
 
-        return perplexity.token_data(args.data, pruner.original.proto)
+        return perplexity.token_data(args.data, pruner.original.proto, pruner.analysis.input_shapes)
     return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
 
 
