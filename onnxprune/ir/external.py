@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxPruneError
+from . import safety
 from .proto import all_tensors, copy_header, np_dtype, tensor_bytes
 
 _BASE_KEY = "onnxprune_dir"   # our own external_data key: the folder a lazy tensor's location is relative to
@@ -46,10 +47,23 @@ def model_size_bytes(path: str | os.PathLike, proto: onnx.ModelProto | None = No
         except Exception:
             return total
     for loc in locations(proto):
-        f = path.parent / loc
-        if loc and f.exists():
+        try:
+            f = safety.contained(path.parent, loc)
+        except ValueError:  # never counted, never read (load refuses such a model)
+            continue
+        if f.exists():
             total += f.stat().st_size
     return total
+
+
+def check_locations(proto: onnx.ModelProto, base: str | os.PathLike) -> None:
+    """Refuse external data outside the folder ``base`` (onnx's rules, see ``safety.contained``), before
+    anything is read, on the eager and the lazy path alike."""
+    for loc in locations(proto):
+        try:
+            safety.contained(base, loc)
+        except ValueError as e:
+            raise OnnxPruneError(f"{e}; external data must be files inside the model's folder") from None
 
 
 def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
@@ -61,8 +75,12 @@ def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
     dtype = np_dtype(t.data_type)
     if t.data_type in _PACKED or dtype.itemsize * int(np.prod(t.dims, dtype=np.int64)) != int(info["length"]):
         return numpy_helper.to_array(t, base).copy()
+    try:
+        path = safety.contained(base, info.get("location", ""))
+    except ValueError as e:
+        raise OnnxPruneError(f"tensor '{t.name}': {e}") from None
     out = np.empty(tuple(t.dims), dtype=dtype)
-    with open(os.path.join(base, info["location"]), "rb") as fh:
+    with open(path, "rb") as fh:
         fh.seek(int(info.get("offset", 0)))
         if fh.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
             raise OnnxPruneError(f"external data of '{t.name}' is shorter than its shape")
@@ -137,7 +155,7 @@ def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_n
         wanted = {i for n in proto.graph.node for i in n.input} - have
         tensors += [t for t in extra.graph.initializer if t.name in wanted]
     data_file = Path(data_file) if data_file is not None else Path(model_file).parent / data_name
-    with open(data_file, "wb") as fh:
+    with safety.open_new(data_file) as fh:
         for t in tensors:
             if t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data") and lazy_dir(t) is None:
                 raise ValueError(f"tensor '{t.name}' has no data in memory")
@@ -159,5 +177,5 @@ def write_external(proto: onnx.ModelProto, model_file: str | os.PathLike, data_n
                 e.key, e.value = key, str(value)
             fh.write(raw)
             del raw
-    with open(model_file, "wb") as fh:
+    with safety.open_new(model_file) as fh:
         fh.write(header.SerializeToString())

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
 from ..errors import OnnxPruneError
-from . import limits
-from .external import has_external, is_lazy, locations, mark_lazy, model_size_bytes, write_external
+from . import limits, safety
+from .external import (check_locations, has_external, is_lazy, locations, mark_lazy, model_size_bytes,
+                       write_external)
 from .ortops import contrib_ops, for_checker, note, ort_load
 from .proto import proto_bytes
 from .shapes import skeleton
@@ -68,6 +68,10 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> Model:
         raise OnnxPruneError(f"{p}: not a valid ONNX model (protobuf parse failed; is the file truncated?)") from None
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise OnnxPruneError(f"{p}: not an ONNX model (no graph found)")
+    try:
+        check_locations(proto, p.parent)
+    except OnnxPruneError as e:
+        raise OnnxPruneError(f"{p}: {e}") from None
     missing = [loc for loc in locations(proto) if not (p.parent / loc).exists()]
     if missing:
         raise OnnxPruneError(
@@ -180,29 +184,30 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.Pa
     if not os.access(parent, os.W_OK):
         raise OnnxPruneError(f"{parent}: output folder is not writable")
     big = external or proto_bytes(proto) >= limits.TWO_GB or has_external(proto)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise OnnxPruneError(f"{parent}: cannot write the output there ({e.strerror}); choose another -o folder") \
-            from None
-    os.close(fd)
     data_name = out.name + ".data"
-    tmp_data = str(parent / f".{data_name}.tmp") if big else None
+    made = []  # temporary files created exclusively (O_EXCL, unpredictable names): never a planted link
     try:
+        fd, tmp = safety.temp_beside(out)
+        os.close(fd)
+        made.append(tmp)
         if big:  # external data is written under its final name's reference, then both files renamed
+            fd, tmp_data = safety.temp_beside(parent / data_name)
+            os.close(fd)
+            made.append(tmp_data)
             write_external(proto, tmp, data_name, data_file=tmp_data)
             size = os.path.getsize(tmp) + os.path.getsize(tmp_data)
-            os.replace(tmp_data, parent / data_name)
+            safety.finish_temp(tmp_data, parent / data_name)
         else:
-            with open(tmp, "wb") as fh:
+            with safety.open_new(tmp) as fh:
                 fh.write(proto.SerializeToString() if data is None else data)
             size = os.path.getsize(tmp)
-        os.replace(tmp, out)
+        safety.finish_temp(tmp, out)
     except BaseException as e:
-        for f in (tmp, tmp_data):
-            if f and os.path.exists(f):
+        for f in made:
+            if os.path.lexists(f):
                 os.unlink(f)
         if isinstance(e, OSError):
-            raise OnnxPruneError(f"{out}: cannot write the model ({e.strerror or e})") from None
+            raise OnnxPruneError(f"{out}: cannot write the model ({e.strerror or e}); choose another -o folder") \
+                from None
         raise
     return size
