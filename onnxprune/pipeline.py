@@ -274,8 +274,10 @@ def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shape
     from .measure import perplexity
 
     if isinstance(spec, (str, os.PathLike)) and spec != "random" and perplexity.is_causal_lm(proto) \
-            and str(spec).endswith(".npz"):
-        return perplexity.token_data(spec, proto, input_shapes)
+            and str(spec).endswith(".npz") and os.path.isfile(spec):
+        with np.load(spec) as z:
+            if any(vi.name not in z.files for vi in ir.graph_inputs(proto)):
+                return perplexity.token_data(spec, proto, input_shapes)
     return open_data(spec, proto, input_shapes)
 
 
@@ -294,8 +296,7 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     with _timed(seconds, "load"):
         original = model if isinstance(model, ir.Model) else ir.load(model)
         ir.materialize(original)
-        shapes = ir.resolve_input_shapes(original.proto, input_shapes)
-        data = calib_data(calib, original.proto, shapes)
+        data = calib_data(calib, original.proto, input_shapes or {})
     with _timed(seconds, "slice_hidden"):
         h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
                                 progress=progress)
