@@ -12,10 +12,10 @@ import onnx
 from .. import ir
 from .arrays import ArrayData, DataSource
 from .images import ImagePath, is_image_path, open_images
-from .readers import bind_shapes, load_npz, random_data, random_feed
+from .readers import bind_shapes, fit_empty, load_npz, random_data, random_feed
 
-__all__ = ["ArrayData", "DataSource", "ImagePath", "bind_shapes", "is_image_path", "load_npz", "open_data",
-           "open_images", "random_data", "random_feed"]
+__all__ = ["ArrayData", "DataSource", "ImagePath", "bind_shapes", "fit_empty", "is_image_path", "load_npz",
+           "open_data", "open_images", "random_data", "random_feed"]
 
 
 def open_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
