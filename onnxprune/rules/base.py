@@ -86,6 +86,11 @@ class RewriteView:
     def set_const(self, node: gs.Node, input_index: int, value: np.ndarray) -> None:
         raise NotImplementedError
 
+    def set_elements(self, node: gs.Node, input_index: int, value: np.ndarray, mask: np.ndarray) -> None:
+        """Input ``input_index`` takes ``value`` where ``mask`` is set and keeps its run-time value
+        elsewhere (a later call wins where masks overlap)."""
+        raise NotImplementedError
+
 
 class Unsupported(Exception):
     """Raised by a rule for a case it cannot prove; the driver turns it into a barrier."""
@@ -139,6 +144,16 @@ class NodeCtx:
         if isinstance(t, gs.Constant):
             return np.asarray(t.values)
         return self._a.static_value(t.name)
+
+    def elements(self, t: gs.Tensor | int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(value, mask of elements read at run time) of a constant or of a small computed tensor
+        (shape arithmetic) the analysis observed; elements outside the mask do not change with the
+        symbolic input dimensions. None when the value is unknown."""
+        t = self._t(t)
+        if isinstance(t, gs.Constant):
+            v = np.asarray(t.values)
+            return v, np.zeros(v.shape, dtype=bool)
+        return self._a.elements(t.name)
 
     def is_const(self, t: gs.Tensor | int) -> bool:
         return isinstance(self._t(t), gs.Constant)
