@@ -381,7 +381,13 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
     if need:  # only graphs whose shapes depend on run-time values pay for an onnxruntime run
         fixed = ir.with_input_shapes(proto, shapes_in)
         sess = runtime.session(runtime.with_outputs(fixed, need), optimize=False)
-        vals = runtime.run(sess, random_feed(fixed, shapes_in), need)
+        try:
+            vals = runtime.run(sess, random_feed(fixed, shapes_in), need)
+        except Exception as e:  # e.g. a symbolic channel or image size that defaulted to 1
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            at = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes_in.items())
+            raise OnnxPruneError(f"onnxruntime cannot run the model at {at} ({msg}); give real sizes with "
+                                 "--input-shape NAME=DIMS") from None
         for name, v in vals.items():
             shapes[name] = list(v.shape)
             if name in want_values and v.size <= SMALL and v.dtype.kind in "iufb":

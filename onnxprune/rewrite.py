@@ -92,6 +92,19 @@ class _View(RewriteView):
             return
         node.inputs[input_index] = gs.Constant(self.unique(f"{old.name or node.name}_pruned"), np.asarray(value))
 
+    def take(self, node: gs.Node, input_index: int, axis: int, positions: np.ndarray) -> None:
+        node = self.nodes[node.name]
+        src = node.inputs[input_index]
+        n = self.shapes[src.name][axis] if src.name in self.shapes else None
+        if n is not None and len(positions) == n:
+            return
+        out = gs.Variable(self.unique(f"{src.name}_kept"), dtype=src.dtype)
+        self.graph.nodes.append(gs.Node("Gather", name=self.unique(f"{node.name}_take{input_index}"), attrs={"axis": axis},
+                                        inputs=[src, gs.Constant(self.unique(f"{out.name}_index"),
+                                                                 np.asarray(positions, dtype=np.int64))],
+                                        outputs=[out]))
+        node.inputs[input_index] = out
+
     def set_elements(self, node: gs.Node, input_index: int, value: np.ndarray, mask: np.ndarray) -> None:
         """Some elements of an input become constants: the whole input if it is a constant or every
         element is set, else ``Where(mask, value, run-time input)`` (one per node input, so a shape

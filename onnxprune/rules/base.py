@@ -86,6 +86,10 @@ class RewriteView:
     def set_const(self, node: gs.Node, input_index: int, value: np.ndarray) -> None:
         raise NotImplementedError
 
+    def take(self, node: gs.Node, input_index: int, axis: int, positions: np.ndarray) -> None:
+        """Input ``input_index`` is read at ``positions`` of ``axis`` only (a Gather before the node)."""
+        raise NotImplementedError
+
     def set_elements(self, node: gs.Node, input_index: int, value: np.ndarray, mask: np.ndarray) -> None:
         """Input ``input_index`` takes ``value`` where ``mask`` is set and keeps its run-time value
         elsewhere (a later call wins where masks overlap)."""
@@ -239,6 +243,15 @@ class NodeCtx:
         if not isinstance(tensor, gs.Constant):
             raise Unsupported(f"input {idx} ('{tensor.name}') is not a constant")
         self._a.add_member(tensor.name, axis, np.asarray(ids, dtype=np.int64), kind, self.node, idx)
+
+    def take_kept(self, i: int, axis: int, out: int = 0) -> None:
+        """Input ``i``, a run-time tensor without channels whose ``axis`` lines up position by position
+        with output ``out``'s channel axis, is read only at the positions the output keeps."""
+        out_name, node = self.outputs[out].name, self.node
+
+        def fix(view):
+            view.take(node, i, axis, view.kept(out_name))
+        self.fixup(fix)
 
     def read_channel_count(self, ids: np.ndarray, out: int = 0, position: int | None = None) -> None:
         """Output ``out`` holds these channels' count (Shape, Size): at element ``position``, or

@@ -53,9 +53,10 @@ def _count_only(node, i, pos, value_of, shape_of) -> Positions:
 @carrier("Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Equal", "Where", "Pow", "Less", "Greater", "And",
          "Or")
 def _elementwise(node, i, pos, value_of, shape_of) -> Positions:
-    """Positions stay unless the tainted input is broadcast over the output (Where's condition never)."""
+    """Element k of the output reads element k of every input of the same size (Where's condition
+    too): positions stay unless the tainted input is broadcast over the output."""
     n_in, n_out = _size(shape_of(node.inputs[i])), _size(shape_of(node.outputs[0]))
-    if (node.op == "Where" and i == 0) or n_in is None or n_in != n_out:
+    if n_in is None or n_in != n_out:
         return None
     return pos
 
