@@ -66,14 +66,9 @@ def _constants(graph: onnx.GraphProto) -> dict[str, tuple[int, int]]:
     out = {t.name: (int(np.prod(t.dims)), ir.tensor_bytes(t)) for t in graph.initializer if t.name not in inputs}
     for n in graph.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
-            a = {x.name: x for x in n.attribute}
-            if "value" in a:
-                out[n.output[0]] = (int(np.prod(a["value"].t.dims)), ir.tensor_bytes(a["value"].t))
-            elif "value_floats" in a or "value_ints" in a:
-                k = len(a["value_floats"].floats) if "value_floats" in a else len(a["value_ints"].ints)
-                out[n.output[0]] = (k, 8 * k)
-            elif "value_float" in a or "value_int" in a:
-                out[n.output[0]] = (1, 8)
+            t = ir.constant_tensor(n)
+            if t is not None:
+                out[n.output[0]] = (int(np.prod(t.dims)), ir.tensor_bytes(t))
     return out
 
 

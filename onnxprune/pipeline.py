@@ -218,16 +218,26 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           calib: str | ArrayData | None = None, plan: Plan | dict | None = None, verify: bool = True,
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
           reconstruct: str = "auto", reconstruct_options: dict | None = None,
-          kv_cache: bool = False) -> PruneResult:
+          kv_cache: bool = False, slice_hidden: bool = False, hidden_width: int | None = None,
+          hidden_keep: float | None = None, round_to: int = 8) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
 
     ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
     (``present.*``) shrink with their heads (``onnxprune prune --kv-cache``); otherwise every graph
     input and output keeps its shape.
 
+    ``slice_hidden``: first rotate the residual stream of a normalised transformer (verified exact) and
+    keep ``hidden_width`` directions (or ``hidden_keep`` of them, a multiple of ``round_to``), chosen by
+    PCA of ``calib`` (see :mod:`onnxprune.hidden`); then ``policy`` prunes channels of the sliced model
+    (nothing unless a policy is given). The report's ``hidden`` key states what was verified.
+
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
     """
+    if slice_hidden:
+        return prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
+                            input_shapes=input_shapes, width=hidden_width, keep=hidden_keep, round_to=round_to,
+                            verify=verify, rtol=rtol, reconstruct=reconstruct, progress=progress)
     policy = policy or Policy()
     policy.check()
     pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
@@ -235,6 +245,55 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
                     kv_cache=kv_cache)
     return pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
                          reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+
+
+def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
+               ) -> ArrayData | None:
+    """Calibration data; for a causal LM (an ``input_ids`` input) an .npz of token ids whose missing
+    ``attention_mask``/``position_ids`` are made (see :mod:`measure.perplexity`)."""
+    from .measure import perplexity
+
+    if isinstance(spec, (str, os.PathLike)) and spec != "random" and perplexity.is_causal_lm(proto) \
+            and str(spec).endswith(".npz"):
+        return perplexity.token_data(spec, proto)
+    return open_data(spec, proto, input_shapes)
+
+
+def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criterion: str = "l2",
+                 calib: str | ArrayData | None = None, input_shapes: dict[str, list[int]] | None = None,
+                 width: int | None = None, keep: float | None = None, round_to: int = 8, verify: bool = True,
+                 rtol: float = 1e-4, reconstruct: str = "auto", progress=None) -> PruneResult:
+    """The hidden-width stage (rotate, verify, slice) then the channel pipeline on the sliced model.
+
+    The result's ``original`` and ``before`` are the input model's; its ``verification`` is the
+    channel pruning's against the sliced model, and ``extra["hidden"]`` the rotation's against the
+    input model (see :class:`hidden.HiddenResult`)."""
+    from . import hidden
+
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "load"):
+        original = model if isinstance(model, ir.Model) else ir.load(model)
+        ir.materialize(original)
+        shapes = ir.resolve_input_shapes(original.proto, input_shapes)
+        data = calib_data(calib, original.proto, shapes)
+    with _timed(seconds, "slice_hidden"):
+        h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
+                                progress=progress)
+    sliced = ir.Model(h.proto)
+    policy.check()
+    active = policy.ratio > 0 or any(r > 0 for r in policy.ratio_for.values())
+    pruner = Pruner(sliced, criterion=criterion, input_shapes=input_shapes, calib=data, progress=progress,
+                    score=active)
+    result = pruner.finish(pruner.plan(policy) if active else Plan({}), verify=verify, rtol=rtol,
+                           reconstruct=reconstruct if active else "none")
+    result.seconds = {**seconds, **result.seconds}
+    result.extra["hidden"] = h.to_json()
+    result.original = original
+    result.before = metrics.summarize(original.proto, result.analysis.input_shapes)
+    result.plan.notes.append(f"hidden width {h.width_before} -> {h.width_after} (rotation verified exact: "
+                             f"{bool(h.rotation and h.rotation.passed)}; slicing is approximate, measure it "
+                             "with --data)")
+    return result
 
 
 def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:

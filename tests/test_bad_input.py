@@ -120,7 +120,7 @@ PRUNE_CASES = {
     "ratio nan": ("{d}/good.onnx -o {o}/m.onnx --ratio nan", "--ratio nan"),
     "unknown criterion": ("{d}/good.onnx -o {o}/m.onnx --criterion magic", "unknown importance criterion"),
     "unreachable MACs target": ("{d}/good.onnx -o {o}/m.onnx --target-macs 0.001", "cannot be met"),
-    "output is the input": ("{d}/good.onnx -o {d}/good.onnx", "output path is the input model"),
+    "output is the input": ("{d}/good.onnx -o {d}/good.onnx", "is the input MODEL"),
     "output folder missing": ("{d}/good.onnx -o {o}/no/such/m.onnx", "does not exist"),
     "output folder unwritable": ("{d}/good.onnx -o /proc/m.onnx", "not writable"),
     "output path is a folder": ("{d}/good.onnx -o {o}", "is a directory"),

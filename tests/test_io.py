@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import onnx_graphsurgeon as gs
 from builders import GraphBuilder
 from onnx import external_data_helper, helper, numpy_helper
 
@@ -222,7 +223,7 @@ def test_constant_nodes_lift_with_their_names_and_values():
     graph = ir.to_graph(model)
 
     assert not [n for n in graph.nodes if n.op == "Constant"]
-    consts = {name: t for name, t in graph.tensors().items() if isinstance(t, ir.gs.Constant)}
+    consts = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     assert set(consts) == set(PADDLE_CONSTANTS)
     for name, value in PADDLE_CONSTANTS.items():
         assert consts[name].values.dtype == value.dtype and consts[name].values.shape == value.shape, name

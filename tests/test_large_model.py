@@ -23,8 +23,8 @@ LAYERS, WIDTH = 3, 64
 @pytest.fixture
 def big_paths(monkeypatch):
     """Every 'too large' threshold at a few KB, so a 50 KB model takes the paths of a 2 GB one."""
-    monkeypatch.setattr(ir, "TWO_GB", 4096)
-    monkeypatch.setattr(ir, "CHECK_WEIGHTS_BYTES", 4096)
+    monkeypatch.setattr(ir.limits, "TWO_GB", 4096)
+    monkeypatch.setattr(ir.limits, "CHECK_WEIGHTS_BYTES", 4096)
     monkeypatch.setattr(verify, "SHARE_WEIGHTS_BYTES", 4096)
 
 
@@ -86,7 +86,7 @@ def test_lazy_load_keeps_weights_on_disk_and_prunes_the_same(tmp_path, monkeypat
     bench.generate(src, LAYERS, WIDTH)
     inputs = digests(src.parent)
     eager = pipeline.prune(ir.load(src), policy=Policy(ratio=0.5))
-    monkeypatch.setattr(ir, "LAZY_BYTES", 0)
+    monkeypatch.setattr(ir.limits, "LAZY_BYTES", 0)
     lazy_model = ir.load(src, lazy=True)
     assert ir.is_lazy(lazy_model.proto) and not any(t.HasField("raw_data") for t in lazy_model.proto.graph.initializer)
     lazy = pipeline.prune(src, policy=Policy(ratio=0.5))

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import OnnxPruneError, VerificationError
+from . import options
 
 COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune"]
 
@@ -29,6 +30,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    parser.commands = sub.choices
     return parser
 
 
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("ONNXPRUNE_DEBUG") == "1"
     try:
+        options.check_paths(parser.commands[args.command], args)
         rc = args.func(args)
         return 0 if rc is None else int(rc)
     except OnnxPruneError as e:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from ..errors import OnnxPruneError
+from ..ir import safety
 
 out = Console(highlight=False, soft_wrap=False, width=max(100, Console().width))
 err = Console(stderr=True, highlight=False)
@@ -55,41 +57,22 @@ def human_bytes(n: float) -> str:
 
 
 def write_json(path: str | os.PathLike, data: object) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        from ..errors import OnnxPruneError
-        raise OnnxPruneError(f"{parent}: folder for the JSON report does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        from ..errors import OnnxPruneError
-        raise OnnxPruneError(f"{parent}: cannot write the JSON report there ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=_jsonable)
-            fh.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (``-``: to standard output)."""
+    write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temp file + rename)."""
+    """Write a text file atomically, with the permissions ``open(path, "w")`` gives (``-``: standard output)."""
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with safety.atomic_output(p, "w") as fh:
             fh.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except OSError as e:
+        raise OnnxPruneError(f"{p}: cannot write there ({e.strerror or e}); choose another folder") from None
 
 
 def _jsonable(o):

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .. import ir
+from ..ir import safety
 from ..errors import OnnxPruneError
 from ..data.images import ImagePath, is_image_path
 
@@ -123,3 +124,65 @@ def writable_file(flag: str, value: str | None) -> Path | None:
         raise OnnxPruneError(f"{flag} {p}: folder {parent} is not writable ({e.strerror}); choose another folder") \
             from None
     return p
+
+
+# ---------------------------------------------------------------- inputs and outputs never meet
+
+# Which options name files read (``in``; ``model``: an ONNX model, whose external data files are read
+# too) and files written (``out``), by destination; an option elsewhere can say so with ``path_role``.
+PATH_ROLES = {"model": "model", "reference": "model", "teacher": "model", "calib": "in", "data": "in",
+              "finetune_data": "in", "plan": "in", "ratios_from": "in",
+              "output": "out", "json": "out", "report": "out", "report_md": "out", "save_plan": "out",
+              "plot": "out"}
+# Files an output brings along: a model's external data, a Markdown report's plot.
+COMPANIONS = {"output": lambda p: [p + ".data"], "report_md": lambda p: [str(Path(p).with_suffix(".channels.png"))]}
+EXTERNAL_SCAN_BYTES = 2**28   # models this large are not parsed for external data names before the run
+
+
+def path_role(action: argparse.Action, role: str) -> argparse.Action:
+    """Declare that ``action`` (what ``add_argument`` returned) names a file read (``in``, ``model``)
+    or written (``out``), for :func:`check_paths`."""
+    action.path_role = role
+    return action
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Before any work: every output differs from every input (a model's external data included) and from
+    every other output, after resolving symlinks and hard links. ``-`` (standard output) and ``random``
+    are not files."""
+    inputs: list[tuple[str, str]] = []
+    outputs: list[tuple[str, str]] = []
+    for action in parser._actions:
+        role = getattr(action, "path_role", None) or PATH_ROLES.get(action.dest)
+        value = getattr(args, action.dest, None)
+        if role is None or not value:
+            continue
+        label = action.option_strings[0] if action.option_strings else action.dest.upper()
+        for v in value if isinstance(value, list) else [value]:
+            if not isinstance(v, (str, os.PathLike)) or str(v) in ("-", "random"):
+                continue
+            v = str(v)
+            if role == "out":
+                outputs.append((label, v))
+                outputs += [(f"{label} (its {Path(c).suffix[1:]} file)", c) for c in
+                            COMPANIONS.get(action.dest, lambda p: [])(v)]
+            else:
+                inputs.append((label, v))
+                if role == "model":
+                    inputs += [(f"{label}'s external data", f) for f in _external_files(v)]
+    clash = safety.colliding(inputs, outputs)
+    if clash:
+        raise OnnxPruneError(clash)
+
+
+def _external_files(path: str) -> list[str]:
+    """The external data files a model names (read from its header; none when unreadable or very large)."""
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) >= EXTERNAL_SCAN_BYTES:
+            return []
+        import onnx
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:
+        return []
+    folder = os.path.dirname(path)
+    return sorted({os.path.join(folder, loc) for loc in ir.external.locations(proto)})

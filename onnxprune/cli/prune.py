@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_model(p)
     options.add_output(p)
     g = p.add_argument_group("what to remove")
-    g.add_argument("--ratio", default="0.3", help="fraction of each group's channels to remove (default 0.3)")
+    g.add_argument("--ratio", default=None, help="fraction of each group's channels to remove (default 0.3; "
+                                                 "0 with --slice-hidden)")
     g.add_argument("--criterion", default="l2", help="importance criterion (default l2; see docs/criteria.md)")
     g.add_argument("--group-reduction", default="mean", choices=["mean", "sum", "max"],
                    help="how the scores of coupled layers combine (default mean)")
@@ -47,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--heads", action="store_true",
                    help="when a channel axis is split (attention heads), prune whole heads rather than "
                         "the same dimensions of every head")
+    g.add_argument("--slice-hidden", action="store_true",
+                   help="transformers: rotate the residual stream (verified exact) and remove its least-used "
+                        "directions, chosen by PCA of --calib; embeddings and every layer shrink (approximate: "
+                        "measure with --data; see docs/transformers.md). --ratio then defaults to 0")
+    g.add_argument("--hidden-keep", metavar="F", help="with --slice-hidden: fraction of the hidden width kept "
+                                                      "(default: from --target-params/--target-macs, else 1)")
     g.add_argument("--kv-cache", action="store_true",
                    help="let KV-cache inputs (past_key_values.*, past_*) and outputs (present.*) shrink with "
                         "their attention heads; the pruned model declares their new shapes (otherwise every "
@@ -100,6 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def policy_from(args: argparse.Namespace) -> Policy:
+    if args.ratio is None:
+        args.ratio = "0" if getattr(args, "slice_hidden", False) else "0.3"
     return Policy(ratio=options.fraction("--ratio", args.ratio),
                   ratio_for=options.name_values("--ratio-for", args.ratio_for),
                   ignore=list(args.ignore), round_to=round_to_from(args.round_to),
@@ -163,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
     plan = _read_plan(args.plan)
     if plan is not None and target.active:
         raise OnnxPruneError("--plan replays a fixed plan; it cannot be combined with --target-*")
+    if args.slice_hidden:
+        return _run_sliced(args, policy, target, plan, out)
+    if args.hidden_keep is not None:
+        raise OnnxPruneError("--hidden-keep goes with --slice-hidden")
     pruner = pipeline.Pruner(args.model, criterion=args.criterion, group_reduction=args.group_reduction,
                              input_shapes=options.input_shapes(args), calib=args.calib,
                              split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
@@ -189,6 +202,12 @@ def run(args: argparse.Namespace) -> int:
                                reconstruct=args.reconstruct)
     if args.finetune_steps and not args.dry_run:
         _finetune(args, pruner, result)
+    return _finish(args, result, data, policy, out, pruner, start)
+
+
+def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy: Policy, out: Path,
+            pruner: pipeline.Pruner | None = None, start: float = 0.0) -> int:
+    """Validate, write the plan, model and reports, print the summary."""
     if data is not None:
         pipeline.validate(result, data, bench_runs=args.bench_runs)
     if args.save_plan:
@@ -197,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         print_summary(result, None)
         return 0
     size = pipeline.save(result, out)
-    passes = _in_passes(pruner, result, time.perf_counter() - start)
+    passes = _in_passes(pruner, result, time.perf_counter() - start) if pruner is not None else None
     rep = result.report()
     rep["output"] = str(out)
     rep["round_to"] = policy.round_to or 1
@@ -223,7 +242,7 @@ def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: f
     return pass_cost.in_passes(seconds - result.seconds.get("validate", 0.0), ref)
 
 
-def _validation_data(args: argparse.Namespace, pruner: pipeline.Pruner):
+def _validation_data(args: argparse.Namespace, pruner):
     """``--data`` as accuracy/fidelity data, or as token ids with ``--metric perplexity``."""
     if args.metric == "perplexity":
         if not args.data:
@@ -232,6 +251,38 @@ def _validation_data(args: argparse.Namespace, pruner: pipeline.Pruner):
 
         return perplexity.token_data(args.data, pruner.original.proto)
     return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
+
+
+def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget, plan, out: Path) -> int:
+    """``--slice-hidden``: the hidden-width stage, then (with --ratio) channel pruning of the sliced model."""
+    from .. import hidden
+
+    for flag, bad in (("--plan", plan is not None), ("--target-latency", target.latency is not None),
+                      ("--max-drop", target.max_drop is not None), ("--finetune-steps", bool(args.finetune_steps)),
+                      ("--dry-run", args.dry_run), ("--ratios-from", bool(args.ratios_from)),
+                      ("--allocation", args.allocation != "uniform")):
+        if bad:
+            raise OnnxPruneError(f"{flag} does not combine with --slice-hidden yet")
+    if not args.calib:
+        raise OnnxPruneError("--slice-hidden chooses the directions to keep from data: add --calib DATA.npz "
+                             "(--calib random only checks the rotation)")
+    keep = None if args.hidden_keep is None else options.fraction("--hidden-keep", args.hidden_keep, low=1e-9,
+                                                                  high=1.0, high_open=False)
+    width = None
+    round_to = policy.round_to or 1
+    if target.active:
+        if keep is not None or policy.ratio > 0:
+            raise OnnxPruneError("with --slice-hidden, a --target-* budget searches the hidden width alone: "
+                                 "drop --hidden-keep and --ratio")
+        from ..ir import load
+        width, fr = hidden.slicing.width_for_budget(load(args.model), params=target.params, macs=target.macs,
+                                                    input_shapes=options.input_shapes(args), round_to=round_to)
+    result = pipeline.prune_sliced(args.model, policy=policy, criterion=args.criterion, calib=args.calib,
+                                   input_shapes=options.input_shapes(args), width=width, keep=keep,
+                                   round_to=round_to, verify=not args.no_verify, reconstruct=args.reconstruct,
+                                   progress=fmt.progress)
+    data = _validation_data(args, result)
+    return _finish(args, result, data, policy, out)
 
 
 def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
@@ -276,6 +327,17 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
     fmt.out.print(f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
                   f"{rep['groups_frozen']} frozen; {status}"
                   + (f" (worst relative error {ver.needed_rtol:.1e})" if ver and ver.passed else ""))
+    h = rep.get("hidden")
+    if h:
+        rv = h.get("rotation_verification") or {}
+        worst = max((o["max_abs"] / o["scale"] if o["scale"] else o["max_abs"] for o in rv.get("outputs", [])),
+                    default=None)
+        fmt.out.print(f"hidden width {h['width_before']} -> {h['width_after']} ({h['norms']} norms, "
+                      f"{h['writers']} writers, {h['readers']} readers); rotation "
+                      + ("verified exact" + (f" (worst relative error {worst:.1e})" if worst is not None else "")
+                         if h["rotation_verified"] else "NOT verified")
+                      + f"; slicing keeps {100 * h['variance_kept']:.1f}% of the normalised stream's variance "
+                        "(approximate: measured with --data)")
     reasons = {}
     for fz in rep["frozen"]:
         for r in fz["reasons"][:1]:

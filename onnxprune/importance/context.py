@@ -7,7 +7,6 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .. import ir
 from ..data.readers import DataSource
@@ -84,7 +83,9 @@ class ScoreContext:
         if isinstance(src, onnx.TensorProto):
             v = ir.tensor_to_array(src)
         else:
-            v = _constant_node_value(src)
+            v = ir.constant_value(src)
+            if v is None:
+                raise KeyError(f"Constant node '{src.name}' has no tensor value")
         v.flags.writeable = False
         if v.nbytes <= CACHE_VALUE_BYTES and self._cached_bytes + v.nbytes <= CACHE_TOTAL_BYTES:
             self._values[name] = v
@@ -145,12 +146,3 @@ class ScoreContext:
         return self.stats().grams[key]
 
 
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
-    for a in node.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name in ("value_float", "value_floats"):
-            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.float32)
-        if a.name in ("value_int", "value_ints"):
-            return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.int64)
-    raise KeyError(f"Constant node '{node.name}' has no tensor value")

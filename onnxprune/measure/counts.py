@@ -131,25 +131,14 @@ class Const:
         return math.prod(self.shape)
 
 
-def _constant_node_info(node: onnx.NodeProto) -> Const | None:
-    for a in node.attribute:
-        if a.name == "value":
-            return Const(tuple(a.t.dims), a.t.data_type in FLOAT_TYPES)
-        if a.name in ("value_floats", "value_ints"):
-            return Const((len(a.floats) + len(a.ints),), a.name == "value_floats")
-        if a.name in ("value_float", "value_int", "value_string", "value_strings"):
-            return Const((), False)
-    return None  # sparse_value: not a dense weight
-
-
 def constants(graph: onnx.GraphProto) -> dict[str, Const]:
     """Every constant tensor of ``graph`` and its subgraphs: initializers and ``Constant`` outputs."""
     found = {t.name: Const(tuple(t.dims), t.data_type in FLOAT_TYPES) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.output:
-            info = _constant_node_info(node)
-            if info is not None:
-                found[node.output[0]] = info
+            t = ir.constant_tensor(node)
+            if t is not None:
+                found[node.output[0]] = Const(tuple(t.dims), t.data_type in FLOAT_TYPES)
         for a in node.attribute:
             for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                 found.update(constants(sub))

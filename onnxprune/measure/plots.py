@@ -10,8 +10,8 @@ is missing, so callers can say so instead of failing; files are written atomical
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
+
+from ..ir import safety
 
 INSTALL_HINT = "matplotlib is not installed; no plot written (pip install onnxprune[plots])"
 
@@ -28,16 +28,11 @@ def _pyplot():
 
 
 def _save(plt, fig, path: str | os.PathLike) -> None:
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".png", dir=p.parent if str(p.parent) else ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, p)
+        with safety.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _short(label: str, width: int = 32) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import onnx
 
+from ...ir import external, safety
+
 
 # ---------------------------------------------------------------- storage
 
@@ -25,11 +27,13 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     files = [p]
     m = onnx.load(str(p), load_external_data=False)
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            f = p.parent / e.value
-            if e.key == "location" and f not in files and f.exists():
-                files.append(f)
+    for loc in external.locations(m):
+        try:
+            f = safety.contained(p.parent, loc)  # data outside the model's folder is never read
+        except ValueError:
+            continue
+        if f not in files and f.exists():
+            files.append(f)
     return files
 
 

@@ -185,13 +185,12 @@ def _shapes(model: onnx.ModelProto, plan: _Plan) -> tuple[dict[str, list], dict[
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    values = {t.name: ir.tensor_to_array(t) for t in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            attr = node.attribute[0]
-            value = helper.get_attribute_value(attr)
-            values[node.output[0]] = (numpy_helper.to_array(value) if attr.name == "value"
-                                      else np.asarray(value))
+        if node.op_type == "Constant":
+            value = ir.constant_value(node)
+            if value is not None:
+                values[node.output[0]] = value
     return values
 
 

@@ -1,0 +1,233 @@
+"""Choose the rotation from calibration data, verify it, and slice the stream.
+
+The rotation is one orthonormal basis for the whole stream (every norm's input): the eigenvectors of
+
+    sum over norm inputs and tokens of  z z^T / |z|^2      (z centred first for LayerNorm models)
+
+in decreasing order, i.e. the principal directions of what the norms actually see (each token counts
+once per norm, whatever its magnitude). Keeping the first ``width`` of them removes the directions that
+carry the least of the normalised stream. The rotated model *before* slicing is checked against the
+original in onnxruntime (``verify.compare``, the masked-reference check with nothing masked); the
+sliced model is approximate by nature and is measured on held-out data by the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .. import ir, runtime, verify as verify_mod
+from ..data.readers import ArrayData
+from ..errors import OnnxPruneError
+from . import rotate
+from .stream import NoStream, Stream, find_stream
+
+
+@dataclass
+class HiddenResult:
+    """What the hidden-width stage hands the pipeline."""
+
+    proto: onnx.ModelProto          # rotated and sliced
+    stream: Stream
+    width_before: int
+    width_after: int
+    rotation: verify_mod.Verification | None   # the rotated, unsliced model against the original
+    basis: str                      # "calibration" (PCA) or "random" (no data: rotation only)
+    variance_kept: float            # share of the normalised stream's variance in the kept directions
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"width_before": self.width_before, "width_after": self.width_after,
+                "norms": len(self.stream.norms), "writers": len(self.stream.writers),
+                "readers": len(self.stream.readers), "tied": self.stream.tied, "norm_kind": self.stream.kind,
+                "basis": self.basis, "variance_kept": self.variance_kept,
+                "rotation_verified": bool(self.rotation.passed) if self.rotation is not None else None,
+                "rotation_verification": self.rotation.to_json() if self.rotation is not None else None,
+                "contract": "the rotation is verified exact against the original; removing hidden directions "
+                            "is approximate and measured on held-out data",
+                "seconds": self.seconds}
+
+
+def name_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with a unique name on every node (a copy when any was missing or repeated)."""
+    names = [n.name for n in proto.graph.node]
+    if all(names) and len(set(names)) == len(names):
+        return proto
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    seen: set[str] = set()
+    for i, n in enumerate(m.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.name or n.op_type}__{i}"
+        seen.add(n.name)
+    return m
+
+
+def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch_size: int = 8,
+               limit: int | None = None, progress=None) -> np.ndarray:
+    """``sum z z^T / |z|^2`` over every norm input and every real token of ``data`` (float64 ``[d, d]``)."""
+    taps = list(dict.fromkeys(n.x for n in stream.norms))
+    sess = runtime.session(runtime.with_outputs(proto, taps), layout=False)
+    inputs = [i.name for i in sess.get_inputs()]
+    d = stream.width
+    cov = np.zeros((d, d))
+    mask_all = data.meta.get("mask") if data.kind == "tokens" else None
+    n = data.num_samples if limit is None else min(limit, data.num_samples)
+    for start, feed in zip(range(0, n, batch_size), data.batches(batch_size, limit)):
+        mask = feed.get("attention_mask")
+        if mask is None and mask_all is not None:
+            mask = mask_all[start:start + batch_size]
+        outs = runtime.run(sess, {k: feed[k] for k in inputs}, taps)
+        for t in taps:
+            z = np.asarray(outs.pop(t), np.float64)
+            if mask is not None and z.ndim == 3 and z.shape[:2] == mask.shape:
+                z = z[np.asarray(mask) != 0]
+            z = z.reshape(-1, d)
+            if stream.kind == "layer":
+                z -= z.mean(axis=1, keepdims=True)
+            norm = np.linalg.norm(z, axis=1, keepdims=True)
+            z = z[norm[:, 0] > 0] / norm[norm[:, 0] > 0]
+            cov += z.T @ z
+        del outs
+        if progress is not None:
+            progress("calibration statistics", min(start + batch_size, n), n)
+    return cov
+
+
+def pca_basis(cov: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal directions by decreasing variance, and the variances; for ``layer`` the all-ones
+    direction (which every LayerNorm removes) is left out, so the basis has ``d - 1`` columns."""
+    d = len(cov)
+    c = (cov + cov.T) / 2
+    if kind == "layer":
+        ones = np.full((d, 1), 1 / np.sqrt(d))
+        c = c - ones @ (ones.T @ c) - (c @ ones) @ ones.T + ones @ (ones.T @ c @ ones) @ ones.T
+        c -= (np.trace(c) + 1.0) * (ones @ ones.T)     # push it to the bottom
+    w, v = np.linalg.eigh(c)
+    order = np.argsort(-w)
+    w, v = w[order], v[:, order]
+    if kind == "layer":
+        w, v = w[:-1], v[:, :-1]
+        v = v - np.full((d, 1), 1 / d) @ v.sum(axis=0, keepdims=True)   # exactly orthogonal to ones
+        v, r = np.linalg.qr(v)
+        v = v * np.sign(np.diag(r))
+    return v, np.maximum(w, 0.0)
+
+
+def verification_feeds(proto: onnx.ModelProto, stream: Stream, data: ArrayData | None, seq: int = 16,
+                       batch: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random token ids over the whole vocabulary (plus a real batch of ``data``) at ``batch x seq``."""
+    rng = np.random.default_rng(seed)
+    vocab = min((int(np.prod(_dims(proto, w.tensor)[:1])) for w in stream.writers if w.op == "Gather"),
+                default=2)
+    feeds = []
+    for s in range(2):
+        feed = {}
+        for vi in ir.graph_inputs(proto):
+            dims = ir.input_dims(vi)
+            shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else seq) for i, d in enumerate(dims)]
+            dt = ir.input_dtype(vi)
+            if vi.name == "attention_mask":
+                feed[vi.name] = np.ones(shape, dt)
+            elif vi.name == "position_ids":
+                feed[vi.name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(dt)
+            elif dt.kind in "iu":
+                feed[vi.name] = rng.integers(0, vocab if vi.name == "input_ids" else 2, shape).astype(dt)
+            else:
+                feed[vi.name] = rng.standard_normal(shape).astype(dt)
+        feeds.append(feed)
+    if data is not None and data.kind != "random":
+        real = next(data.batches(batch), None)
+        if real is not None:
+            feeds.append(real)
+    return feeds
+
+
+def _dims(proto, name):
+    return next((list(t.dims) for t in proto.graph.initializer if t.name == name), [2])
+
+
+def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = None, *, width: int | None = None,
+                 keep: float | None = None, round_to: int = 8, verify: bool = True, rtol: float = 1e-4,
+                 batch_size: int = 8, limit: int | None = None, progress=None,
+                 cov: np.ndarray | None = None) -> HiddenResult:
+    """Rotate ``model``'s residual stream (PCA of ``calib``, or a random rotation without data), verify the
+    rotation, and keep ``width`` directions (or ``keep`` of the width, rounded to ``round_to``)."""
+    proto = name_nodes(model.proto if isinstance(model, ir.Model) else model)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    stream = find_stream(proto)
+    if isinstance(stream, NoStream):
+        raise OnnxPruneError(f"--slice-hidden: no residual stream to rotate ({stream.reason})")
+    seconds["find_stream"] = round(time.perf_counter() - t, 3)
+    d = stream.width
+    full = d if stream.kind == "rms" else d - 1
+    if width is None:
+        width = full if keep is None else int(round(keep * d))
+        if round_to and round_to > 1 and width < full:
+            width = max(round_to, int(round(width / round_to)) * round_to)
+    width = int(min(max(width, 1), full))
+    t = time.perf_counter()
+    if cov is None and calib is not None and calib.kind != "random":
+        cov = covariance(proto, stream, calib, batch_size=batch_size, limit=limit, progress=progress)
+    if cov is not None:
+        Q, var = pca_basis(cov, stream.kind)
+        basis = "calibration"
+    else:
+        Q, var = rotate.random_rotation(d, stream.kind), np.ones(full)
+        basis = "random"
+    seconds["calibrate"] = round(time.perf_counter() - t, 3)
+    ver = None
+    if verify:
+        t = time.perf_counter()
+        rotated = rotate.apply(proto, stream, Q)
+        ver = verify_mod.compare(rotated, proto, verification_feeds(proto, stream, calib), rtol=rtol)
+        del rotated
+        seconds["verify_rotation"] = round(time.perf_counter() - t, 3)
+        if not ver.passed:
+            from ..errors import VerificationError
+            bad = ver.error or next((f"output '{o.name}' differs by {o.max_abs:.3g} (allowed {o.tolerance:.3g})"
+                                     for o in ver.outputs if not o.passed), "")
+            raise VerificationError(f"the rotated model differs from the original: {bad}")
+    t = time.perf_counter()
+    sliced = rotate.apply(proto, stream, Q[:, :width])
+    seconds["slice"] = round(time.perf_counter() - t, 3)
+    kept = float(var[:width].sum() / var.sum()) if var.sum() > 0 else 1.0
+    return HiddenResult(sliced, stream, d, width, ver, basis, kept, seconds)
+
+
+def width_for_budget(model: onnx.ModelProto | ir.Model, *, params: float | None = None, macs: float | None = None,
+                     input_shapes: dict[str, list[int]] | None = None, round_to: int = 8) -> tuple[int, dict]:
+    """The widest stream (a multiple of ``round_to``) whose sliced model keeps at most ``params`` of the
+    parameters and ``macs`` of the MACs (fractions of the original's), and the fractions it keeps.
+
+    Params and MACs of the sliced model are a quadratic in the width (each rotated tensor has one
+    stream axis; a tied head adds a width x width matrix), so three cheap builds at widths 1, 2, 3
+    give them exactly at every width."""
+    from ..measure import counts
+
+    proto = name_nodes(model.proto if isinstance(model, ir.Model) else model)
+    stream = find_stream(proto)
+    if isinstance(stream, NoStream):
+        raise OnnxPruneError(f"--slice-hidden: no residual stream to rotate ({stream.reason})")
+    base = counts.summarize(proto, input_shapes)
+    d = stream.width
+    eye = np.eye(d)
+    pts = [(w, counts.summarize(rotate.apply(proto, stream, eye[:, :w]), input_shapes)) for w in (1, 2, 3)]
+    fit_p = np.polyfit([w for w, _ in pts], [s.params for _, s in pts], 2)
+    fit_m = np.polyfit([w for w, _ in pts], [s.macs for _, s in pts], 2)
+    full = d if stream.kind == "rms" else d - 1
+    step = max(round_to, 1)
+    widths = sorted({w for w in range(step, full + 1, step)} | {full}, reverse=True)
+    for w in widths:
+        fp = float(np.polyval(fit_p, w)) / max(base.params, 1)
+        fm = float(np.polyval(fit_m, w)) / max(base.macs, 1)
+        if (params is None or fp <= params + 1e-9) and (macs is None or fm <= macs + 1e-9):
+            return w, {"params": fp, "macs": fm}
+    fp = float(np.polyval(fit_p, widths[-1])) / max(base.params, 1)
+    what = f"--target-params {params:g}" if params is not None else f"--target-macs {macs:g}"
+    raise OnnxPruneError(f"{what} cannot be met by slicing the hidden width alone: {widths[-1]} of {d} directions "
+                         f"still keep {fp:.3f} of the parameters")
