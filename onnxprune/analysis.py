@@ -21,7 +21,7 @@ from . import ir, runtime
 from .errors import OnnxPruneError
 from .data.readers import random_feed
 from .groups import ACTIVATION, Analysis, Barrier, Group, Member
-from .rules import RULES, NodeCtx, Unsupported
+from .rules import NodeCtx, Unsupported, lookup
 from .rules.base import FIXED, Label, UnionFind
 from .rules.taint import carry, static_or_const
 
@@ -168,7 +168,7 @@ class _Driver:
             self.fix(self.labels[name].ids, f"{node.op} '{node.name}': read inside a subgraph")
         self._mark_shape_valued(node)
         self._follow_taint(node)
-        fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
+        fn = lookup(node.domain, node.op)
         if fn is None:
             reason = NO_RULE.get(node.op, "no rule for this op") if node.domain in ("", "ai.onnx", None) else \
                 f"op from custom domain '{node.domain}'"

@@ -10,15 +10,17 @@ import gc
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from . import fold, ir, rewrite, verify as verify_mod
+from . import fold, ir, rewrite, runtime, verify as verify_mod
 from .measure import counts as metrics
 from .analysis import analyze
 from .data.readers import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
+from .ir.ortops import ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
 
@@ -131,8 +133,8 @@ class Pruner:
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
-            data = None if calib is None or calib == "random" else open_data(calib, self.original.proto,
-                                                                              input_shapes or {})
+            data = None if calib is None or calib == "random" else calib_data(calib, self.original.proto,
+                                                                               input_shapes or {})
             shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
             self.analysis = analyze(self.original, shapes, split_carrier=split_carrier, kv_cache=kv_cache)
         self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
@@ -184,6 +186,11 @@ class Pruner:
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
+        if original.meta.get("validity"):   # contrib ops: onnxruntime's load checks what the checker cannot
+            if not verify:
+                ort_load(data_bytes if data_bytes is not None else result.proto.SerializeToString(), "pruned model")
+            extra["validity"] = [original.meta["validity"] + " and the pruned model (" +
+                                 ("its verification ran there)" if verify else "loaded, not verified)")]
         final = result.proto
         no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
         mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None
@@ -219,7 +226,8 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
           reconstruct: str = "auto", reconstruct_options: dict | None = None,
           kv_cache: bool = False, slice_hidden: bool = False, hidden_width: int | None = None,
-          hidden_keep: float | None = None, round_to: int = 8) -> PruneResult:
+          hidden_keep: float | None = None, round_to: int = 8, providers: list[str] | None = None,
+          session_options: dict | None = None) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
 
     ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
@@ -231,20 +239,32 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     PCA of ``calib`` (see :mod:`onnxprune.hidden`); then ``policy`` prunes channels of the sliced model
     (nothing unless a policy is given). The report's ``hidden`` key states what was verified.
 
+    ``providers`` (onnxruntime execution providers, in order) and ``session_options`` (onnxruntime
+    SessionOptions attributes or dotted config entries) reach every session the pipeline opens;
+    without them the current :func:`runtime.use` target applies (by default onnxruntime on the CPU).
+    The report's ``runtime`` entry counts the sessions this call opened and what each got.
+
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
     """
-    if slice_hidden:
-        return prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
-                            input_shapes=input_shapes, width=hidden_width, keep=hidden_keep, round_to=round_to,
-                            verify=verify, rtol=rtol, reconstruct=reconstruct, progress=progress)
-    policy = policy or Policy()
-    policy.check()
-    pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
-                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None,
-                    kv_cache=kv_cache)
-    return pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
-                         reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+    here = runtime.current()  # its settings, with a count of this call's sessions alone
+    target = runtime.Target(here.runtime, providers or here.providers, {**here.options, **(session_options or {})},
+                            here.device)
+    with runtime.use(target):
+        if slice_hidden:
+            result = prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
+                                  input_shapes=input_shapes, width=hidden_width, keep=hidden_keep, round_to=round_to,
+                                  verify=verify, rtol=rtol, reconstruct=reconstruct, progress=progress)
+        else:
+            policy = policy or Policy()
+            policy.check()
+            pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
+                            calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None,
+                            kv_cache=kv_cache)
+            result = pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
+                                   reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+    result.extra["runtime"] = target.to_json()
+    return result
 
 
 def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
@@ -254,8 +274,10 @@ def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shape
     from .measure import perplexity
 
     if isinstance(spec, (str, os.PathLike)) and spec != "random" and perplexity.is_causal_lm(proto) \
-            and str(spec).endswith(".npz"):
-        return perplexity.token_data(spec, proto)
+            and str(spec).endswith(".npz") and os.path.isfile(spec):
+        with np.load(spec) as z:
+            if any(vi.name not in z.files for vi in ir.graph_inputs(proto)):
+                return perplexity.token_data(spec, proto, input_shapes)
     return open_data(spec, proto, input_shapes)
 
 
@@ -274,8 +296,7 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     with _timed(seconds, "load"):
         original = model if isinstance(model, ir.Model) else ir.load(model)
         ir.materialize(original)
-        shapes = ir.resolve_input_shapes(original.proto, input_shapes)
-        data = calib_data(calib, original.proto, shapes)
+        data = calib_data(calib, original.proto, input_shapes or {})
     with _timed(seconds, "slice_hidden"):
         h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
                                 progress=progress)
@@ -323,7 +344,7 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
         out["fidelity"] = m.fidelity
     if bench_runs:
         bench = latency.benchmark({"after": result.proto, "before": result.original.proto}, warmup=5,
-                                  runs=bench_runs, input_shapes=result.analysis.input_shapes)
+                                  runs=bench_runs, input_shapes=result.rewrite.input_shapes or result.analysis.input_shapes)
         out["latency_ms_before"] = bench["before"].p50
         out["latency_ms_after"] = bench["after"].p50
         out["latency_ratio"] = bench.ratio_p50
@@ -399,6 +420,13 @@ def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
 
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
-    """Write the pruned model (the bytes verification ran, when it ran on this very model)."""
-    return ir.save(result.proto, path, source=result.original.path, external=result.original.external,
+    """Write the pruned model (the bytes verification ran, when it ran on this very model), and beside
+    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs)."""
+    from . import configs
+
+    size = ir.save(result.proto, path, source=result.original.path, external=result.original.external,
                    data=result.proto_bytes())
+    notes = configs.write_beside(result.original.proto, result.proto, result.original.path, Path(path))
+    if notes:
+        result.extra["configs"] = notes
+    return size
