@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..train import finetune as ft
 from .. import ir
-from ..data.readers import open_data
+from ..data import open_data
 from ..errors import OnnxPruneError
 from . import fmt, options
 
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or a folder of images (class subfolders give labels)")
     add_training_options(p)
     options.add_json(p, "run summary")
+    options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
 

@@ -20,8 +20,9 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 def add_input_shapes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
-                        help="concrete shape for an input with symbolic dimensions (repeatable); "
-                             "symbolic dimensions otherwise default to 1")
+                        help="concrete shape for an input with symbolic dimensions (repeatable), or DIM=N "
+                             "for a named symbolic dimension in every input (e.g. past_sequence_length=0: an "
+                             "empty KV cache); symbolic dimensions otherwise default to 1")
 
 
 def add_json(parser: argparse.ArgumentParser, what: str = "results") -> None:
@@ -125,6 +126,32 @@ def writable_file(flag: str, value: str | None) -> Path | None:
             from None
     return p
 
+
+def add_runtime(parser: argparse.ArgumentParser) -> None:
+    """Where models run: onnxruntime's execution providers and session options (every session)."""
+    g = parser.add_argument_group("runtime (every session this command opens)")
+    g.add_argument("--provider", metavar="NAME[,NAME...]",
+                   help="onnxruntime execution providers in order of preference, e.g. "
+                        "CUDAExecutionProvider,CPUExecutionProvider (default CPUExecutionProvider); "
+                        "verification's masked original stays on the CPU")
+    g.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="onnxruntime session option (repeatable): a SessionOptions attribute such as "
+                        "intra_op_num_threads=1 or graph_optimization_level=basic, or a dotted config entry")
+
+
+def target_from(args: argparse.Namespace):
+    """The :class:`runtime.Target` the runtime flags ask for, checked (bad names exit 2 with one line)."""
+    from .. import runtime
+
+    providers = [p.strip() for p in (args.provider or "").split(",") if p.strip()] or [runtime.CPU]
+    opts = {}
+    for spec in args.session_option:
+        key, sep, val = spec.partition("=")
+        if not sep or not key.strip():
+            raise OnnxPruneError(f"--session-option '{spec}': expected KEY=VALUE")
+        opts[key.strip()] = val.strip()
+    return runtime.Target(runtime=getattr(args, "runtime", None) or "onnxruntime", providers=providers,
+                          options=opts).check()
 
 # ---------------------------------------------------------------- inputs and outputs never meet
 

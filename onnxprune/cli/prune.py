@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from .. import pipeline
+from .. import pipeline, runtime
 from ..search import budget
 from ..measure import latency, pass_cost
 from ..measure import plots
-from ..data.readers import open_data
+from ..data import open_data
 from ..errors import OnnxPruneError
 from ..plan import Policy
 from . import finetune as finetune_cli
@@ -106,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--save-plan", metavar="PATH", help="write the plan (removed channels per group) as JSON")
     o.add_argument("--dry-run", action="store_true", help="analyse, score and plan; write nothing but the plan")
     o.add_argument("--no-verify", action="store_true", help="skip the masked-reference check (not recommended)")
+    options.add_runtime(p)
     p.set_defaults(func=run)
 
 
@@ -226,6 +227,7 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
     rep["round_to"] = policy.round_to or 1
     rep["file_bytes_after"] = size
     rep["calibration_passes"] = passes
+    rep["runtime"] = runtime.current().to_json()
     if args.report:
         fmt.write_json(args.report, rep)
     if args.report_md:
@@ -256,7 +258,7 @@ def _validation_data(args: argparse.Namespace, pruner):
             raise OnnxPruneError("--metric perplexity measures --data: add --data TOKENS.npz")
         from ..measure import perplexity
 
-        return perplexity.token_data(args.data, pruner.original.proto)
+        return perplexity.token_data(args.data, pruner.original.proto, pruner.analysis.input_shapes)
     return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
 
 
@@ -351,6 +353,8 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
             reasons[r] = reasons.get(r, 0) + 1
     for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
         print(f"  frozen x{n}: {r}", file=sys.stderr)
+    for note in rep.get("configs", []) + rep.get("validity", []):
+        print(f"  {note}", file=sys.stderr)
 
 
 def validation_rows(v: dict | None) -> list[tuple]:
