@@ -498,6 +498,9 @@ def main() -> int:
     ap.add_argument("--doc", help="write the Markdown results here")
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--rerun", action="store_true", help="ignore cached runs")
+    ap.add_argument("--cache", default="results.json",
+                    help="results cache under --work (separate ones let several models run at once); the doc "
+                         "reads every results*.json there")
     args = ap.parse_args()
     settings = [s.strip() for s in args.settings.split(";") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
@@ -515,7 +518,7 @@ def main() -> int:
               "det": lambda: calib_det(man["pages_calib"]), "magika": lambda: calib_magika(mf_calib, models["magika"])}
     shapes = {"orientation": {"x": [1, 3, 224, 224]}, "rec": {"x": [1, 3, *REC_SHAPE[1:]]},
               "det": {"x": [1, 3, PAGE_H, PAGE_W]}, "magika": None}
-    cache = work / "results.json"
+    cache = work / args.cache
     results = json.loads(cache.read_text()) if cache.exists() and not args.rerun else {}
 
     def evaluate(name: str, path: Path) -> float:
@@ -564,10 +567,13 @@ def main() -> int:
                 results[key] = row
                 save()
                 print(key, row.get("accuracy"), row.get("error", ""), flush=True)
+    every = {}
+    for f in sorted(work.glob("results*.json")):
+        every.update(json.loads(f.read_text()))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(every, indent=1) + "\n")
     if args.doc:
-        write_doc(Path(args.doc), results, man, len(mf_test))
+        write_doc(Path(args.doc), every, man, len(mf_test))
     return 0
 
 
