@@ -128,6 +128,7 @@ class Pruner:
         self.criterion, self.progress = criterion, progress
         with _timed(self.seconds, "load", self.peaks):
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
+            ir.checks.check_finite(self.original.proto)  # NaN/inf weights: the model's problem, named
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
