@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import fold, ir, rewrite, verify as verify_mod
+from . import fold, ir, rewrite, runtime, verify as verify_mod
 from .measure import counts as metrics
 from .analysis import analyze
 from .data.readers import ArrayData, bind_shapes, open_data, random_feed
@@ -220,7 +220,8 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
           reconstruct: str = "auto", reconstruct_options: dict | None = None,
           kv_cache: bool = False, slice_hidden: bool = False, hidden_width: int | None = None,
-          hidden_keep: float | None = None, round_to: int = 8) -> PruneResult:
+          hidden_keep: float | None = None, round_to: int = 8, providers: list[str] | None = None,
+          session_options: dict | None = None) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
 
     ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
@@ -232,20 +233,32 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     PCA of ``calib`` (see :mod:`onnxprune.hidden`); then ``policy`` prunes channels of the sliced model
     (nothing unless a policy is given). The report's ``hidden`` key states what was verified.
 
+    ``providers`` (onnxruntime execution providers, in order) and ``session_options`` (onnxruntime
+    SessionOptions attributes or dotted config entries) reach every session the pipeline opens;
+    without them the current :func:`runtime.use` target applies (by default onnxruntime on the CPU).
+    The report's ``runtime`` entry counts the sessions this call opened and what each got.
+
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
     """
-    if slice_hidden:
-        return prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
-                            input_shapes=input_shapes, width=hidden_width, keep=hidden_keep, round_to=round_to,
-                            verify=verify, rtol=rtol, reconstruct=reconstruct, progress=progress)
-    policy = policy or Policy()
-    policy.check()
-    pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
-                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None,
-                    kv_cache=kv_cache)
-    return pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
-                         reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+    here = runtime.current()  # its settings, with a count of this call's sessions alone
+    target = runtime.Target(here.runtime, providers or here.providers, {**here.options, **(session_options or {})},
+                            here.device)
+    with runtime.use(target):
+        if slice_hidden:
+            result = prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
+                                  input_shapes=input_shapes, width=hidden_width, keep=hidden_keep, round_to=round_to,
+                                  verify=verify, rtol=rtol, reconstruct=reconstruct, progress=progress)
+        else:
+            policy = policy or Policy()
+            policy.check()
+            pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
+                            calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None,
+                            kv_cache=kv_cache)
+            result = pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
+                                   reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+    result.extra["runtime"] = target.to_json()
+    return result
 
 
 def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]

@@ -38,6 +38,7 @@ class Verification:
     rtol: float = 1e-4
     atol: float = 1e-5
     error: str = ""
+    checked_by: dict = field(default_factory=dict)  # which runtime ran each side: {"pruned", "reference"}
 
     def __bool__(self) -> bool:
         return self.passed
@@ -49,7 +50,7 @@ class Verification:
 
     def to_json(self) -> dict:
         return {"passed": self.passed, "batches": self.batches, "rtol": self.rtol, "atol": self.atol,
-                "error": self.error,
+                "error": self.error, "checked_by": self.checked_by,
                 "outputs": [{"name": o.name, "max_abs": o.max_abs, "scale": o.scale, "tolerance": o.tolerance,
                              "passed": o.passed} for o in self.outputs]}
 
@@ -134,9 +135,10 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
     # one session at a time: the pruned model's outputs are kept and its session freed before the
     # reference's is made (building both at once was not faster on 2 cores, and holds both in memory)
     try:
-        s_cand = _session(candidate, list(taps))
+        s_cand = _session(candidate, list(taps), role="deployed")
+        checked_by = {"pruned": s_cand.describe()}
         del candidate
-        outs = [o.name for o in s_cand.get_outputs() if o.name not in taps]
+        outs = [o.name for o in s_cand.outputs if o.name not in taps]
         pairs = [(n, n, None, None) for n in outs] + [(c, r, ax, pos) for c, (r, ax, pos) in taps.items()]
         cut = input_cuts or {}
         cand_feeds = [{k: np.delete(v, cut[k][1], axis=cut[k][0]) if k in cut else v for k, v in feed.items()}
@@ -147,10 +149,11 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
             return Verification(False, error=f"pruned model failed to run: {e}", rtol=rtol, atol=atol)
         del s_cand
         s_ref = _session(reference, [r for r, _, _ in taps.values()], reference_weights, external_dir)
+        checked_by["reference"] = s_ref.describe()
         del reference
     except Exception as e:  # the candidate must load; if it does not, that is a failed verification
         return Verification(False, error=str(e), rtol=rtol, atol=atol)
-    lost = [o.name for o in s_ref.get_outputs() if o.name not in outs and o.name not in tapped and o.name not in taps]
+    lost = [o.name for o in s_ref.outputs if o.name not in outs and o.name not in tapped and o.name not in taps]
     if lost:
         return Verification(False, error=f"the pruned model lacks output '{lost[0]}'", rtol=rtol, atol=atol)
     worst: dict[str, list[float]] = {c: [0.0, 0.0, rtol] for c, *_ in pairs}
@@ -172,7 +175,7 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
     for n, (err, scale, rel) in worst.items():
         tol = atol + rel * scale
         checks.append(OutputCheck(n, err, scale, tol, err <= tol))
-    return Verification(all(c.passed for c in checks), checks, len(feeds), rtol, atol)
+    return Verification(all(c.passed for c in checks), checks, len(feeds), rtol, atol, checked_by=checked_by)
 
 
 def _worst(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -207,23 +210,25 @@ def _precision_rtol(dtype: np.dtype) -> float:
 
 
 def _session(model: onnx.ModelProto | bytes, extra: list[str], weights: onnx.ModelProto | None = None,
-             external_dir: str | None = None):
+             external_dir: str | None = None, role: str = "reference"):
     """A session with ``extra`` tensors as outputs, without layout transforms when there are any:
     onnxruntime's NCHWc pass can drop a tapped tensor (1.32: a Conv output feeding a fused Add)
     and then fails to load a model that loads fine untapped. Idle worker threads sleep rather than
     spin: a session run once or twice gains nothing from spinning, and on a busy machine spinning
-    threads took a third of verification's CPU time (ResNet-50: 1.67 s -> 1.06 s wall at load 6)."""
+    threads took a third of verification's CPU time (ResNet-50: 1.67 s -> 1.06 s wall at load 6).
+    The pruned model runs where it will be deployed (``role="deployed"``), the masked original
+    always in onnxruntime on the CPU (see :mod:`onnxprune.runtime`)."""
     if isinstance(model, bytes):
         have = {o.name for o in _graph_fields(model, (wire.OUTPUT_FIELD,)).graph.output}
         missing = [n for n in extra if n not in have]
         data = wire.with_outputs(model, missing) if missing else model
-        return runtime.session(data, layout=not extra, external_dir=external_dir, spinning=False)
+        return runtime.session(data, role=role, layout=not extra, external_dir=external_dir, spinning=False)
     have = {o.name for o in model.graph.output}
     missing = [n for n in extra if n not in have]
     for n in missing:  # added for the session only (a tapped copy of the model would copy its weights)
         model.graph.output.add().name = n
     try:
-        return runtime.session(model, weights=weights, layout=not extra, spinning=False)
+        return runtime.session(model, role=role, weights=weights, layout=not extra, spinning=False)
     finally:
         if missing:
             del model.graph.output[len(model.graph.output) - len(missing):]
@@ -304,7 +309,7 @@ def _graph_fields(data: bytes, numbers: tuple[int, ...]) -> onnx.ModelProto:
 def _require_runnable(original: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> None:
     """Raise :class:`OnnxPruneError` when onnxruntime cannot run the input model itself."""
     try:
-        sess = runtime.session(original, optimize=False)
+        sess = runtime.session(original, role="reference", optimize=False)
         if feed is not None:
             sess.run(None, feed)
     except Exception as e:

@@ -30,7 +30,7 @@ def digest(path: Path) -> str:
 
 def run_model(proto: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     sess = runtime.session(proto, optimize=False)
-    return sess.run(None, {sess.get_inputs()[0].name: x})
+    return sess.run(None, {sess.inputs[0].name: x})
 
 
 # ---------------------------------------------------------------- bad inputs to the CLI
@@ -182,9 +182,7 @@ def test_model_loaded_from_external_data_round_trips(tmp_path):
     for a, b in zip(model.graph.initializer, back.proto.graph.initializer):
         assert a.name == b.name
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
-    so = runtime.ort.SessionOptions()
-    so.graph_optimization_level = runtime.ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as run_model
-    sess = runtime.ort.InferenceSession(str(tmp_path / "ext" / "out.onnx"), so, providers=["CPUExecutionProvider"])
+    sess = runtime.session(str(tmp_path / "ext" / "out.onnx"), optimize=False)  # a path: data found beside it
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], run_model(model, x)[0])
 
 

@@ -8,6 +8,13 @@ happens) and exported with the TorchScript exporter at opset 17.
     /work/zoo-venv/bin/python tools/export_zoo.py --out /work/zoo
     /work/zoo-venv/bin/python tools/export_zoo.py --only resnet18 timm_dla34 --force
     /work/zoo-venv/bin/python tools/export_zoo.py --list
+    /work/venv-tools/bin/python tools/export_zoo.py --both --out /work/scratch/material/zoo \
+        --only shufflenet_v2_x1_0 timm_levit_128s resnet50 mobilenet_v2 efficientnet_b0
+
+--dynamic-batch exports the way most users do, with
+dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}; --both writes
+the static export to <out>/static/ and the dynamic-batch one to
+<out>/dynamic/ (same names, same weights), for comparing the two.
 
 Needs torch==2.14.1, torchvision==0.29.1, timm, onnx, onnxruntime (see
 docs/zoo.md).  Every model is then checked with the ONNX full checker and run
@@ -292,6 +299,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", metavar="NAME", help="export only these models")
     ap.add_argument("--force", action="store_true", help="re-export existing files")
     ap.add_argument("--dynamic-batch", action="store_true", help="mark axis 0 of input/output dynamic")
+    ap.add_argument("--both", action="store_true",
+                    help="export static to <out>/static and dynamic-batch to <out>/dynamic")
     ap.add_argument(
         "--plain-init",
         action="store_true",
@@ -310,6 +319,17 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown model(s): {', '.join(unknown)} (see --list)")
 
+    if args.both:
+        base = args.out
+        for sub, dynamic in (("static", False), ("dynamic", True)):
+            args.out, args.dynamic_batch = os.path.join(base, sub), dynamic
+            export_all(args, names)
+        return 0
+    return export_all(args, names)
+
+
+def export_all(args, names):
+    """Export ``names`` into ``args.out`` (static or dynamic batch per ``args``); update its manifest."""
     import torch
     import torchvision
     import timm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("ONNXPRUNE_DEBUG") == "1"
     try:
         options.check_paths(parser.commands[args.command], args)
-        rc = args.func(args)
+        with _runtime(args):
+            rc = args.func(args)
         return 0 if rc is None else int(rc)
     except OnnxPruneError as e:
         if debug:
@@ -68,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _runtime(args: argparse.Namespace):
+    """The runtime flags' target, current for the whole command (see :mod:`onnxprune.runtime`)."""
+    if not hasattr(args, "provider"):
+        return contextlib.nullcontext()
+    from .. import runtime
+    from .options import target_from
+
+    return runtime.use(target_from(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

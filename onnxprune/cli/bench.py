@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import ir
+from .. import ir, runtime
 from ..measure import latency
 from . import fmt, options
 
@@ -36,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="samples per run (default 1)")
     options.add_input_shapes(p)
     options.add_json(p, "latencies")
+    options.add_runtime(p)
     p.set_defaults(func=run)
 
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, input_shapes=shapes)
     print_result(result)
     if json_out:
-        fmt.write_json(json_out, result.to_json())
+        fmt.write_json(json_out, {**result.to_json(), "runtime": runtime.current().to_json()})
     return 0
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 
 from ..data import readers as data_mod
-from .. import ir
+from .. import ir, runtime
 from ..measure import quality as validate
 from ..errors import OnnxPruneError
 from . import fmt, options
@@ -54,6 +54,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="samples per run (default 64; 8 sequences with --metric perplexity)")
     options.add_json(p, "evaluation")
+    options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                       "computed; showing size only", soft_wrap=True)
     print_report(report)
     if json_out:
-        fmt.write_json(json_out, report.to_json())
+        fmt.write_json(json_out, {**report.to_json(), "runtime": runtime.current().to_json()})
     return 0
 
 

@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or a folder of images (class subfolders give labels)")
     add_training_options(p)
     options.add_json(p, "run summary")
+    options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
 

@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     options.add_model(p)
     options.add_input_shapes(p)
     options.add_json(p, "summary")
+    options.add_runtime(p)
     p.set_defaults(func=run)
 
 

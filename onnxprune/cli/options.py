@@ -137,6 +137,32 @@ def writable_file(flag: str, value: str | None) -> Path | None:
     return p
 
 
+def add_runtime(parser: argparse.ArgumentParser) -> None:
+    """Where models run: onnxruntime's execution providers and session options (every session)."""
+    g = parser.add_argument_group("runtime (every session this command opens)")
+    g.add_argument("--provider", metavar="NAME[,NAME...]",
+                   help="onnxruntime execution providers in order of preference, e.g. "
+                        "CUDAExecutionProvider,CPUExecutionProvider (default CPUExecutionProvider); "
+                        "verification's masked original stays on the CPU")
+    g.add_argument("--session-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="onnxruntime session option (repeatable): a SessionOptions attribute such as "
+                        "intra_op_num_threads=1 or graph_optimization_level=basic, or a dotted config entry")
+
+
+def target_from(args: argparse.Namespace):
+    """The :class:`runtime.Target` the runtime flags ask for, checked (bad names exit 2 with one line)."""
+    from .. import runtime
+
+    providers = [p.strip() for p in (args.provider or "").split(",") if p.strip()] or [runtime.CPU]
+    opts = {}
+    for spec in args.session_option:
+        key, sep, val = spec.partition("=")
+        if not sep or not key.strip():
+            raise OnnxPruneError(f"--session-option '{spec}': expected KEY=VALUE")
+        opts[key.strip()] = val.strip()
+    return runtime.Target(runtime=getattr(args, "runtime", None) or "onnxruntime", providers=providers,
+                          options=opts).check()
+
 # ---------------------------------------------------------------- inputs and outputs never meet
 
 # Which options name files read (``in``; ``model``: an ONNX model, whose external data files are read

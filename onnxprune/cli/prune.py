@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import pipeline
+from .. import pipeline, runtime
 from ..search import budget
 from ..measure import latency, pass_cost
 from ..measure import plots
@@ -103,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--save-plan", metavar="PATH", help="write the plan (removed channels per group) as JSON")
     o.add_argument("--dry-run", action="store_true", help="analyse, score and plan; write nothing but the plan")
     o.add_argument("--no-verify", action="store_true", help="skip the masked-reference check (not recommended)")
+    options.add_runtime(p)
     p.set_defaults(func=run)
 
 
@@ -230,6 +231,7 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
     rep["round_to"] = policy.round_to or 1
     rep["file_bytes_after"] = size
     rep["calibration_passes"] = passes
+    rep["runtime"] = runtime.current().to_json()
     if args.report:
         fmt.write_json(args.report, rep)
     if args.report_md:

@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="PNG", help="save the curves as a PNG (needs matplotlib)")
     options.add_input_shapes(p)
     options.add_json(p, "curves and suggested ratios")
+    options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
 

@@ -74,6 +74,7 @@ def add_report(p: argparse.ArgumentParser, what: str) -> None:
                                                   ".npz, image folder or 'random'")
     options.add_input_shapes(p)
     options.add_json(p, what)
+    options.add_runtime(p)
     options.add_images(p)
 
 

@@ -71,7 +71,7 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
     """``sum z z^T / |z|^2`` over every norm input and every real token of ``data`` (float64 ``[d, d]``)."""
     taps = list(dict.fromkeys(n.x for n in stream.norms))
     sess = runtime.session(runtime.with_outputs(proto, taps), layout=False)
-    inputs = [i.name for i in sess.get_inputs()]
+    inputs = [i.name for i in sess.inputs]
     d = stream.width
     cov = np.zeros((d, d))
     mask_all = data.meta.get("mask") if data.kind == "tokens" else None

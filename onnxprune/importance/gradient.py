@@ -233,7 +233,7 @@ class Target:
         name = next(iter(extra))
         if self.use_labels:
             return {name: np.asarray(labels, np.int64)}
-        inputs = {i.name for i in self.reference.get_inputs()}
+        inputs = {i.name for i in self.reference.inputs}
         y = self.reference.run([self.output], {k: v for k, v in feed.items() if k in inputs})[0]
         if self.loss == "cross_entropy":
             return {name: y.argmax(axis=1).astype(np.int64)}

@@ -119,7 +119,7 @@ def make_feeds(proto: onnx.ModelProto, feeds: Feeds, batch_size: int,
 
 
 def _check_batch(name: str, sess, feed: dict[str, np.ndarray]) -> None:
-    for i in sess.get_inputs():
+    for i in sess.inputs:
         if i.name not in feed:
             raise OnnxPruneError(f"{name}: no input array for '{i.name}' (given: {sorted(feed)})")
         fixed = i.shape[0] if i.shape else None
@@ -132,17 +132,15 @@ def _check_batch(name: str, sess, feed: dict[str, np.ndarray]) -> None:
 def _threads_used(sess, threads: int | None) -> int:
     if threads:
         return threads
-    n = sess.get_session_options().intra_op_num_threads
+    n = sess.threads
     return n if n > 0 else (os.cpu_count() or 1)
 
 
 def _timed(sess, feed: dict[str, np.ndarray]) -> float:
-    t0 = time.perf_counter()
     try:
-        sess.run(None, feed)
+        return sess.timed_run(feed)
     except Exception as e:
         raise run_error(e) from None
-    return (time.perf_counter() - t0) * 1e3
 
 
 def benchmark(models: dict[str, ModelLike], feeds: Feeds = None, *, warmup: int = 10, runs: int = 50,
@@ -166,14 +164,14 @@ def benchmark(models: dict[str, ModelLike], feeds: Feeds = None, *, warmup: int 
         check_same_inputs(protos[0], p)
     feed = make_feeds(protos[0], feeds, batch_size, input_shapes)
     batch = len(next(iter(feed.values())))
-    sessions = [runtime.session(p, threads=threads, spinning=not interleave) for p in protos]
+    sessions = [runtime.session(p, role="deployed", threads=threads, spinning=not interleave) for p in protos]
     for n, s in zip(names, sessions):
         _check_batch(n, s, feed)
     order = _schedule(len(sessions), warmup + runs, interleave)
     times: list[list[float]] = [[] for _ in sessions]
     for i in order:
         times[i].append(_timed(sessions[i], feed))
-    provider = sessions[0].get_providers()[0]
+    provider = sessions[0].device
     used = _threads_used(sessions[0], threads)
     return Benchmark({n: LatencyStats.from_times(t[warmup:], threads=used, provider=provider, batch_size=batch)
                       for n, t in zip(names, times)})

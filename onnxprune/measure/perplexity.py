@@ -128,12 +128,12 @@ def perplexities(models: list, data: ArrayData, *, batch_size: int = 8, output: 
     sessions = []
     for m in models:
         proto = m.proto if isinstance(m, ir.Model) else m
-        sess = runtime.session(proto)
-        outs = [o.name for o in sess.get_outputs()]
+        sess = runtime.session(proto, role="deployed")
+        outs = [o.name for o in sess.outputs]
         name = output or outs[0]
         if name not in outs:
             raise OnnxPruneError(f"the model has no output '{name}' (outputs: {', '.join(outs)})")
-        sessions.append((sess, [i.name for i in sess.get_inputs()], name))
+        sessions.append((sess, [i.name for i in sess.inputs], name))
     meters = [NLL() for _ in models]
     mask_all = data.meta.get("mask")
     n = data.num_samples if limit is None else min(limit, data.num_samples)

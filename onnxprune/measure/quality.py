@@ -63,13 +63,13 @@ def class_scores(y: np.ndarray) -> np.ndarray | None:
 
 
 class _Runner:
-    """One onnxruntime session and the batch size its inputs accept."""
+    """One runner (the model as deployed) and the batch size its inputs accept."""
 
     def __init__(self, model: ModelLike):
-        self.sess = runtime.session(proto_of(model))
-        self.inputs = [i.name for i in self.sess.get_inputs()]
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        fixed = {i.shape[0] for i in self.sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+        self.sess = runtime.session(proto_of(model), role="deployed")
+        self.inputs = [i.name for i in self.sess.inputs]
+        self.outputs = [o.name for o in self.sess.outputs]
+        fixed = {i.shape[0] for i in self.sess.inputs if i.shape and isinstance(i.shape[0], int)}
         self.fixed_batch = fixed.pop() if len(fixed) == 1 and min(fixed) > 0 else None
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

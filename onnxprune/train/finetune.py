@@ -243,7 +243,7 @@ def _trainer(student: onnx.ModelProto, teacher: onnx.ModelProto | None, data: Ar
     if teacher is not None and loss != "cross_entropy":
         validate.check_same_inputs(student, teacher)
         t_sess = runtime.session(teacher)
-        names = [o.name for o in t_sess.get_outputs()]
+        names = [o.name for o in t_sess.outputs]
         t_out = output if output in names else names[0]
     params_values = {k: np.array(gm.param_values[k], copy=True) for k in gm.param_inputs}
     fetch = [gm.loss_name] + [gm.grad_names[k] for k in params_values]
