@@ -10,6 +10,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from .measure import counts as metrics
 from .analysis import analyze
 from .data.readers import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
+from .ir.ortops import ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
 
@@ -132,8 +134,8 @@ class Pruner:
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with _timed(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
-            data = None if calib is None or calib == "random" else open_data(calib, self.original.proto,
-                                                                              input_shapes or {})
+            data = None if calib is None or calib == "random" else calib_data(calib, self.original.proto,
+                                                                               input_shapes or {})
             shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
             self.analysis = analyze(self.original, shapes, split_carrier=split_carrier, kv_cache=kv_cache)
         self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
@@ -185,6 +187,11 @@ class Pruner:
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
+        if original.meta.get("validity"):   # contrib ops: onnxruntime's load checks what the checker cannot
+            if not verify:
+                ort_load(data_bytes if data_bytes is not None else result.proto.SerializeToString(), "pruned model")
+            extra["validity"] = [original.meta["validity"] + " and the pruned model (" +
+                                 ("its verification ran there)" if verify else "loaded, not verified)")]
         final = result.proto
         no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
         mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None
@@ -268,8 +275,10 @@ def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shape
     from .measure import perplexity
 
     if isinstance(spec, (str, os.PathLike)) and spec != "random" and perplexity.is_causal_lm(proto) \
-            and str(spec).endswith(".npz"):
-        return perplexity.token_data(spec, proto)
+            and str(spec).endswith(".npz") and os.path.isfile(spec):
+        with np.load(spec) as z:
+            if any(vi.name not in z.files for vi in ir.graph_inputs(proto)):
+                return perplexity.token_data(spec, proto, input_shapes)
     return open_data(spec, proto, input_shapes)
 
 
@@ -288,8 +297,7 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     with _timed(seconds, "load"):
         original = model if isinstance(model, ir.Model) else ir.load(model)
         ir.materialize(original)
-        shapes = ir.resolve_input_shapes(original.proto, input_shapes)
-        data = calib_data(calib, original.proto, shapes)
+        data = calib_data(calib, original.proto, input_shapes or {})
     with _timed(seconds, "slice_hidden"):
         h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
                                 progress=progress)
@@ -337,7 +345,7 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
         out["fidelity"] = m.fidelity
     if bench_runs:
         bench = latency.benchmark({"after": result.proto, "before": result.original.proto}, warmup=5,
-                                  runs=bench_runs, input_shapes=result.analysis.input_shapes)
+                                  runs=bench_runs, input_shapes=result.rewrite.input_shapes or result.analysis.input_shapes)
         out["latency_ms_before"] = bench["before"].p50
         out["latency_ms_after"] = bench["after"].p50
         out["latency_ratio"] = bench.ratio_p50
@@ -413,6 +421,13 @@ def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
 
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
-    """Write the pruned model (the bytes verification ran, when it ran on this very model)."""
-    return ir.save(result.proto, path, source=result.original.path, external=result.original.external,
+    """Write the pruned model (the bytes verification ran, when it ran on this very model), and beside
+    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs)."""
+    from . import configs
+
+    size = ir.save(result.proto, path, source=result.original.path, external=result.original.external,
                    data=result.proto_bytes())
+    notes = configs.write_beside(result.original.proto, result.proto, result.original.path, Path(path))
+    if notes:
+        result.extra["configs"] = notes
+    return size

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 def _perplexity_report(args: argparse.Namespace, model, reference, shapes) -> validate.EvalReport:
     from ..measure import perplexity as ppl
 
-    data = ppl.token_data(args.data, model.proto)
+    data = ppl.token_data(args.data, model.proto, shapes)
     models = [model] + ([reference] if reference is not None else [])
     measured = ppl.perplexities(models, data, batch_size=args.batch_size)
     params, macs, size = validate.size_stats(model, shapes)

@@ -20,8 +20,9 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 def add_input_shapes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
-                        help="concrete shape for an input with symbolic dimensions (repeatable); "
-                             "symbolic dimensions otherwise default to 1")
+                        help="concrete shape for an input with symbolic dimensions (repeatable), or DIM=N "
+                             "for a named symbolic dimension in every input (e.g. past_sequence_length=0: an "
+                             "empty KV cache); symbolic dimensions otherwise default to 1")
 
 
 def add_json(parser: argparse.ArgumentParser, what: str = "results") -> None:

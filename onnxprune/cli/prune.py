@@ -259,7 +259,7 @@ def _validation_data(args: argparse.Namespace, pruner):
             raise OnnxPruneError("--metric perplexity measures --data: add --data TOKENS.npz")
         from ..measure import perplexity
 
-        return perplexity.token_data(args.data, pruner.original.proto)
+        return perplexity.token_data(args.data, pruner.original.proto, pruner.analysis.input_shapes)
     return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
 
 
@@ -354,6 +354,8 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
             reasons[r] = reasons.get(r, 0) + 1
     for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
         print(f"  frozen x{n}: {r}", file=sys.stderr)
+    for note in rep.get("configs", []) + rep.get("validity", []):
+        print(f"  {note}", file=sys.stderr)
 
 
 def validation_rows(v: dict | None) -> list[tuple]:

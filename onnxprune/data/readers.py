@@ -207,6 +207,15 @@ def bind_shapes(proto: onnx.ModelProto, data: ArrayData, explicit: dict[str, lis
     return {**out, **explicit}
 
 
+def fit_empty(value: np.ndarray, declared) -> np.ndarray:
+    """An empty input (a KV cache of length 0) at the fixed sizes a model declares (``declared``: its
+    dims, ints or names): a pruned model's caches have fewer heads than the data made for the original."""
+    if value.size or not declared or len(declared) != value.ndim:
+        return value
+    return np.zeros([value.shape[0]] + [d if isinstance(d, int) and d > 0 else s
+                                        for d, s in zip(declared[1:], value.shape[1:])], dtype=value.dtype)
+
+
 def random_feed(proto: onnx.ModelProto, input_shapes: dict[str, list[int]], seed: int = 0
                 ) -> dict[str, np.ndarray]:
     """One feed with exactly ``input_shapes``: standard normal floats, small non-negative ints."""
@@ -229,6 +238,8 @@ def _random_array(rng: np.random.Generator, vi, full: list[int]) -> np.ndarray:
     dt = ir.input_dtype(vi)
     if dt.kind == "f":
         return rng.standard_normal(full).astype(dt)
+    if ir.is_mask_input(vi):   # every position attended, as in a plain prompt
+        return np.ones(full, dtype=dt)
     if dt.kind in "iu":
         return rng.integers(0, 2, size=full).astype(dt)
     if dt.kind == "b":

@@ -176,8 +176,9 @@ def _shapes_by_running(proto: onnx.ModelProto, names: list[str]) -> dict[str, Sh
     from .. import runtime  # onnxruntime is only needed when shape inference falls short
 
     sess = runtime.session(runtime.with_outputs(proto, names), optimize=False)
-    feed = {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in ir.input_dims(i)],
-                             dtype=ir.input_dtype(i))
+    feed = {i.name: (np.ones if ir.is_mask_input(i) else np.zeros)(
+                [d if isinstance(d, int) and d >= 0 else 1 for d in ir.input_dims(i)],  # 0: an empty cache
+                dtype=ir.input_dtype(i))
             for i in ir.graph_inputs(proto)}
     try:
         values = sess.run(names, feed)  # runners run quietly: the failure becomes our one-line error

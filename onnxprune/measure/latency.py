@@ -23,7 +23,7 @@ import onnx
 
 from ..data import readers as data_mod
 from .. import ir, runtime
-from ..data.readers import ArrayData
+from ..data.readers import ArrayData, fit_empty
 from ..errors import OnnxPruneError
 from .quality import ModelLike, check_same_inputs, proto_of, run_error
 
@@ -165,12 +165,15 @@ def benchmark(models: dict[str, ModelLike], feeds: Feeds = None, *, warmup: int 
     feed = make_feeds(protos[0], feeds, batch_size, input_shapes)
     batch = len(next(iter(feed.values())))
     sessions = [runtime.session(p, role="deployed", threads=threads, spinning=not interleave) for p in protos]
-    for n, s in zip(names, sessions):
-        _check_batch(n, s, feed)
+    # each model its own empty KV caches (a pruned model's have fewer heads)
+    fed = [{k: fit_empty(v, shape.get(k)) for k, v in feed.items()}
+           for shape in ({i.name: i.shape for i in s.inputs} for s in sessions)]
+    for n, s, f in zip(names, sessions, fed):
+        _check_batch(n, s, f)
     order = _schedule(len(sessions), warmup + runs, interleave)
     times: list[list[float]] = [[] for _ in sessions]
     for i in order:
-        times[i].append(_timed(sessions[i], feed))
+        times[i].append(_timed(sessions[i], fed[i]))
     provider = sessions[0].device
     used = _threads_used(sessions[0], threads)
     return Benchmark({n: LatencyStats.from_times(t[warmup:], threads=used, provider=provider, batch_size=batch)
