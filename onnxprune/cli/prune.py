@@ -17,7 +17,7 @@ from .. import pipeline, runtime
 from ..search import budget
 from ..measure import latency, pass_cost
 from ..measure import plots
-from ..data.readers import open_data
+from ..data import open_data
 from ..errors import OnnxPruneError
 from ..plan import Policy, check_names, plan_entries
 from . import finetune as finetune_cli

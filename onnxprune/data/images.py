@@ -4,7 +4,7 @@
     for feed in data.batches(32):        # {input name: [32, 3, 224, 224] float32}
         ...
 
-``open_images`` returns a plain :class:`~onnxprune.data.ArrayData` whose one
+``open_images`` returns a plain :class:`~onnxprune.data.arrays.ArrayData` whose one
 array is an :class:`ImageFolder`: a lazy array over the files. Slicing it (or
 indexing it with a list of positions) gives another lazy view; ``np.asarray``
 (which ``ArrayData.batches`` applies to each batch) decodes just those files.
@@ -33,8 +33,8 @@ import numpy as np
 import onnx
 
 from .. import ir
-from .readers import ArrayData
 from ..errors import OnnxPruneError
+from .arrays import ArrayData
 
 _NOTED: list = []   # the first image that set off Pillow's decompression-bomb warning
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")

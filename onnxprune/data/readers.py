@@ -1,19 +1,18 @@
-"""Data readers behind one protocol: ``batches(batch_size)`` yields feed dicts.
+"""``.npz`` files and random feeds as :class:`~onnxprune.data.arrays.ArrayData`, and the analysis
+shapes a model gets from its data.
 
 The convention everywhere: an ``.npz`` whose arrays are named after the
 model's inputs (a single-input model may use any one name) plus an optional
-integer array ``labels``. A folder of images (``onnxprune.images``) gives the
-same ``ArrayData`` with a lazy array decoded per batch. ``random`` gives
-synthetic inputs from the input shapes, and the report says so.
+integer array ``labels``. ``random`` gives synthetic inputs from the input
+shapes, and the report says so. Image folders are ``data.images``; the front
+door over all of them is ``data.open_data``.
 """
 
 from __future__ import annotations
 
 import sys
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
 
 import numpy as np
 import onnx
@@ -21,56 +20,7 @@ import onnx
 from .. import ir
 from ..errors import OnnxPruneError
 from ..ir.checks import available_memory, human_bytes
-
-
-class DataSource(Protocol):
-    """What every data reader offers."""
-
-    kind: str  # "npz", "images", "random"
-    num_samples: int
-    labels: np.ndarray | None
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        ...
-
-
-@dataclass
-class ArrayData:
-    """Arrays keyed by model input name (from an .npz, an image folder, or made up).
-
-    An array may be lazy (``images.ImageFolder``): slicing it is free and ``np.asarray`` decodes, so
-    ``batches`` materialises one batch at a time and ``split`` never reads the data.
-    """
-
-    arrays: dict[str, np.ndarray]
-    labels: np.ndarray | None = None
-    kind: str = "npz"
-    source: str = ""
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        n = self.num_samples if limit is None else min(limit, self.num_samples)
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            yield {k: np.asarray(v[start:stop]) for k, v in self.arrays.items()}
-
-    def label_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray | None]:
-        n = self.num_samples if limit is None else min(limit, self.num_samples)
-        for start in range(0, n, batch_size):
-            yield None if self.labels is None else self.labels[start:min(start + batch_size, n)]
-
-    def split(self, first: int) -> tuple["ArrayData", "ArrayData"]:
-        """The first ``first`` samples and the rest (e.g. fit and held-out calibration batches)."""
-        a = {k: v[:first] for k, v in self.arrays.items()}
-        b = {k: v[first:] for k, v in self.arrays.items()}
-        la = None if self.labels is None else self.labels[:first]
-        lb = None if self.labels is None else self.labels[first:]
-        return (ArrayData(a, la, self.kind, self.source, self.meta),
-                ArrayData(b, lb, self.kind, self.source, self.meta))
+from .arrays import ArrayData
 
 
 def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> ArrayData:
@@ -245,20 +195,3 @@ def _random_array(rng: np.random.Generator, vi, full: list[int]) -> np.ndarray:
     if dt.kind == "b":
         return rng.integers(0, 2, size=full).astype(bool)
     raise OnnxPruneError(f"input '{vi.name}' has dtype {dt}; random data cannot be made for it")
-
-
-def open_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
-              num_random: int = 8) -> ArrayData | None:
-    """``None`` -> None, ``"random"`` -> synthetic, a folder (or image file) -> images, a path -> .npz.
-
-    An ``ArrayData`` is returned as it is. A folder decodes with the model's input size and no
-    normalisation unless ``spec`` is an ``images.ImagePath`` carrying the decoding options.
-    """
-    if spec is None or isinstance(spec, ArrayData):
-        return spec
-    if spec == "random":
-        return random_data(proto, input_shapes, num_random)
-    from . import images  # noqa: PLC0415  (images imports this module)
-    if isinstance(spec, images.ImagePath) or images.is_image_path(spec):
-        return images.open_images(spec, proto, input_shapes, **getattr(spec, "options", {}))
-    return load_npz(spec, proto, input_shapes)
