@@ -24,7 +24,7 @@ def test_readme_main_command(cli, tmp_path):
         i = args.index(flag)
         args[i + 1] = str(tmp_path / args[i + 1])
     res = cli(*args, check=0)
-    assert "verified against the masked original" in res.out
+    assert "verified: equals the masked original" in res.out
     rep = json.loads((tmp_path / "fmnist_report.json").read_text())
     v = rep["validation"]
     assert rep["macs_after"] <= 0.5 * rep["macs_before"]

@@ -19,7 +19,7 @@ from ..measure import latency, pass_cost
 from ..measure import plots
 from ..data import open_data
 from ..errors import OnnxPruneError
-from ..plan import Policy, check_names, plan_entries
+from ..plan import Policy, check_names, nothing_removed, plan_entries, removal_summary
 from . import finetune as finetune_cli
 from . import fmt, options
 
@@ -207,8 +207,16 @@ def run(args: argparse.Namespace) -> int:
         if target.max_drop is not None or args.allocation != "uniform":
             raise OnnxPruneError(f"{'--max-drop' if target.max_drop is not None else '--allocation'} goes with "
                                  "a --target-* budget")
-        result = pruner.finish(plan if plan is not None else pruner.plan(policy), verify=not args.no_verify,
-                               reconstruct=args.reconstruct)
+        the_plan = plan if plan is not None else pruner.plan(policy)
+        if plan is None and not the_plan.count():
+            raise OnnxPruneError("the plan removes nothing: " + nothing_removed(
+                removal_summary(pruner.analysis, the_plan, policy), policy) + "; no model written")
+        if plan is not None and not any(g.get("removed") for g in plan.get("groups", [])):
+            raise OnnxPruneError(f"--plan {args.plan} removes nothing; no model written")
+        result = pruner.finish(the_plan, verify=not args.no_verify, reconstruct=args.reconstruct)
+        if plan is None:
+            result.extra["removal"] = removal_summary(pruner.analysis, the_plan, policy)
+            result.extra["removal"]["round_to_is_cli_default"] = args.round_to is None
     if args.finetune_steps and not args.dry_run:
         _finetune(args, pruner, result)
     return _finish(args, result, data, policy, out, pruner, start)
@@ -333,10 +341,14 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
     rows += validation_rows(rep.get("validation"))
     fmt.table(None, ["", "before", "after", "after/before"], rows, right=(1, 2, 3))
     ver = result.verification
-    status = ("verified against the masked original" if ver and ver.passed else "NOT verified (--no-verify)")
+    status = ("verified: equals the masked original" if ver and ver.passed else "NOT verified (--no-verify)")
+    worst = ver.worst() if ver and ver.passed else None
+    margin = (f" (largest difference {worst.max_abs:.1e} on '{worst.name}', {100 * worst.max_abs / worst.tolerance:.2g}% "
+              f"of the tolerance applied there, {worst.tolerance:.1e})" if worst is not None and worst.tolerance else "")
     fmt.out.print(f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
-                  f"{rep['groups_frozen']} frozen; {status}"
-                  + (f" (worst relative error {ver.needed_rtol:.1e})" if ver and ver.passed else ""))
+                  f"{rep['groups_frozen']} frozen; {status}{margin}", soft_wrap=True)
+    print_removal(rep.get("removal"))
+    honest_notes(result, rep)
     h = rep.get("hidden")
     if h:
         rv = h.get("rotation_verification") or {}
@@ -356,6 +368,44 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
         print(f"  frozen x{n}: {r}", file=sys.stderr)
     for note in rep.get("configs", []) + rep.get("validity", []):
         print(f"  {note}", file=sys.stderr)
+
+
+def print_removal(removal: dict | None) -> None:
+    """One line: the share of channels really removed against the ratio asked, and the groups left whole."""
+    if not removal or not removal["groups"]:
+        return
+    asked = removal["asked_ratio"]
+    rounding = (f"channel counts in multiples of {removal['round_to']}"
+                + (" (the command line's default on this CPU; the Python API keeps exact ratios unless told)"
+                   if removal.get("round_to_is_cli_default") else "") + "; --round-to 1 keeps exact ratios"
+                if removal["round_to"] > 1 else "exact ratios")
+    per = [g["removed_ratio"] for g in removal["groups"]]
+    line = (f"removed {100 * removal['removed_ratio']:.1f}% of the channels of {len(removal['groups'])} groups"
+            + (f", {100 * min(per):.0f}% to {100 * max(per):.0f}% per group" if max(per) - min(per) > 0.005 else "")
+            + (f" (asked {100 * asked:g}%; {rounding})" if asked is not None else f" ({rounding})"))
+    whole = removal["left_whole"]
+    if whole:
+        names = ", ".join(f"{w['label']} [{w['size']}]" for w in whole[:4]) + (", ..." if len(whole) > 4 else "")
+        line += f"; left whole: {len(whole)} group(s) ({names}) by {whole[0]['why']}"
+    fmt.out.print(line, soft_wrap=True, markup=False)
+
+
+def honest_notes(result: pipeline.PruneResult, rep: dict) -> None:
+    """What 'verified' does not say: outputs nearly constant on the verification inputs, and, without data,
+    that accuracy is unmeasured."""
+    ver = result.verification
+    if ver and ver.passed:
+        flat = ver.nearly_constant(o.name for o in result.original.graph.output)
+        if flat:
+            print(f"note: output(s) {', '.join(repr(n) for n in flat)} hardly varied on the verification inputs "
+                  "(random unless --calib is real data), so their check says little; measure with --data",
+                  file=sys.stderr)
+    if not rep.get("validation"):
+        no_calib = str(rep.get("importance_data")) in ("none", "random", "None", "")
+        print("note: 'verified' means the pruned model computes what the original computes with the removed "
+              "channels zeroed; it says nothing about accuracy, which was not measured (no --data). Measure it "
+              "with --data DATA" + (", and choose channels and repair layers from real inputs with --calib DATA"
+                                    if no_calib else ""), file=sys.stderr)
 
 
 def validation_rows(v: dict | None) -> list[tuple]:
