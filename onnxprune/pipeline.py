@@ -16,13 +16,15 @@ import numpy as np
 import onnx
 
 from . import fold, ir, rewrite, runtime, verify as verify_mod
-from .measure import counts as metrics
+from .measure import counts, latency, quality
+from .measure.clock import stage_time
 from .analysis import analyze
-from .data.readers import ArrayData, bind_shapes, open_data, random_feed
+from .data import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
 from .ir.ortops import ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
+from .train.finetune import finetune as train_finetune
 
 
 @dataclass
@@ -33,8 +35,8 @@ class PruneResult:
     plan: Plan
     rewrite: rewrite.RewriteResult
     verification: verify_mod.Verification | None
-    before: metrics.ModelStats
-    after: metrics.ModelStats
+    before: counts.ModelStats
+    after: counts.ModelStats
     criterion: str
     data_source: str
     seconds: dict[str, float] = field(default_factory=dict)
@@ -73,29 +75,6 @@ class PruneResult:
         }
 
 
-def _timed(seconds: dict, key: str, peaks: dict | None = None):
-    """Add the block's wall time to ``seconds[key]``; with ``peaks``, also record the process's peak
-    resident memory so far (MB) at the end of the block, so a report shows which stage raised it."""
-    class _T:
-        def __enter__(self):
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - self.t, 4)
-            if peaks is not None:
-                peaks[key] = peak_rss_mb()
-    return _T()
-
-
-def peak_rss_mb() -> int:
-    """Peak resident memory of this process so far, MB (VmHWM; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next((int(line.split()[1]) // 1024 for line in fh if line.startswith("VmHWM")), 0)
-    except OSError:
-        return 0
-
-
 def verification_feeds(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
                        data: ArrayData | None = None, n_random: int = 1) -> list[dict[str, np.ndarray]]:
     """Random batches at the analysis shapes, plus one real batch when data is given.
@@ -128,10 +107,11 @@ class Pruner:
         self.peaks: dict[str, int] = {}   # stage -> peak resident MB at its end
         self.reconstruct_options: dict = {}   # defaults for every finish() (e.g. {"stages": 1})
         self.criterion, self.progress = criterion, progress
-        with _timed(self.seconds, "load", self.peaks):
+        with stage_time(self.seconds, "load", self.peaks):
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
+            ir.checks.check_finite(self.original.proto)  # NaN/inf weights: the model's problem, named
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
-        with _timed(self.seconds, "analyze", self.peaks):
+        with stage_time(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
             data = None if calib is None or calib == "random" else calib_data(calib, self.original.proto,
                                                                                input_shapes or {})
@@ -144,26 +124,26 @@ class Pruner:
         self.scores: dict[int, np.ndarray] = {}
         self.score_notes: list[str] = []
         if score:
-            with _timed(self.seconds, "score", self.peaks):
+            with stage_time(self.seconds, "score", self.peaks):
                 ctx = ScoreContext(self.original.proto, self.analysis, data=self.data, progress=progress)
                 self.scores = score_groups(self.analysis.prunable, ctx, criterion, group_reduction)
             self.score_notes = fallback_summary(ctx, criterion)
-        self._before: metrics.ModelStats | None = None
+        self._before: counts.ModelStats | None = None
 
     @property
-    def before(self) -> metrics.ModelStats:
+    def before(self) -> counts.ModelStats:
         if self._before is None:
-            self._before = metrics.summarize(self.original.proto, self.analysis.input_shapes)
+            self._before = counts.summarize(self.original.proto, self.analysis.input_shapes)
         return self._before
 
     def plan(self, policy: Policy) -> Plan:
-        with _timed(self.seconds, "plan"):
+        with stage_time(self.seconds, "plan"):
             return make_plan(self.analysis, self.scores, policy)
 
-    def candidate(self, plan: Plan) -> tuple[rewrite.RewriteResult, metrics.ModelStats]:
+    def candidate(self, plan: Plan) -> tuple[rewrite.RewriteResult, counts.ModelStats]:
         """The rewritten (unverified) model for ``plan`` and its params/MACs."""
         result = rewrite.apply(self.analysis, plan.removed, self.original)
-        return result, metrics.summarize(result.proto, result.input_shapes)
+        return result, counts.summarize(result.proto, result.input_shapes)
 
     def finish(self, plan: Plan | dict, *, verify: bool = True, rtol: float = 1e-4, reconstruct: str = "auto",
                reconstruct_options: dict | None = None) -> PruneResult:
@@ -171,14 +151,14 @@ class Pruner:
         seconds, analysis, original, data = dict(self.seconds), self.analysis, self.original, self.data
         peaks = dict(self.peaks)
         the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan, analysis)
-        with _timed(seconds, "rewrite", peaks):
+        with stage_time(seconds, "rewrite", peaks):
             result = rewrite.apply(analysis, the_plan.removed, original)
             gc.collect()  # the rewrite's graph holds sliced weights in reference cycles: free them now
             data_bytes = _serialize(result.proto, original)  # verified and saved as they are
             _check_like(result.proto, original.proto)
         ver = None
         if verify:
-            with _timed(seconds, "verify", peaks):
+            with stage_time(seconds, "verify", peaks):
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
                 if analysis.varied_shapes:  # shape values were folded: check at other symbolic sizes too
                     feeds.append(random_feed(original.proto, analysis.varied_shapes, seed=1))
@@ -205,7 +185,7 @@ class Pruner:
         if mode != "none":
             if data is None:
                 raise OnnxPruneError(f"--reconstruct {mode} needs calibration data: add --calib DATA.npz")
-            with _timed(seconds, "reconstruct", peaks):
+            with stage_time(seconds, "reconstruct", peaks):
                 final, rep = recon.reconstruct(original.proto, result.proto, result.kept_inputs, data, mode=mode,
                                                kept_outputs=result.kept_outputs, progress=self.progress,
                                                **{**self.reconstruct_options, **(reconstruct_options or {})})
@@ -213,8 +193,8 @@ class Pruner:
         extra["reconstruct_mode"] = mode
         extra["importance_fallbacks"] = self.score_notes
         extra["peak_rss_mb"] = peaks
-        with _timed(seconds, "measure", peaks):
-            after = metrics.summarize(final, result.input_shapes)
+        with stage_time(seconds, "measure", peaks):
+            after = counts.summarize(final, result.input_shapes)
         source = "none" if data is None else data.kind
         # the verified bytes are the model to save only if no refit changed its weights since
         saved = (final, data_bytes) if data_bytes is not None and mode == "none" else None
@@ -295,11 +275,11 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     from . import hidden
 
     seconds: dict[str, float] = {}
-    with _timed(seconds, "load"):
+    with stage_time(seconds, "load"):
         original = model if isinstance(model, ir.Model) else ir.load(model)
         ir.materialize(original)
         data = calib_data(calib, original.proto, input_shapes or {})
-    with _timed(seconds, "slice_hidden"):
+    with stage_time(seconds, "slice_hidden"):
         h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
                                 progress=progress)
     sliced = ir.Model(h.proto)
@@ -312,7 +292,7 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     result.seconds = {**seconds, **result.seconds}
     result.extra["hidden"] = h.to_json()
     result.original = original
-    result.before = metrics.summarize(original.proto, result.analysis.input_shapes)
+    result.before = counts.summarize(original.proto, result.analysis.input_shapes)
     result.plan.notes.append(f"hidden width {h.width_before} -> {h.width_after} (rotation verified exact: "
                              f"{bool(h.rotation and h.rotation.passed)}; slicing is approximate, measure it "
                              "with --data)")
@@ -325,9 +305,6 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
     Stored in ``result.extra["validation"]`` and returned.
     """
-    from .measure import latency
-    from .measure import quality as val
-
     t = time.perf_counter()
     out: dict = {"data": data.source or data.kind, "samples": data.num_samples}
     if data.kind == "tokens":  # a causal LM on token ids (measure.perplexity.token_data)
@@ -339,7 +316,7 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
         out["perplexity_ratio"] = (after["perplexity"] / before["perplexity"]
                                    if before["perplexity"] and after["perplexity"] is not None else None)
     else:
-        m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
+        m = quality.compare(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
                          want_accuracy=data.labels is not None)
         out["accuracy_before"] = m.reference_accuracy
         out["accuracy_after"] = m.accuracy
@@ -360,11 +337,9 @@ def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None
     """Fine-tune the pruned model against the original (distillation, plus cross-entropy when ``data``
     has labels; see :mod:`onnxprune.finetune`). ``result.proto`` becomes the best checkpoint and
     ``result.extra["finetune"]`` the run summary, which is returned."""
-    from .train import finetune as ft
-
-    with _timed(result.seconds, "finetune"):
+    with stage_time(result.seconds, "finetune"):
         teacher = ir.materialize(result.original).proto  # a lazily loaded model's weights, all in memory
-        run = ft.finetune(result.proto, data, teacher=teacher, config=config, progress=progress, log=log)
+        run = train_finetune(result.proto, data, teacher=teacher, config=config, progress=progress, log=log)
     result.proto = run.proto
     result.extra["finetune"] = run.to_json()
     return result.extra["finetune"]
