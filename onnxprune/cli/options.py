@@ -29,8 +29,9 @@ def add_json(parser: argparse.ArgumentParser, what: str = "results") -> None:
     parser.add_argument("--json", metavar="PATH", help=f"also write the {what} as JSON to PATH")
 
 
-def add_output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the new .onnx")
+def add_output(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("-o", "--output", required=required, metavar="OUT",
+                        help="where to write the new .onnx" + ("" if required else " (required unless --dry-run)"))
 
 
 IMAGE_FLAGS = {"image_size": "--image-size", "resize": "--resize", "mean": "--mean", "std": "--std",

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import pipeline, runtime
+from .. import importance, pipeline, runtime
 from ..search import budget
 from ..measure import latency, pass_cost
 from ..measure import plots
@@ -28,11 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove channels, filters and heads; verify; save",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model(p)
-    options.add_output(p)
+    options.add_output(p, required=False)
     g = p.add_argument_group("what to remove")
     g.add_argument("--ratio", default=None, help="fraction of each group's channels to remove (default 0.3; "
                                                  "0 with --slice-hidden)")
-    g.add_argument("--criterion", default="l2", help="importance criterion (default l2; see docs/criteria.md)")
+    g.add_argument("--criterion", default="l2", help="importance criterion: " + ", ".join(importance.CRITERIA)
+                   + " (default l2; the activation-based ones need --calib; see docs/criteria.md)")
     g.add_argument("--group-reduction", default="mean", choices=["mean", "sum", "max"],
                    help="how the scores of coupled layers combine (default mean)")
     g.add_argument("--global", dest="global_ranking", action="store_true",
@@ -164,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
-    out = Path(args.output)
-    if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
-        raise OnnxPruneError(f"{out}: output path is the input model; choose another -o path")
+    if not args.output and not args.dry_run:
+        raise OnnxPruneError("-o OUT is required: where to write the pruned model (or --dry-run to plan only)")
+    out = Path(args.output) if args.output else None
     options.run_count("--bench-runs", args.bench_runs)
     if args.reconstruct_stages is not None and args.reconstruct_stages < 1:
         raise OnnxPruneError(f"--reconstruct-stages {args.reconstruct_stages}: must be 1 or more")
