@@ -70,7 +70,7 @@ class PruneResult:
             "input_shapes": a.input_shapes,
             "kv_cache": a.kv_cache,
             "groups": self.rewrite.groups,
-            "frozen": [{"group": g.id, "label": g.label, "size": g.size, "reasons": g.reasons}
+            "frozen": [{"group": g.id, "label": g.label, "structure": g.structure, "size": g.size, "reasons": g.reasons}
                        for g in a.frozen if g.size > 1],
             "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in a.barriers],
             "notes": self.plan.notes,
@@ -113,6 +113,7 @@ class Pruner:
         self.criterion, self.progress = criterion, progress
         with stage_time(self.seconds, "load", self.peaks):
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
+            ir.checks.check_finite(self.original.proto)  # NaN/inf weights: the model's problem, named
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with stage_time(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
@@ -163,6 +164,8 @@ class Pruner:
         if verify:
             with stage_time(seconds, "verify", peaks):
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
+                if analysis.varied_shapes:  # shape values were folded: check at other symbolic sizes too
+                    feeds.append(random_feed(original.proto, analysis.varied_shapes, seed=1))
                 ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
                                         feeds, rtol=rtol, pruned_bytes=data_bytes)
             if not ver.passed:
