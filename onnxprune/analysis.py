@@ -21,7 +21,7 @@ from . import ir, runtime
 from .errors import OnnxPruneError
 from .data.readers import random_feed
 from .groups import ACTIVATION, Analysis, Barrier, Group, Member
-from .rules import RULES, NodeCtx, Unsupported
+from .rules import NodeCtx, Unsupported, lookup
 from .rules.base import FIXED, Label, UnionFind
 from .rules.taint import carry, static_or_const
 
@@ -34,7 +34,9 @@ SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Split":
 # ops through which a value read from a tensor's shape keeps being shape arithmetic
 SHAPE_ARITH = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Div", "Mul", "Add", "Sub",
                "Slice", "Identity", "Floor", "Ceil", "Mod", "Max", "Min", "ReduceProd", "Neg", "Abs", "Sqrt",
-               "Reshape", "Equal", "Where"}
+               "Reshape", "Equal", "Where", "Pow", "Reciprocal", "ConstantOfShape", "Range", "Expand", "Tile",
+               "Less", "Greater", "Not", "And", "Or"}
+SMALL = 64  # elements: shape arithmetic produces a handful of numbers; anything bigger is data
 
 # why common ops without a rule stop channels (the default reason is "no rule for this op")
 NO_RULE = {op: "quantized tensors keep their channels (prune the float model, then quantize)"
@@ -73,6 +75,8 @@ class _Driver:
         self.shapes = shapes
         self.observed = observed
         self.static: set[str] = set()
+        self.varies: dict[str, np.ndarray] = {}   # observed value -> mask of elements read at run time
+        self.shape_valued: set[str] = set()       # small tensors computed only from shapes and constants
         # values read from these channels' count: (ids, where, element positions holding it or None = any)
         self.taint: dict[str, list[tuple[np.ndarray, str, frozenset | None]]] = {}
         self.opset = opset
@@ -113,6 +117,13 @@ class _Driver:
 
     def static_value(self, name: str):
         return self.observed.get(name) if name in self.static else None
+
+    def elements(self, name: str):
+        """(observed value, mask of elements that change with the symbolic input dims) or None."""
+        v = self.observed.get(name)
+        if v is None:
+            return None
+        return v, self.varies.get(name, np.zeros(v.shape, dtype=bool))
 
     def read_channel_count(self, out: gs.Tensor, ids: np.ndarray, where: str, position: int | None = None) -> None:
         """``out`` holds a number computed from a channel count: follow it until it is folded or used."""
@@ -155,8 +166,9 @@ class _Driver:
         outer = [n for n in _outer_names(node) if n in self.labels]
         for name in outer:
             self.fix(self.labels[name].ids, f"{node.op} '{node.name}': read inside a subgraph")
+        self._mark_shape_valued(node)
         self._follow_taint(node)
-        fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
+        fn = lookup(node.domain, node.op)
         if fn is None:
             reason = NO_RULE.get(node.op, "no rule for this op") if node.domain in ("", "ai.onnx", None) else \
                 f"op from custom domain '{node.domain}'"
@@ -179,19 +191,19 @@ class _Driver:
             self._barrier(node, str(e), touched=node.op in ir.WEIGHT_OPS)
 
     def _follow_taint(self, node: gs.Node) -> None:
-        """Channel counts read at run time must end folded into a shape input, or freeze their channels."""
+        """Channel counts read at run time flow through shape arithmetic; where they leave it (a shape
+        input, or data such as an attention scale) the elements that hold them are set to their
+        observed value, which the node's rule may then refine (e.g. a Reshape target's new size).
+        An element that also changes with a symbolic dimension cannot be set: it freezes its channels."""
         tainted = [(i, t) for i, t in enumerate(node.inputs) if t.name in self.taint]
         if not tainted:
             return
         foldable = SHAPE_INPUTS.get(node.op, ())
         for i, t in tainted:
-            if i in foldable and t.name in self.static:
-                self._fold(node, i, t)
-            elif node.op in SHAPE_ARITH and node.domain in ("", "ai.onnx", None) and self._small(node):
+            if i not in foldable and node.outputs and node.outputs[0].name in self.shape_valued:
                 self._carry_taint(node, i, t)
             else:
-                for ids, where, _ in self.taint[t.name]:
-                    self.fix(ids, f"{where}: its channel count is used at run time by {node.op} '{node.name}'")
+                self._fold(node, i, t)
 
     def _carry_taint(self, node: gs.Node, i: int, t: gs.Tensor) -> None:
         """Pass the count on to the elements of the outputs that still hold it (none: it is gone)."""
@@ -208,19 +220,48 @@ class _Driver:
         s = self.shapes.get(t.name)
         return None if s is None or any(d is None for d in s) else list(s)
 
+    def _mark_shape_valued(self, node: gs.Node) -> None:
+        """Shape arithmetic: a Shape or Size, or a small result of SHAPE_ARITH ops whose run-time
+        inputs are all shape arithmetic. Data (an activation, even a small one) never is."""
+        if node.domain not in ("", "ai.onnx", None) or node.op not in SHAPE_ARITH or not self._small(node):
+            return
+        live = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
+        if node.op in ("Shape", "Size") or all(t.name in self.shape_valued for t in live):
+            self.shape_valued.update(o.name for o in node.outputs if o.name)
+
     def _small(self, node: gs.Node) -> bool:
         """Shape arithmetic produces a handful of numbers; anything bigger is data."""
         for o in node.outputs:
             s = self.shapes.get(o.name)
-            if s is None or any(d is None for d in s) or int(np.prod(s)) > 64:
+            if s is None or any(d is None for d in s) or int(np.prod(s)) > SMALL:
                 return False
         return True
 
     def _fold(self, node: gs.Node, i: int, t: gs.Tensor) -> None:
-        value = self.observed[t.name]
+        """Set the elements of input ``i`` that hold channel counts to their observed values."""
+        entries = self.taint[t.name]
+        el = self.elements(t.name)
+        use = f"{node.op} '{node.name}'"
+        if el is None:
+            for ids, where, _ in entries:
+                self.fix(ids, f"{where}: its channel count is used at run time by {use}")
+            return
+        value, varies = el
+        mask = np.zeros(value.size, dtype=bool)
+        for ids, where, pos in entries:
+            sel = np.ones(value.size, dtype=bool) if pos is None else \
+                np.isin(np.arange(value.size), np.fromiter(pos, dtype=np.int64, count=len(pos)))
+            if (sel & varies.reshape(-1)).any():
+                self.fix(ids, f"{where}: its channel count is combined with a run-time dimension in the "
+                              f"input of {use}")
+            else:
+                mask |= sel
+        if not mask.any():
+            return
+        mask = mask.reshape(value.shape)
 
         def fold(view):
-            view.set_const(node, i, value)
+            view.set_elements(node, i, value, mask)
         self.fixups.append((node, fold))  # runs before the node's own fixups, which may refine it
 
     def _barrier(self, node: gs.Node, reason: str, touched: bool = False) -> None:
@@ -327,25 +368,37 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
         for i in SHAPE_INPUTS.get(node.op, ()):
             if i < len(node.inputs) and isinstance(node.inputs[i], gs.Variable) and node.inputs[i].name:
                 want_values.add(node.inputs[i].name)
+        if node.op in SHAPE_ARITH:  # small results of shape arithmetic: their values may be folded
+            for o in node.outputs:
+                s = shapes.get(o.name)
+                if o.name and (s is None or None in s or int(np.prod(s)) <= SMALL):
+                    want_values.add(o.name)
     unknown = {t.name for n in graph.nodes for t in n.outputs
                if t.name and (shapes.get(t.name) is None or any(d is None for d in shapes[t.name]))}
     observed: dict[str, np.ndarray] = {}
-    static: set[str] = set()
+    varies: dict[str, np.ndarray] = {}
     need = sorted(want_values | unknown)
     if need:  # only graphs whose shapes depend on run-time values pay for an onnxruntime run
         fixed = ir.with_input_shapes(proto, shapes_in)
         sess = runtime.session(runtime.with_outputs(fixed, need), optimize=False)
-        vals = runtime.run(sess, random_feed(fixed, shapes_in), need)
+        try:
+            vals = runtime.run(sess, random_feed(fixed, shapes_in), need)
+        except Exception as e:  # e.g. a symbolic channel or image size that defaulted to 1
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            at = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes_in.items())
+            raise OnnxPruneError(f"onnxruntime cannot run the model at {at} ({msg}); give real sizes with "
+                                 "--input-shape NAME=DIMS") from None
         for name, v in vals.items():
             shapes[name] = list(v.shape)
-            if name in want_values and v.size <= 64 and v.dtype.kind in "iu":
+            if name in want_values and v.size <= SMALL and v.dtype.kind in "iufb":
                 observed[name] = v
-        static = _static_values(proto, shapes_in, observed)
-    return graph, shapes, observed, static, shapes_in
+        varies = _varying_elements(proto, shapes_in, observed)
+    return graph, shapes, observed, varies, shapes_in
 
 
-def _static_values(proto: onnx.ModelProto, shapes_in: dict, observed: dict) -> set[str]:
-    """Observed values that do not change when the symbolic input dimensions do (safe to fold).
+def _varying_elements(proto: onnx.ModelProto, shapes_in: dict, observed: dict) -> dict[str, np.ndarray]:
+    """For each observed value, the elements that change when the symbolic input dimensions do
+    (the others are safe to fold).
 
     A size given with --input-shape is where the analysis runs, not a promise: the saved model
     keeps the symbolic dimension, so it is varied too (doubled, which keeps strides dividing it)."""
@@ -359,15 +412,20 @@ def _static_values(proto: onnx.ModelProto, shapes_in: dict, observed: dict) -> s
                 changed = True
         varied[vi.name] = shape
     if not changed or not observed:
-        return set(observed)
+        return {n: np.zeros(v.shape, dtype=bool) for n, v in observed.items()}
+    names = sorted(observed)
     try:
         fixed = ir.with_input_shapes(proto, varied)
-        names = sorted(observed)
         sess = runtime.session(runtime.with_outputs(fixed, names), optimize=False)
         vals = runtime.run(sess, random_feed(fixed, varied), names)
     except Exception:
-        return set()
-    return {n for n in names if np.array_equal(vals[n], observed[n])}
+        return {n: np.ones(v.shape, dtype=bool) for n, v in observed.items()}
+    out = {}
+    for n in names:
+        a, b = observed[n], vals[n]
+        out[n] = (a != b) if a.shape == b.shape and a.dtype.kind != "f" else \
+            (~np.isclose(a, b, rtol=1e-6, atol=0) if a.shape == b.shape else np.ones(a.shape, dtype=bool))
+    return out
 
 
 def analyze(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
@@ -378,12 +436,13 @@ def analyze(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
     (``past_key_values.*``, ``past_*``) and outputs (``present.*``) then shrink with the heads
     they carry, and the pruned model declares their new shapes."""
     proto = model.proto if isinstance(model, ir.Model) else model
-    graph, shapes, observed, static, shapes_in = prepare(proto, input_shapes)
+    graph, shapes, observed, varies, shapes_in = prepare(proto, input_shapes)
     opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), 0)
     if split_carrier not in ("largest", "outer"):
         raise OnnxPruneError(f"split carrier '{split_carrier}': expected largest or outer")
     d = _Driver(graph, shapes, observed, opset, Options(split_carrier=split_carrier, kv_cache=kv_cache))
-    d.static = static
+    d.varies = varies
+    d.static = {n for n, m in varies.items() if not m.any()}
     d.run()
     groups = d.groups()
     return Analysis(groups=groups, barriers=d.barriers, shapes=shapes, input_shapes=shapes_in,

@@ -71,7 +71,8 @@ BAD_INPUTS = {
 # more of the same kinds, run in-process (the subprocess cases above already prove the process boundary)
 MORE_BAD_ARGS = {
     "shape without name": (["--input-shape", "1x3x8x8"], "NAME=DxDxD"),
-    "zero dimension": (["--input-shape", "x=0x3x8x8"], "positive"),
+    "zero for a fixed dimension": (["--input-shape", "x=1x0x8x8"], "conflicts"),
+    "named dimension unknown": (["--input-shape", "frames=4"], "inputs are"),
     "wrong rank": (["--input-shape", "x=1x3x8"], "rank"),
     "fixed dimension changed": (["--input-shape", "x=1x4x8x8"], "conflicts"),
     "JSON path is a folder": (["--json", "{d}"], "is a directory"),

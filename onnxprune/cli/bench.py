@@ -42,6 +42,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    options.run_count("--runs", args.runs, low=1)
+    options.run_count("--warmup", args.warmup)
     json_out = options.json_path(args)
     shapes = options.input_shapes(args)
     models = {args.model: ir.load(args.model)}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..train import finetune as ft
 from .. import ir
-from ..data.readers import open_data
+from ..data import open_data
 from ..errors import OnnxPruneError
 from . import fmt, options
 

@@ -20,8 +20,9 @@ def add_model(parser: argparse.ArgumentParser) -> None:
 
 def add_input_shapes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
-                        help="concrete shape for an input with symbolic dimensions (repeatable); "
-                             "symbolic dimensions otherwise default to 1")
+                        help="concrete shape for an input with symbolic dimensions (repeatable), or DIM=N "
+                             "for a named symbolic dimension in every input (e.g. past_sequence_length=0: an "
+                             "empty KV cache); symbolic dimensions otherwise default to 1")
 
 
 def add_json(parser: argparse.ArgumentParser, what: str = "results") -> None:
@@ -84,6 +85,17 @@ def fraction(name: str, value: str, *, low: float = 0.0, high: float = 1.0, high
         rng = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise OnnxPruneError(f"{name} {value}: must be in {rng}")
     return f
+
+
+MAX_RUNS = 10_000   # timed runs per model: beyond this a benchmark takes hours and measures nothing more
+
+
+def run_count(name: str, n: int, low: int = 0) -> int:
+    """A number of benchmark runs, checked up front: ``low`` to ``MAX_RUNS``."""
+    if not low <= n <= MAX_RUNS:
+        raise OnnxPruneError(f"{name} {n}: must be from {low} to {MAX_RUNS:,} (runs per model; percentiles settle "
+                             "within a few hundred)")
+    return n
 
 
 def name_values(name: str, specs: list[str] | None, **kw) -> dict[str, float]:
@@ -187,7 +199,7 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         value = getattr(args, action.dest, None)
         if role is None or not value:
             continue
-        label = action.option_strings[0] if action.option_strings else action.dest.upper()
+        label = action.option_strings[0] if action.option_strings else action.dest
         for v in value if isinstance(value, list) else [value]:
             if not isinstance(v, (str, os.PathLike)) or str(v) in ("-", "random"):
                 continue

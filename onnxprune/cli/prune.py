@@ -17,9 +17,9 @@ from .. import pipeline, runtime
 from ..search import budget
 from ..measure import latency, pass_cost
 from ..measure import plots
-from ..data.readers import open_data
+from ..data import open_data
 from ..errors import OnnxPruneError
-from ..plan import Policy
+from ..plan import Policy, check_names, plan_entries
 from . import finetune as finetune_cli
 from . import fmt, options
 
@@ -150,9 +150,14 @@ def _read_plan(path: str | None):
     if not path:
         return None
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise OnnxPruneError(f"--plan {path}: cannot read a JSON plan ({e.__class__.__name__})") from None
+    try:
+        plan_entries(data)
+    except OnnxPruneError as e:
+        raise OnnxPruneError(f"--plan {path}: {e}") from None
+    return data
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,8 +167,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise OnnxPruneError(f"{out}: output path is the input model; choose another -o path")
-    if args.bench_runs < 0:
-        raise OnnxPruneError(f"--bench-runs {args.bench_runs}: must be 0 or more")
+    options.run_count("--bench-runs", args.bench_runs)
     if args.reconstruct_stages is not None and args.reconstruct_stages < 1:
         raise OnnxPruneError(f"--reconstruct-stages {args.reconstruct_stages}: must be 1 or more")
     for flag, path in (("-o", None if args.dry_run else args.output), ("--report", args.report),
@@ -185,8 +189,12 @@ def run(args: argparse.Namespace) -> int:
         pruner.reconstruct_options["stages"] = args.reconstruct_stages
     if plan is None and not pruner.analysis.prunable:
         raise OnnxPruneError(nothing_to_prune(pruner.analysis))
+    check_names(pruner.analysis, args.ignore, "--ignore")
+    check_names(pruner.analysis, policy.ratio_for, "--ratio-for")
     if args.ratios_from:
-        policy.ratio_for.update(_read_ratios(args.ratios_from))
+        suggested = _read_ratios(args.ratios_from)
+        check_names(pruner.analysis, suggested, f"--ratios-from {args.ratios_from}: layer")
+        policy.ratio_for.update(suggested)
         policy.check()
     data = _validation_data(args, pruner)
     if target.active:
@@ -251,7 +259,7 @@ def _validation_data(args: argparse.Namespace, pruner):
             raise OnnxPruneError("--metric perplexity measures --data: add --data TOKENS.npz")
         from ..measure import perplexity
 
-        return perplexity.token_data(args.data, pruner.original.proto)
+        return perplexity.token_data(args.data, pruner.original.proto, pruner.analysis.input_shapes)
     return open_data(args.data, pruner.original.proto, pruner.analysis.input_shapes) if args.data else None
 
 
@@ -346,6 +354,8 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
             reasons[r] = reasons.get(r, 0) + 1
     for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5]:
         print(f"  frozen x{n}: {r}", file=sys.stderr)
+    for note in rep.get("configs", []) + rep.get("validity", []):
+        print(f"  {note}", file=sys.stderr)
 
 
 def validation_rows(v: dict | None) -> list[tuple]:

@@ -30,11 +30,10 @@ from pathlib import Path
 
 from .. import ir
 from ..compress import sparsity
-from ..measure import quality as validate
-from ..data.readers import ArrayData
+from ..data import ArrayData, open_data
+from ..measure import quality
 from ..errors import OnnxPruneError
 from . import fmt, options
-from .eval import load_data
 
 
 def register(sub) -> None:
@@ -95,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     opts = parse_options(args)
     shapes = options.input_shapes(args)
     model = ir.load(args.model)
-    calib = load_data(args.calib, model.proto, shapes, opts.calib_samples) if args.calib else None
+    calib = open_data(args.calib, model.proto, shapes, opts.calib_samples) if args.calib else None
     result = sparsity.sparsify(model.proto, opts, calib, progress=fmt.progress)
     report = finish(model, result.proto, args, shapes, calib)
     report = {
@@ -137,9 +136,9 @@ def finish(model: ir.Model, proto, args: argparse.Namespace, shapes: dict[str, l
     """Save ``proto`` to ``args.output``; sizes, compressed sizes and fidelity vs ``model`` as report keys."""
     after = ir.save(proto, args.output, source=args.model)
     method = sparsity.compression_method()
-    data = load_data(args.data, model.proto, shapes, 8) if args.data else \
-        fallback if fallback is not None else load_data("random", model.proto, shapes, 8)
-    ev = validate.evaluate(proto, data, model, shapes).to_json()
+    data = open_data(args.data, model.proto, shapes, 8) if args.data else \
+        fallback if fallback is not None else open_data("random", model.proto, shapes, 8)
+    ev = quality.evaluate(proto, data, model, shapes).to_json()
     return {
         "file_bytes_before": model.file_bytes, "file_bytes_after": after,
         "compressed_bytes_before": sparsity.compressed_size(model.path, method),
