@@ -66,7 +66,7 @@ class PruneResult:
             "input_shapes": a.input_shapes,
             "kv_cache": a.kv_cache,
             "groups": self.rewrite.groups,
-            "frozen": [{"group": g.id, "label": g.label, "size": g.size, "reasons": g.reasons}
+            "frozen": [{"group": g.id, "label": g.label, "structure": g.structure, "size": g.size, "reasons": g.reasons}
                        for g in a.frozen if g.size > 1],
             "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in a.barriers],
             "notes": self.plan.notes,
@@ -160,6 +160,8 @@ class Pruner:
         if verify:
             with stage_time(seconds, "verify", peaks):
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
+                if analysis.varied_shapes:  # shape values were folded: check at other symbolic sizes too
+                    feeds.append(random_feed(original.proto, analysis.varied_shapes, seed=1))
                 ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
                                         feeds, rtol=rtol, pruned_bytes=data_bytes)
             if not ver.passed:
