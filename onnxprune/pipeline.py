@@ -1,7 +1,11 @@
 """The prune pipeline: load -> analyze -> score -> plan -> rewrite -> verify -> (reconstruct) -> measure.
 
-``prune()`` is the Python API behind ``onnxprune prune``; each step lives in
-its own module and this file only wires them together and times them.
+:class:`Pruner` is the engine: it loads, analyses and scores a model once, then makes plans and
+verified results from it. ``prune()`` is the Python API (one policy or plan, one result);
+``onnxprune prune`` and ``onnxprune sensitivity`` drive a ``Pruner`` themselves, because budget
+search and sensitivity make many results from one analysis (see ``search/``). Each step lives in
+its own module; this file only wires them together and times them. Every report format is built
+from the one :class:`PruneResult` (``report()`` for JSON, :mod:`onnxprune.report` for Markdown).
 """
 
 from __future__ import annotations
@@ -165,6 +169,9 @@ class Pruner:
                 ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
                                         feeds, rtol=rtol, pruned_bytes=data_bytes)
             if not ver.passed:
+                _blame_target(ver, lambda: verify_mod.verify(original, result.proto, result.removed_positions,
+                                                             analysis.shapes, feeds, rtol=rtol,
+                                                             pruned_bytes=data_bytes))
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
@@ -231,7 +238,7 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     """
     here = runtime.current()  # its settings, with a count of this call's sessions alone
     target = runtime.Target(here.runtime, providers or here.providers, {**here.options, **(session_options or {})},
-                            here.device)
+                            here.device, outer=here)
     with runtime.use(target):
         if slice_hidden:
             result = prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
@@ -335,7 +342,7 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
 def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None, log=None) -> dict:
     """Fine-tune the pruned model against the original (distillation, plus cross-entropy when ``data``
-    has labels; see :mod:`onnxprune.finetune`). ``result.proto`` becomes the best checkpoint and
+    has labels; see :mod:`onnxprune.train.finetune`). ``result.proto`` becomes the best checkpoint and
     ``result.extra["finetune"]`` the run summary, which is returned."""
     with stage_time(result.seconds, "finetune"):
         teacher = ir.materialize(result.original).proto  # a lazily loaded model's weights, all in memory
@@ -361,6 +368,21 @@ def _check_like(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise VerificationError(f"the pruned model fails onnx.checker: {first}") from None
+
+
+def _blame_target(ver: verify_mod.Verification, again) -> None:
+    """A failure on a target other than onnxruntime's CPU provider is checked again there: when the
+    pruned model is right on the CPU, the target computes the graph differently, and the error says so."""
+    if runtime.current().cpu_only:
+        return
+    with runtime.use(runtime.Target(outer=runtime.current())):
+        cpu = again()
+    if cpu.passed:
+        raise VerificationError(f"the pruned model matches its masked original in onnxruntime on the CPU "
+                                f"(worst relative error {cpu.needed_rtol:.1e}) but not in "
+                                f"{ver.checked_by.get('deployed', 'the target runtime')}: {_describe_failure(ver)}; "
+                                "the target runtime computes this graph differently (run its own accuracy check "
+                                "with --data, or prune for --runtime onnxruntime)")
 
 
 def _describe_failure(ver: verify_mod.Verification) -> str:
@@ -398,11 +420,13 @@ def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
     """Write the pruned model (the bytes verification ran, when it ran on this very model), and beside
-    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs)."""
+    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs).
+    The report then names the file (``output``) and its size (``file_bytes_after``); returns the size."""
     from . import configs
 
     size = ir.save(result.proto, path, source=result.original.path, external=result.original.external,
                    data=result.proto_bytes())
+    result.extra.update(output=str(path), file_bytes_after=size)
     notes = configs.write_beside(result.original.proto, result.proto, result.original.path, Path(path))
     if notes:
         result.extra["configs"] = notes
