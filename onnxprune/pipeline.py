@@ -20,7 +20,7 @@ from .measure import counts as metrics
 from .analysis import analyze
 from .data.readers import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
-from .ir.ortops import ort_load
+from .ir.ortops import FLOAT_NOTE, float_activations, int8_activations, ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
 
@@ -180,17 +180,23 @@ class Pruner:
         if verify:
             with _timed(seconds, "verify", peaks):
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
-                ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
-                                        feeds, rtol=rtol, pruned_bytes=data_bytes)
+                int8 = int8_activations(original.proto)   # int8-rounded activations compare at float
+                ver = verify_mod.verify(float_activations(original.proto) if int8 else original,
+                                        float_activations(result.proto) if int8 else result.proto,
+                                        result.removed_positions, analysis.shapes, feeds, rtol=rtol,
+                                        pruned_bytes=None if int8 else data_bytes)
             if not ver.passed:
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
+        if verify and int8:
+            extra["validity"] = [FLOAT_NOTE]
         if original.meta.get("validity"):   # contrib ops: onnxruntime's load checks what the checker cannot
             if not verify:
                 ort_load(data_bytes if data_bytes is not None else result.proto.SerializeToString(), "pruned model")
-            extra["validity"] = [original.meta["validity"] + " and the pruned model (" +
-                                 ("its verification ran there)" if verify else "loaded, not verified)")]
+            extra.setdefault("validity", []).append(original.meta["validity"] + " and the pruned model (" +
+                                                    ("its verification ran there)" if verify else
+                                                     "loaded, not verified)"))
         final = result.proto
         no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
         mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None

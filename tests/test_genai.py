@@ -78,6 +78,7 @@ def test_int4_folder_prunes_matmul_nbits_in_whole_blocks(tmp_path):
     qkv = next(a for k, a in q4.items() if "layers.0/attn/qkv_proj" in k)
     assert (gate["N"], down["K"]) == (64, 64)      # 4 blocks of 32 MLP channels -> 2
     assert qkv["N"] == (2 + 2 * 1) * 16             # heads 4 -> 2, KV heads 2 -> 1
+    assert any("accuracy_level 0" in n for n in r.report()["validity"])   # int8 activations: compared at float
 
 
 def test_configs_never_overwrite_the_input_folder(tmp_path):
