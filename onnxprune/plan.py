@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, unknown_name
 from .groups import ACTIVATION, WEIGHT_IN, WEIGHT_OUT, Analysis, Group
 
 
@@ -48,8 +48,8 @@ class Plan:
     @classmethod
     def from_json(cls, data: dict, analysis: Analysis) -> "Plan":
         removed = {}
-        for entry in data.get("groups", []):
-            gid = int(entry["group"])
+        for entry in plan_entries(data):
+            gid = entry["group"]
             if gid >= len(analysis.groups) or analysis.groups[gid].label != entry.get("label"):
                 raise OnnxPruneError(f"plan group {gid} ('{entry.get('label')}') does not match this model")
             g = analysis.groups[gid]
@@ -61,6 +61,36 @@ class Plan:
 
     def count(self) -> int:
         return sum(1 for r in self.removed.values() if len(r))
+
+
+def plan_entries(data) -> list[dict]:
+    """The ``groups`` of a plan, checked against the schema ``{"groups": [{"group": int, "label": str,
+    "removed": [int, ...]}, ...], "notes": [...]}`` that ``Plan.to_json`` writes."""
+    def bad(why: str):
+        return OnnxPruneError(f"not a pruning plan: {why} (write one with --save-plan)")
+    if not isinstance(data, dict):
+        raise bad(f"a JSON {type(data).__name__} instead of an object with 'groups'")
+    groups = data.get("groups", [])
+    if not isinstance(groups, list):
+        raise bad(f"'groups' is a {type(groups).__name__}, expected a list")
+    for i, entry in enumerate(groups):
+        if not isinstance(entry, dict) or not {"group", "removed"} <= set(entry):
+            raise bad(f"groups[{i}] is not an object with 'group' and 'removed'")
+        ints = [entry["group"]] + (entry["removed"] if isinstance(entry["removed"], list) else [None])
+        wrong = next((v for v in ints if not isinstance(v, int) or isinstance(v, bool) or v < 0), "")
+        if wrong != "":
+            raise bad(f"groups[{i}]: {wrong!r} is not a channel or group index (non-negative integers only)")
+    return groups
+
+
+def check_names(analysis: Analysis, names, what: str) -> None:
+    """Every layer or weight name given (to ignore, or with its own ratio) names something in this model's
+    channel groups; a typo is an error listing the closest names, never silently nothing."""
+    known = {n for g in analysis.groups for n in (g.label, *g.layers,
+                                                 *(m.tensor for m in g.members if m.kind != ACTIVATION))}
+    for name in names:
+        if name not in known:
+            raise unknown_name(what, name, known)
 
 
 def matches(group: Group, names: list[str]) -> bool:
@@ -87,6 +117,8 @@ def _rounded_keep(size: int, keep: int, round_to: int | None) -> int:
 def make_plan(analysis: Analysis, scores: dict[int, np.ndarray], policy: Policy) -> Plan:
     """Remove the lowest-scoring channels of every prunable group according to ``policy``."""
     policy.check()
+    check_names(analysis, policy.ignore, "ignore")
+    check_names(analysis, policy.ratio_for, "ratio_for")
     candidates = [g for g in analysis.prunable if not matches(g, policy.ignore) and g.id in scores]
     keep: dict[int, int] = {}
     if policy.global_ranking:

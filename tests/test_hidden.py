@@ -106,7 +106,7 @@ def low_rank_decoder(rank=6, **kw):
 @pytest.mark.parametrize("kw", [dict(norm="rms", spelled="primitives", gated=True), dict(norm="layer"),
                                 dict(norm="rms", spelled="primitives", tied="copy")])
 def test_pca_finds_the_used_directions_and_ties_stay_tied(kw):
-    from onnxprune.data.readers import ArrayData
+    from onnxprune.data import ArrayData
 
     model = low_rank_decoder(**kw)
     rng = np.random.default_rng(0)

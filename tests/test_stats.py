@@ -8,7 +8,7 @@ from builders import GraphBuilder
 from test_importance import _tensor, chain_group, conv_chain, ctx_for, rand_data
 
 from onnxprune.runtime import taps as calibrate
-from onnxprune.data.readers import ArrayData, random_data
+from onnxprune.data import ArrayData, random_data
 from onnxprune.importance import ScoreContext, score_groups, stats
 from onnxprune.importance.stats import GramSpec, Needs, collect
 

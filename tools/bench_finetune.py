@@ -183,7 +183,7 @@ def _cost_sessions(proto, teacher, x: np.ndarray, y: np.ndarray) -> dict:
     from onnxprune.analysis import analyze
     from onnxprune.train.autodiff import build_gradient_model
     from onnxprune.train.autodiff import nchwc
-    from onnxprune.data.readers import ArrayData
+    from onnxprune.data import ArrayData
     from onnxprune.groups import ACTIVATION
     from onnxprune.importance.gradient import _with_products
 
@@ -294,8 +294,8 @@ def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
     import onnx
 
     from onnxprune.train import finetune as ft
-    from onnxprune.measure import quality as validate
-    from onnxprune.data.readers import ArrayData, load_npz
+    from onnxprune.measure import quality
+    from onnxprune.data import ArrayData, load_npz
 
     original = onnx.load(MODELS / "fmnist_resnet.onnx")
     test = load_npz(MODELS / "fmnist_test.npz", original)
@@ -303,14 +303,14 @@ def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
     train = ArrayData({"input": x}, y, source="fashion-mnist train")
     xb, yb = x[:args.batch], y[:args.batch]
     cost = (lambda m: None) if args.skip_costs else (lambda m: gradient_cost(m, original, xb, yb, args.cost_rounds))
-    res = {"acc_unpruned": validate.accuracy(original, test)["top1"], "cost_unpruned": cost(original), "runs": {}}
+    res = {"acc_unpruned": quality.accuracy(original, test)["top1"], "cost_unpruned": cost(original), "runs": {}}
     for crit in args.criteria.split(","):
         path = tmp / f"{crit}.onnx"
         rep = prune_cli(crit, args.macs, path)
         pruned = onnx.load(path)
         run = {"macs_kept": rep["macs_after"] / rep["macs_before"], "params_kept": rep["params_after"] / rep["params_before"],
                "prune_s": rep["wall_s"], "reconstruct": rep.get("reconstruct_mode"),
-               "acc_reconstructed": validate.accuracy(pruned, test)["top1"]}
+               "acc_reconstructed": quality.accuracy(pruned, test)["top1"]}
         cfg = ft.FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, alpha=args.alpha,
                                 temperature=args.temperature, holdout=args.holdout, eval_every=args.eval_every,
                                 seed=args.seed)
@@ -319,7 +319,7 @@ def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
         run["finetune_s"] = time.perf_counter() - t0
         run["finetune"] = tuned.to_json()
         run["ms_per_step"] = 1000 * sum(tuned.seconds.get(k, 0) for k in ("teacher", "gradient", "update")) / args.steps
-        run["acc_finetuned"] = validate.accuracy(tuned.proto, test)["top1"]
+        run["acc_finetuned"] = quality.accuracy(tuned.proto, test)["top1"]
         run["cost"] = cost(pruned)
         res["runs"][crit] = run
         print(f"{crit}: reconstructed {run['acc_reconstructed']:.4f} -> fine-tuned {run['acc_finetuned']:.4f}")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .. import pipeline
-from ..data.readers import open_data
+from ..data import open_data
 from ..errors import OnnxPruneError
 from ..measure import plots
 from ..search.sensitivity import analyze_sensitivity

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .. import ir, runtime, verify as verify_mod
-from ..data.readers import ArrayData
+from ..data import ArrayData
 from ..errors import OnnxPruneError
 from . import rotate
 from .stream import NoStream, Stream, find_stream

@@ -22,7 +22,7 @@ import onnx
 
 from .. import ir
 from ..runtime import taps as calibrate
-from ..data.readers import DataSource
+from ..data import DataSource
 from ..errors import OnnxPruneError
 
 DEFAULT_BINS = 32                 # entropy histogram bins over each channel's own range

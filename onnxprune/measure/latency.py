@@ -14,16 +14,14 @@ inputs: ``feeds`` (a feed dict, or the first ``batch_size`` samples of an
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
 import onnx
 
-from ..data import readers as data_mod
 from .. import ir, runtime
-from ..data.readers import ArrayData, fit_empty
+from ..data import ArrayData, fit_empty, random_data
 from ..errors import OnnxPruneError
 from .quality import ModelLike, check_same_inputs, proto_of, run_error
 
@@ -43,14 +41,15 @@ class LatencyStats:
     threads: int
     provider: str
     batch_size: int
+    runtime: str = "onnxruntime"
 
     @classmethod
-    def from_times(cls, times_ms: list[float], *, threads: int, provider: str, batch_size: int
-                   ) -> "LatencyStats":
+    def from_times(cls, times_ms: list[float], *, threads: int, provider: str, batch_size: int,
+                   runtime: str = "onnxruntime") -> "LatencyStats":
         t = np.asarray(times_ms, dtype=np.float64)
         return cls(p50=float(np.percentile(t, 50)), p90=float(np.percentile(t, 90)), mean=float(t.mean()),
                    min=float(t.min()), std=float(t.std()), runs=len(t), threads=threads, provider=provider,
-                   batch_size=batch_size)
+                   batch_size=batch_size, runtime=runtime)
 
     def to_json(self) -> dict:
         return {"p50_ms": self.p50, "p90_ms": self.p90, "mean_ms": self.mean, "min_ms": self.min,
@@ -115,7 +114,7 @@ def make_feeds(proto: onnx.ModelProto, feeds: Feeds, batch_size: int,
             raise OnnxPruneError(f"the data has {feeds.num_samples} samples, fewer than batch size {batch_size}")
         return next(feeds.batches(batch_size))
     shapes = ir.resolve_input_shapes(proto, input_shapes)
-    return data_mod.random_data(proto, shapes, num_samples=batch_size).arrays
+    return random_data(proto, shapes, num_samples=batch_size).arrays
 
 
 def _check_batch(name: str, sess, feed: dict[str, np.ndarray]) -> None:
@@ -136,7 +135,8 @@ def _threads_used(sess, threads: int | None) -> int:
     return n if n > 0 else (os.cpu_count() or 1)
 
 
-def _timed(sess, feed: dict[str, np.ndarray]) -> float:
+def _run_ms(sess, feed: dict[str, np.ndarray]) -> float:
+    """Milliseconds of one run of ``sess`` on ``feed``."""
     try:
         return sess.timed_run(feed)
     except Exception as e:
@@ -173,10 +173,12 @@ def benchmark(models: dict[str, ModelLike], feeds: Feeds = None, *, warmup: int 
     order = _schedule(len(sessions), warmup + runs, interleave)
     times: list[list[float]] = [[] for _ in sessions]
     for i in order:
-        times[i].append(_timed(sessions[i], fed[i]))
+        times[i].append(_run_ms(sessions[i], fed[i]))
     provider = sessions[0].device
     used = _threads_used(sessions[0], threads)
-    return Benchmark({n: LatencyStats.from_times(t[warmup:], threads=used, provider=provider, batch_size=batch)
+    kind = sessions[0].runtime
+    return Benchmark({n: LatencyStats.from_times(t[warmup:], threads=used, provider=provider, batch_size=batch,
+                                                 runtime=kind)
                       for n, t in zip(names, times)})
 
 

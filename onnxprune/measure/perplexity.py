@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .. import ir, runtime
-from ..data.readers import ArrayData, fit_empty
+from ..data import ArrayData, fit_empty
 from ..errors import OnnxPruneError
 
 IDS, MASK, POSITIONS = "input_ids", "attention_mask", "position_ids"

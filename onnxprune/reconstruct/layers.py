@@ -320,12 +320,12 @@ def match_rows(original: list[bytes], pruned: list[bytes]) -> np.ndarray | None:
     return np.asarray(out, dtype=np.int64)
 
 
-RULES: dict[str, Rule] = {r.op: r for r in (ConvRule(), ConvTransposeRule(), GemmRule(), MatMulRule())}
+LINEAR_FORMS: dict[str, Rule] = {r.op: r for r in (ConvRule(), ConvTransposeRule(), GemmRule(), MatMulRule())}
 
 
 def linear(node: gs.Node) -> tuple[Linear | None, str]:
     """``node`` as a :class:`Linear`, or None and the reason it cannot be one."""
-    rule = RULES.get(node.op)
+    rule = LINEAR_FORMS.get(node.op)
     if rule is None:
         return None, f"{node.op} has no reconstruction rule"
     reason = rule.check(node)

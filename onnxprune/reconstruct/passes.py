@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, runtime
-from ..data.readers import ArrayData, fit_empty
+from ..data import ArrayData, fit_empty
 
 Progress = Callable[[Iterable, int, str], Iterable]
 

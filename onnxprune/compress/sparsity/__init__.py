@@ -52,7 +52,7 @@ import onnx
 
 from ... import ir
 from ...runtime import taps as calibrate
-from ...data.readers import ArrayData
+from ...data import ArrayData
 from ...errors import OnnxPruneError
 from .options import CALIBRATED, CRITERIA, MIN_SIZE, Options, Pattern
 from .storage import compressed_size, compression_method, model_files

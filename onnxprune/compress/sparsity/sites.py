@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from ... import ir
 from ...runtime import taps as calibrate
+from ...errors import unknown_name
 from .options import MIN_SIZE
 
 
@@ -151,6 +152,10 @@ def find_sites(proto: onnx.ModelProto, *, min_size: int = MIN_SIZE, ignore: Iter
             continue
         attrs = _node_attrs(node, shape)
         sites[tname] = Site(tname, name, node.op_type, make_layout(shape, attrs), attrs, node.input[0], [name])
+    known = {n.name for n in proto.graph.node} | set(inits) | {s["name"] for s in skipped} | \
+        {c for s in sites.values() if s is not None for c in s.consumers}
+    for name in sorted(ignore - known):  # a typo would otherwise leave a layer the user meant to protect
+        raise unknown_name("ignore", name, known)
     return [s for s in sites.values() if s is not None], skipped
 
 

@@ -20,9 +20,9 @@ from . import linear
 from . import windows
 from .emit import RuleContext
 
-Rule = Callable[[RuleContext, list], list]
+BackwardRule = Callable[[RuleContext, list], list]
 
-RULES: dict[str, Rule] = {
+BACKWARD: dict[str, BackwardRule] = {
     # convolution, pooling, dense
     "Conv": windows.conv,
     "ConvTranspose": windows.conv_transpose,
