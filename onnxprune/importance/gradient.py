@@ -13,7 +13,7 @@ the mean squared error to the original output plus unit Gaussian noise: its
 gradient is a random projection of the output, so ``|a·g|`` estimates the size of
 the output change when the channel is removed.
 
-Gradients come from one graph built by :mod:`onnxprune.autodiff` for every tensor
+Gradients come from one graph built by :mod:`onnxprune.train.autodiff` for every tensor
 all groups asked for, run in onnxruntime in one pass over the data (two sessions
 when the target comes from the model's own outputs). Tensors whose gradient cannot
 be built (an op without a rule between them and the output) are not measured and

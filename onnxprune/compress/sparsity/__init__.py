@@ -39,7 +39,7 @@ over the sparsified tensors), ``layers`` [{``name`` (first consumer node), ``ten
 only, else null), ``note``}], ``skipped`` [{``name``, ``tensor``, ``reason``}],
 ``file_bytes_before``, ``file_bytes_after``, ``compressed_bytes_before``,
 ``compressed_bytes_after``, ``compression`` ("zstd" or "gzip"), ``calibration`` (data kind
-or null), ``fidelity`` (output comparison with the original, see ``onnxprune.validate``).
+or null), ``fidelity`` (output comparison with the original, see ``onnxprune.measure.quality``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 
 from ... import ir
-from ...runtime import taps as calibrate
+from ...runtime import taps
 from ...data import ArrayData
 from ...errors import OnnxPruneError
 from .options import CALIBRATED, CRITERIA, MIN_SIZE, Options, Pattern
@@ -162,7 +162,7 @@ def collect_stats(proto: onnx.ModelProto, sites: list[Site], full: bool, data: A
                                  "calibration samples")
     batch = fixed or opts.batch_size
     if tensors:
-        calibrate.tap(upstream_model(proto, tensors), tensors, data, visit, batch_size=batch, limit=limit,
+        taps.tap(upstream_model(proto, tensors), tensors, data, visit, batch_size=batch, limit=limit,
                       progress=progress, description="calibrating")
     else:
         for feed in data.batches(batch, limit):
