@@ -25,7 +25,7 @@ from .measure.clock import stage_time
 from .analysis import analyze
 from .data import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
-from .ir.ortops import ort_load
+from .ir.ortops import FLOAT_NOTE, float_activations, int8_activations, ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
 from .train.finetune import finetune as train_finetune
@@ -166,8 +166,11 @@ class Pruner:
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
                 if analysis.varied_shapes:  # shape values were folded: check at other symbolic sizes too
                     feeds.append(random_feed(original.proto, analysis.varied_shapes, seed=1))
-                ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
-                                        feeds, rtol=rtol, pruned_bytes=data_bytes)
+                int8 = int8_activations(original.proto)   # int8-rounded activations compare at float
+                ver = verify_mod.verify(float_activations(original.proto) if int8 else original,
+                                        float_activations(result.proto) if int8 else result.proto,
+                                        result.removed_positions, analysis.shapes, feeds, rtol=rtol,
+                                        pruned_bytes=None if int8 else data_bytes)
             if not ver.passed:
                 _blame_target(ver, lambda: verify_mod.verify(original, result.proto, result.removed_positions,
                                                              analysis.shapes, feeds, rtol=rtol,
@@ -175,11 +178,14 @@ class Pruner:
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
+        if verify and int8:
+            extra["validity"] = [FLOAT_NOTE]
         if original.meta.get("validity"):   # contrib ops: onnxruntime's load checks what the checker cannot
             if not verify:
                 ort_load(data_bytes if data_bytes is not None else result.proto.SerializeToString(), "pruned model")
-            extra["validity"] = [original.meta["validity"] + " and the pruned model (" +
-                                 ("its verification ran there)" if verify else "loaded, not verified)")]
+            extra.setdefault("validity", []).append(original.meta["validity"] + " and the pruned model (" +
+                                                    ("its verification ran there)" if verify else
+                                                     "loaded, not verified)"))
         final = result.proto
         no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
         mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None
@@ -306,7 +312,7 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     return result
 
 
-def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
+def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
     """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
     :func:`measure.perplexity.token_data`), and interleaved latency.
 
