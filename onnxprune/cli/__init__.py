@@ -11,7 +11,7 @@ import sys
 from ..errors import OnnxPruneError, VerificationError
 from . import options
 
-COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune"]
+COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune", "quantize"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
