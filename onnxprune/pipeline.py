@@ -1,7 +1,11 @@
 """The prune pipeline: load -> analyze -> score -> plan -> rewrite -> verify -> (reconstruct) -> measure.
 
-``prune()`` is the Python API behind ``onnxprune prune``; each step lives in
-its own module and this file only wires them together and times them.
+:class:`Pruner` is the engine: it loads, analyses and scores a model once, then makes plans and
+verified results from it. ``prune()`` is the Python API (one policy or plan, one result);
+``onnxprune prune`` and ``onnxprune sensitivity`` drive a ``Pruner`` themselves, because budget
+search and sensitivity make many results from one analysis (see ``search/``). Each step lives in
+its own module; this file only wires them together and times them. Every report format is built
+from the one :class:`PruneResult` (``report()`` for JSON, :mod:`onnxprune.report` for Markdown).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from .measure.clock import stage_time
 from .analysis import analyze
 from .data import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
-from .ir.ortops import ort_load
+from .ir.ortops import FLOAT_NOTE, float_activations, int8_activations, ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
 from .train.finetune import finetune as train_finetune
@@ -162,8 +166,11 @@ class Pruner:
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
                 if analysis.varied_shapes:  # shape values were folded: check at other symbolic sizes too
                     feeds.append(random_feed(original.proto, analysis.varied_shapes, seed=1))
-                ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
-                                        feeds, rtol=rtol, pruned_bytes=data_bytes)
+                int8 = int8_activations(original.proto)   # int8-rounded activations compare at float
+                ver = verify_mod.verify(float_activations(original.proto) if int8 else original,
+                                        float_activations(result.proto) if int8 else result.proto,
+                                        result.removed_positions, analysis.shapes, feeds, rtol=rtol,
+                                        pruned_bytes=None if int8 else data_bytes)
             if not ver.passed:
                 _blame_target(ver, lambda: verify_mod.verify(original, result.proto, result.removed_positions,
                                                              analysis.shapes, feeds, rtol=rtol,
@@ -171,11 +178,14 @@ class Pruner:
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
+        if verify and int8:
+            extra["validity"] = [FLOAT_NOTE]
         if original.meta.get("validity"):   # contrib ops: onnxruntime's load checks what the checker cannot
             if not verify:
                 ort_load(data_bytes if data_bytes is not None else result.proto.SerializeToString(), "pruned model")
-            extra["validity"] = [original.meta["validity"] + " and the pruned model (" +
-                                 ("its verification ran there)" if verify else "loaded, not verified)")]
+            extra.setdefault("validity", []).append(original.meta["validity"] + " and the pruned model (" +
+                                                    ("its verification ran there)" if verify else
+                                                     "loaded, not verified)"))
         final = result.proto
         no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
         mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None
@@ -302,7 +312,7 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     return result
 
 
-def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
+def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
     """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
     :func:`measure.perplexity.token_data`), and interleaved latency.
 
@@ -338,7 +348,7 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
 def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None, log=None) -> dict:
     """Fine-tune the pruned model against the original (distillation, plus cross-entropy when ``data``
-    has labels; see :mod:`onnxprune.finetune`). ``result.proto`` becomes the best checkpoint and
+    has labels; see :mod:`onnxprune.train.finetune`). ``result.proto`` becomes the best checkpoint and
     ``result.extra["finetune"]`` the run summary, which is returned."""
     with stage_time(result.seconds, "finetune"):
         teacher = ir.materialize(result.original).proto  # a lazily loaded model's weights, all in memory
@@ -416,11 +426,13 @@ def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
     """Write the pruned model (the bytes verification ran, when it ran on this very model), and beside
-    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs)."""
+    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs).
+    The report then names the file (``output``) and its size (``file_bytes_after``); returns the size."""
     from . import configs
 
     size = ir.save(result.proto, path, source=result.original.path, external=result.original.external,
                    data=result.proto_bytes())
+    result.extra.update(output=str(path), file_bytes_after=size)
     notes = configs.write_beside(result.original.proto, result.proto, result.original.path, Path(path))
     if notes:
         result.extra["configs"] = notes
