@@ -31,6 +31,7 @@ import sys
 
 from .. import ir, runtime
 from ..compress import quantize as quant
+from ..runtime import ortformat
 from ..data import open_data
 from ..errors import OnnxPruneError
 from . import fmt, options
@@ -41,50 +42,19 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model(p)
     options.add_output(p)
-    add_quantize_options(p)
+    options.add_quantize(p)
     p.add_argument("--data", metavar="DATA", help="held-out data (.npz or image folder, labels optional) to "
                                                   "measure accuracy or fidelity and latency on")
     p.add_argument("--reference", metavar="ORIG", help="the original model (before pruning): the INT8 model is "
                                                        "also measured against it")
     p.add_argument("--bench-runs", type=int, default=20, metavar="N",
                    help="timed runs per model for the latency row (0 = skip)")
-    add_ort(p)
+    options.add_ort(p)
     options.add_input_shapes(p)
     options.add_json(p, "report")
     options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
-
-
-def add_quantize_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """Quantization flags; ``prefix`` for prune's copies (its --calib is shared)."""
-    g = p.add_argument_group("quantization")
-    if not prefix:
-        g.add_argument("--calib", metavar="DATA", help="calibration data for static INT8 (.npz or image folder)")
-    g.add_argument(f"--{prefix}dynamic", action="store_true",
-                   help="dynamic INT8 (weights only, activations at run time; no data): MatMul-heavy transformers")
-    g.add_argument(f"--{prefix}calib-samples", type=int, default=quant.CALIB_SAMPLES, metavar="N",
-                   help=f"calibration samples for activation ranges (default {quant.CALIB_SAMPLES})")
-    g.add_argument(f"--{prefix}per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
-
-
-def add_ort(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ort", action="store_true",
-                   help="also write the ORT format (.ort beside the .onnx, for onnxruntime Mobile and minimal "
-                        "builds) with onnxruntime's converter, and check that it loads and matches")
-
-
-def formats(onnx_path, size: int, proto, ort: bool, input_shapes) -> dict:
-    """The report's ``formats`` entry: the .onnx, and with ``ort`` the .ort written and checked."""
-    from ..data import random_feed
-    from ..runtime import ortformat
-
-    out = {"onnx": {"path": str(onnx_path), "bytes": size,
-                    "contains": "graph and weights as written (ONNX protobuf): portable to any ONNX runtime"}}
-    if ort:
-        feed = random_feed(proto, ir.resolve_input_shapes(proto, input_shapes))
-        out["ort"] = ortformat.convert(onnx_path, feed)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     size = ir.save(q, args.output, source=model.path)
     report = {"model": args.model, "output": args.output, "quantization": how,
               "file_bytes_before": model.file_bytes, "file_bytes_after": size, "measured": measured,
-              "formats": formats(args.output, size, q, args.ort, shapes), "runtime": runtime.current().to_json()}
+              "formats": ortformat.formats(args.output, size, q, args.ort, shapes), "runtime": runtime.current().to_json()}
     print_report(report)
     if json_out:
         fmt.write_json(json_out, report)

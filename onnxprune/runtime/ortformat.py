@@ -55,3 +55,16 @@ def convert(onnx_path: str | os.PathLike, feed: dict[str, np.ndarray], *, rtol: 
             "contains": "the graph after onnxruntime's optimisations (style Fixed, baked in for this kind of CPU), "
                         "weights, in FlatBuffers; runs in onnxruntime only, including Mobile and minimal builds "
                         "(which need the operators listed in required_operators)"}
+
+
+def formats(onnx_path, size: int, proto, ort: bool, input_shapes) -> dict:
+    """The report's ``formats`` entry: the .onnx, and with ``ort`` the .ort written and checked."""
+    from .. import ir
+    from ..data import random_feed
+
+    out = {"onnx": {"path": str(onnx_path), "bytes": size,
+                    "contains": "graph and weights as written (ONNX protobuf): portable to any ONNX runtime"}}
+    if ort:
+        feed = random_feed(proto, ir.resolve_input_shapes(proto, input_shapes))
+        out["ort"] = convert(onnx_path, feed)
+    return out
