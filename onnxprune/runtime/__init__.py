@@ -151,6 +151,11 @@ def quantize(proto: onnx.ModelProto, feeds, *, dynamic: bool = False, per_channe
     return _quantize(proto, feeds, dynamic=dynamic, per_channel=per_channel, providers=list(current().providers))
 
 
+def version() -> str:
+    """onnxruntime's version."""
+    return _ort.ort.__version__
+
+
 def available_providers() -> list[str]:
     return _ort.available_providers()
 
