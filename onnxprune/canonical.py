@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import ir, runtime
-from .data.readers import random_feed
+from .data import random_feed
 
 
 def shuffle_permutation(channels: int, groups: int) -> np.ndarray:

@@ -1,7 +1,11 @@
 """The prune pipeline: load -> analyze -> score -> plan -> rewrite -> verify -> (reconstruct) -> measure.
 
-``prune()`` is the Python API behind ``onnxprune prune``; each step lives in
-its own module and this file only wires them together and times them.
+:class:`Pruner` is the engine: it loads, analyses and scores a model once, then makes plans and
+verified results from it. ``prune()`` is the Python API (one policy or plan, one result);
+``onnxprune prune`` and ``onnxprune sensitivity`` drive a ``Pruner`` themselves, because budget
+search and sensitivity make many results from one analysis (see ``search/``). Each step lives in
+its own module; this file only wires them together and times them. Every report format is built
+from the one :class:`PruneResult` (``report()`` for JSON, :mod:`onnxprune.report` for Markdown).
 """
 
 from __future__ import annotations
@@ -10,17 +14,21 @@ import gc
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from . import fold, ir, rewrite, verify as verify_mod
-from .measure import counts as metrics
+from . import fold, ir, rewrite, runtime, verify as verify_mod
+from .measure import counts, latency, quality
+from .measure.clock import stage_time
 from .analysis import analyze
-from .data.readers import ArrayData, bind_shapes, open_data, random_feed
+from .data import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
+from .ir.ortops import FLOAT_NOTE, float_activations, int8_activations, ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
+from .train.finetune import finetune as train_finetune
 
 
 @dataclass
@@ -31,8 +39,8 @@ class PruneResult:
     plan: Plan
     rewrite: rewrite.RewriteResult
     verification: verify_mod.Verification | None
-    before: metrics.ModelStats
-    after: metrics.ModelStats
+    before: counts.ModelStats
+    after: counts.ModelStats
     criterion: str
     data_source: str
     seconds: dict[str, float] = field(default_factory=dict)
@@ -62,36 +70,13 @@ class PruneResult:
             "input_shapes": a.input_shapes,
             "kv_cache": a.kv_cache,
             "groups": self.rewrite.groups,
-            "frozen": [{"group": g.id, "label": g.label, "size": g.size, "reasons": g.reasons}
+            "frozen": [{"group": g.id, "label": g.label, "structure": g.structure, "size": g.size, "reasons": g.reasons}
                        for g in a.frozen if g.size > 1],
             "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in a.barriers],
             "notes": self.plan.notes,
             "seconds": self.seconds,
             **self.extra,
         }
-
-
-def _timed(seconds: dict, key: str, peaks: dict | None = None):
-    """Add the block's wall time to ``seconds[key]``; with ``peaks``, also record the process's peak
-    resident memory so far (MB) at the end of the block, so a report shows which stage raised it."""
-    class _T:
-        def __enter__(self):
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc):
-            seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - self.t, 4)
-            if peaks is not None:
-                peaks[key] = peak_rss_mb()
-    return _T()
-
-
-def peak_rss_mb() -> int:
-    """Peak resident memory of this process so far, MB (VmHWM; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next((int(line.split()[1]) // 1024 for line in fh if line.startswith("VmHWM")), 0)
-    except OSError:
-        return 0
 
 
 def verification_feeds(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
@@ -126,13 +111,14 @@ class Pruner:
         self.peaks: dict[str, int] = {}   # stage -> peak resident MB at its end
         self.reconstruct_options: dict = {}   # defaults for every finish() (e.g. {"stages": 1})
         self.criterion, self.progress = criterion, progress
-        with _timed(self.seconds, "load", self.peaks):
+        with stage_time(self.seconds, "load", self.peaks):
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
+            ir.checks.check_finite(self.original.proto)  # NaN/inf weights: the model's problem, named
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
-        with _timed(self.seconds, "analyze", self.peaks):
+        with stage_time(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
-            data = None if calib is None or calib == "random" else open_data(calib, self.original.proto,
-                                                                              input_shapes or {})
+            data = None if calib is None or calib == "random" else calib_data(calib, self.original.proto,
+                                                                               input_shapes or {})
             shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
             self.analysis = analyze(self.original, shapes, split_carrier=split_carrier, kv_cache=kv_cache)
         self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
@@ -142,26 +128,26 @@ class Pruner:
         self.scores: dict[int, np.ndarray] = {}
         self.score_notes: list[str] = []
         if score:
-            with _timed(self.seconds, "score", self.peaks):
+            with stage_time(self.seconds, "score", self.peaks):
                 ctx = ScoreContext(self.original.proto, self.analysis, data=self.data, progress=progress)
                 self.scores = score_groups(self.analysis.prunable, ctx, criterion, group_reduction)
             self.score_notes = fallback_summary(ctx, criterion)
-        self._before: metrics.ModelStats | None = None
+        self._before: counts.ModelStats | None = None
 
     @property
-    def before(self) -> metrics.ModelStats:
+    def before(self) -> counts.ModelStats:
         if self._before is None:
-            self._before = metrics.summarize(self.original.proto, self.analysis.input_shapes)
+            self._before = counts.summarize(self.original.proto, self.analysis.input_shapes)
         return self._before
 
     def plan(self, policy: Policy) -> Plan:
-        with _timed(self.seconds, "plan"):
+        with stage_time(self.seconds, "plan"):
             return make_plan(self.analysis, self.scores, policy)
 
-    def candidate(self, plan: Plan) -> tuple[rewrite.RewriteResult, metrics.ModelStats]:
+    def candidate(self, plan: Plan) -> tuple[rewrite.RewriteResult, counts.ModelStats]:
         """The rewritten (unverified) model for ``plan`` and its params/MACs."""
         result = rewrite.apply(self.analysis, plan.removed, self.original)
-        return result, metrics.summarize(result.proto, result.input_shapes)
+        return result, counts.summarize(result.proto, result.input_shapes)
 
     def finish(self, plan: Plan | dict, *, verify: bool = True, rtol: float = 1e-4, reconstruct: str = "auto",
                reconstruct_options: dict | None = None) -> PruneResult:
@@ -169,21 +155,37 @@ class Pruner:
         seconds, analysis, original, data = dict(self.seconds), self.analysis, self.original, self.data
         peaks = dict(self.peaks)
         the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan, analysis)
-        with _timed(seconds, "rewrite", peaks):
+        with stage_time(seconds, "rewrite", peaks):
             result = rewrite.apply(analysis, the_plan.removed, original)
             gc.collect()  # the rewrite's graph holds sliced weights in reference cycles: free them now
             data_bytes = _serialize(result.proto, original)  # verified and saved as they are
             _check_like(result.proto, original.proto)
         ver = None
         if verify:
-            with _timed(seconds, "verify", peaks):
+            with stage_time(seconds, "verify", peaks):
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
-                ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
-                                        feeds, rtol=rtol, pruned_bytes=data_bytes)
+                if analysis.varied_shapes:  # shape values were folded: check at other symbolic sizes too
+                    feeds.append(random_feed(original.proto, analysis.varied_shapes, seed=1))
+                int8 = int8_activations(original.proto)   # int8-rounded activations compare at float
+                ver = verify_mod.verify(float_activations(original.proto) if int8 else original,
+                                        float_activations(result.proto) if int8 else result.proto,
+                                        result.removed_positions, analysis.shapes, feeds, rtol=rtol,
+                                        pruned_bytes=None if int8 else data_bytes)
             if not ver.passed:
+                _blame_target(ver, lambda: verify_mod.verify(original, result.proto, result.removed_positions,
+                                                             analysis.shapes, feeds, rtol=rtol,
+                                                             pruned_bytes=data_bytes))
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
+        if verify and int8:
+            extra["validity"] = [FLOAT_NOTE]
+        if original.meta.get("validity"):   # contrib ops: onnxruntime's load checks what the checker cannot
+            if not verify:
+                ort_load(data_bytes if data_bytes is not None else result.proto.SerializeToString(), "pruned model")
+            extra.setdefault("validity", []).append(original.meta["validity"] + " and the pruned model (" +
+                                                    ("its verification ran there)" if verify else
+                                                     "loaded, not verified)"))
         final = result.proto
         no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
         mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None
@@ -196,7 +198,7 @@ class Pruner:
         if mode != "none":
             if data is None:
                 raise OnnxPruneError(f"--reconstruct {mode} needs calibration data: add --calib DATA.npz")
-            with _timed(seconds, "reconstruct", peaks):
+            with stage_time(seconds, "reconstruct", peaks):
                 final, rep = recon.reconstruct(original.proto, result.proto, result.kept_inputs, data, mode=mode,
                                                kept_outputs=result.kept_outputs, progress=self.progress,
                                                **{**self.reconstruct_options, **(reconstruct_options or {})})
@@ -204,8 +206,8 @@ class Pruner:
         extra["reconstruct_mode"] = mode
         extra["importance_fallbacks"] = self.score_notes
         extra["peak_rss_mb"] = peaks
-        with _timed(seconds, "measure", peaks):
-            after = metrics.summarize(final, result.input_shapes)
+        with stage_time(seconds, "measure", peaks):
+            after = counts.summarize(final, result.input_shapes)
         source = "none" if data is None else data.kind
         # the verified bytes are the model to save only if no refit changed its weights since
         saved = (final, data_bytes) if data_bytes is not None and mode == "none" else None
@@ -219,7 +221,8 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
           split_carrier: str = "largest", progress=None, rtol: float = 1e-4,
           reconstruct: str = "auto", reconstruct_options: dict | None = None,
           kv_cache: bool = False, slice_hidden: bool = False, hidden_width: int | None = None,
-          hidden_keep: float | None = None, round_to: int = 8) -> PruneResult:
+          hidden_keep: float | None = None, round_to: int = 8, providers: list[str] | None = None,
+          session_options: dict | None = None) -> PruneResult:
     """Prune ``model`` and verify the result against the masked original.
 
     ``kv_cache=True`` lets KV-cache graph inputs (``past_key_values.*``, ``past_*``) and outputs
@@ -231,20 +234,32 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     PCA of ``calib`` (see :mod:`onnxprune.hidden`); then ``policy`` prunes channels of the sliced model
     (nothing unless a policy is given). The report's ``hidden`` key states what was verified.
 
+    ``providers`` (onnxruntime execution providers, in order) and ``session_options`` (onnxruntime
+    SessionOptions attributes or dotted config entries) reach every session the pipeline opens;
+    without them the current :func:`runtime.use` target applies (by default onnxruntime on the CPU).
+    The report's ``runtime`` entry counts the sessions this call opened and what each got.
+
     Raises :class:`OnnxPruneError` for bad input and :class:`VerificationError`
     when the pruned model does not match its masked original (a bug).
     """
-    if slice_hidden:
-        return prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
-                            input_shapes=input_shapes, width=hidden_width, keep=hidden_keep, round_to=round_to,
-                            verify=verify, rtol=rtol, reconstruct=reconstruct, progress=progress)
-    policy = policy or Policy()
-    policy.check()
-    pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
-                    calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None,
-                    kv_cache=kv_cache)
-    return pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
-                         reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+    here = runtime.current()  # its settings, with a count of this call's sessions alone
+    target = runtime.Target(here.runtime, providers or here.providers, {**here.options, **(session_options or {})},
+                            here.device, outer=here)
+    with runtime.use(target):
+        if slice_hidden:
+            result = prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
+                                  input_shapes=input_shapes, width=hidden_width, keep=hidden_keep, round_to=round_to,
+                                  verify=verify, rtol=rtol, reconstruct=reconstruct, progress=progress)
+        else:
+            policy = policy or Policy()
+            policy.check()
+            pruner = Pruner(model, criterion=criterion, group_reduction=group_reduction, input_shapes=input_shapes,
+                            calib=calib, split_carrier=split_carrier, progress=progress, score=plan is None,
+                            kv_cache=kv_cache)
+            result = pruner.finish(pruner.plan(policy) if plan is None else plan, verify=verify, rtol=rtol,
+                                   reconstruct=reconstruct, reconstruct_options=reconstruct_options)
+    result.extra["runtime"] = target.to_json()
+    return result
 
 
 def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]]
@@ -254,8 +269,10 @@ def calib_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shape
     from .measure import perplexity
 
     if isinstance(spec, (str, os.PathLike)) and spec != "random" and perplexity.is_causal_lm(proto) \
-            and str(spec).endswith(".npz"):
-        return perplexity.token_data(spec, proto)
+            and str(spec).endswith(".npz") and os.path.isfile(spec):
+        with np.load(spec) as z:
+            if any(vi.name not in z.files for vi in ir.graph_inputs(proto)):
+                return perplexity.token_data(spec, proto, input_shapes)
     return open_data(spec, proto, input_shapes)
 
 
@@ -271,12 +288,11 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     from . import hidden
 
     seconds: dict[str, float] = {}
-    with _timed(seconds, "load"):
+    with stage_time(seconds, "load"):
         original = model if isinstance(model, ir.Model) else ir.load(model)
         ir.materialize(original)
-        shapes = ir.resolve_input_shapes(original.proto, input_shapes)
-        data = calib_data(calib, original.proto, shapes)
-    with _timed(seconds, "slice_hidden"):
+        data = calib_data(calib, original.proto, input_shapes or {})
+    with stage_time(seconds, "slice_hidden"):
         h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
                                 progress=progress)
     sliced = ir.Model(h.proto)
@@ -289,22 +305,19 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     result.seconds = {**seconds, **result.seconds}
     result.extra["hidden"] = h.to_json()
     result.original = original
-    result.before = metrics.summarize(original.proto, result.analysis.input_shapes)
+    result.before = counts.summarize(original.proto, result.analysis.input_shapes)
     result.plan.notes.append(f"hidden width {h.width_before} -> {h.width_after} (rotation verified exact: "
                              f"{bool(h.rotation and h.rotation.passed)}; slicing is approximate, measure it "
                              "with --data)")
     return result
 
 
-def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
+def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
     """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
     :func:`measure.perplexity.token_data`), and interleaved latency.
 
     Stored in ``result.extra["validation"]`` and returned.
     """
-    from .measure import latency
-    from .measure import quality as val
-
     t = time.perf_counter()
     out: dict = {"data": data.source or data.kind, "samples": data.num_samples}
     if data.kind == "tokens":  # a causal LM on token ids (measure.perplexity.token_data)
@@ -316,14 +329,14 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
         out["perplexity_ratio"] = (after["perplexity"] / before["perplexity"]
                                    if before["perplexity"] and after["perplexity"] is not None else None)
     else:
-        m = val._measure(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
+        m = quality.compare(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
                          want_accuracy=data.labels is not None)
         out["accuracy_before"] = m.reference_accuracy
         out["accuracy_after"] = m.accuracy
         out["fidelity"] = m.fidelity
     if bench_runs:
         bench = latency.benchmark({"after": result.proto, "before": result.original.proto}, warmup=5,
-                                  runs=bench_runs, input_shapes=result.analysis.input_shapes)
+                                  runs=bench_runs, input_shapes=result.rewrite.input_shapes or result.analysis.input_shapes)
         out["latency_ms_before"] = bench["before"].p50
         out["latency_ms_after"] = bench["after"].p50
         out["latency_ratio"] = bench.ratio_p50
@@ -335,13 +348,11 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
 def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None, log=None) -> dict:
     """Fine-tune the pruned model against the original (distillation, plus cross-entropy when ``data``
-    has labels; see :mod:`onnxprune.finetune`). ``result.proto`` becomes the best checkpoint and
+    has labels; see :mod:`onnxprune.train.finetune`). ``result.proto`` becomes the best checkpoint and
     ``result.extra["finetune"]`` the run summary, which is returned."""
-    from .train import finetune as ft
-
-    with _timed(result.seconds, "finetune"):
+    with stage_time(result.seconds, "finetune"):
         teacher = ir.materialize(result.original).proto  # a lazily loaded model's weights, all in memory
-        run = ft.finetune(result.proto, data, teacher=teacher, config=config, progress=progress, log=log)
+        run = train_finetune(result.proto, data, teacher=teacher, config=config, progress=progress, log=log)
     result.proto = run.proto
     result.extra["finetune"] = run.to_json()
     return result.extra["finetune"]
@@ -363,6 +374,21 @@ def _check_like(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise VerificationError(f"the pruned model fails onnx.checker: {first}") from None
+
+
+def _blame_target(ver: verify_mod.Verification, again) -> None:
+    """A failure on a target other than onnxruntime's CPU provider is checked again there: when the
+    pruned model is right on the CPU, the target computes the graph differently, and the error says so."""
+    if runtime.current().cpu_only:
+        return
+    with runtime.use(runtime.Target(outer=runtime.current())):
+        cpu = again()
+    if cpu.passed:
+        raise VerificationError(f"the pruned model matches its masked original in onnxruntime on the CPU "
+                                f"(worst relative error {cpu.needed_rtol:.1e}) but not in "
+                                f"{ver.checked_by.get('deployed', 'the target runtime')}: {_describe_failure(ver)}; "
+                                "the target runtime computes this graph differently (run its own accuracy check "
+                                "with --data, or prune for --runtime onnxruntime)")
 
 
 def _describe_failure(ver: verify_mod.Verification) -> str:
@@ -399,6 +425,15 @@ def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
 
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
-    """Write the pruned model (the bytes verification ran, when it ran on this very model)."""
-    return ir.save(result.proto, path, source=result.original.path, external=result.original.external,
+    """Write the pruned model (the bytes verification ran, when it ran on this very model), and beside
+    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs).
+    The report then names the file (``output``) and its size (``file_bytes_after``); returns the size."""
+    from . import configs
+
+    size = ir.save(result.proto, path, source=result.original.path, external=result.original.external,
                    data=result.proto_bytes())
+    result.extra.update(output=str(path), file_bytes_after=size)
+    notes = configs.write_beside(result.original.proto, result.proto, result.original.path, Path(path))
+    if notes:
+        result.extra["configs"] = notes
+    return size

@@ -50,7 +50,8 @@ def removal_maps(analysis: Analysis, plan: dict[int, np.ndarray]):
             else:
                 uses.setdefault((m.node, m.input_index), {}).setdefault(m.axis, set()).update(pos.tolist())
             tensors.setdefault((m.tensor, m.axis), set()).update(pos.tolist())
-        report.append({"group": g.id, "label": g.label, "size": g.size, "removed_channels": removed.tolist(),
+        report.append({"group": g.id, "label": g.label, "structure": g.structure, "size": g.size,
+                       "removed_channels": removed.tolist(),
                        "tensors": [{"tensor": t, "axis": a, "removed": sorted(p)} for (t, a), p in tensors.items()]})
     return acts, uses, report
 
@@ -62,6 +63,7 @@ class _View(RewriteView):
         self.graph, self.nodes, self.acts = graph, nodes, acts
         self.shapes, self.labels = analysis.shapes, analysis.channel_axes
         self._n = 0
+        self._set: dict[tuple[str, int], tuple[gs.Tensor, np.ndarray, np.ndarray]] = {}  # run-time inputs
 
     def kept(self, tensor: str) -> np.ndarray:
         """Kept positions of the channel axis of an original tensor (all of them if it lost none)."""
@@ -90,6 +92,46 @@ class _View(RewriteView):
             old.values = np.asarray(value)
             return
         node.inputs[input_index] = gs.Constant(self.unique(f"{old.name or node.name}_pruned"), np.asarray(value))
+
+    def take(self, node: gs.Node, input_index: int, axis: int, positions: np.ndarray) -> None:
+        node = self.nodes[node.name]
+        src = node.inputs[input_index]
+        n = self.shapes[src.name][axis] if src.name in self.shapes else None
+        if n is not None and len(positions) == n:
+            return
+        out = gs.Variable(self.unique(f"{src.name}_kept"), dtype=src.dtype)
+        self.graph.nodes.append(gs.Node("Gather", name=self.unique(f"{node.name}_take{input_index}"), attrs={"axis": axis},
+                                        inputs=[src, gs.Constant(self.unique(f"{out.name}_index"),
+                                                                 np.asarray(positions, dtype=np.int64))],
+                                        outputs=[out]))
+        node.inputs[input_index] = out
+
+    def set_elements(self, node: gs.Node, input_index: int, value: np.ndarray, mask: np.ndarray) -> None:
+        """Some elements of an input become constants: the whole input if it is a constant or every
+        element is set, else ``Where(mask, value, run-time input)`` (one per node input, so a shape
+        value shared by several nodes is only changed where each of them needs it)."""
+        node = self.nodes[node.name]
+        key = (node.name, input_index)
+        value, mask = np.asarray(value), np.asarray(mask, dtype=bool)
+        base = node.inputs[input_index]
+        if key in self._set:
+            base, v0, m0 = self._set[key]
+            value, mask = np.where(mask, value, v0).astype(v0.dtype), mask | m0
+        if isinstance(base, gs.Constant):
+            current = np.asarray(base.values)
+            self.set_const(node, input_index, np.where(mask, value, current).astype(current.dtype))
+            return
+        if mask.all():
+            self.set_const(node, input_index, value)
+            self._set.pop(key, None)
+            return
+        out = gs.Variable(self.unique(f"{base.name}_set"), dtype=value.dtype, shape=list(value.shape))
+        where = gs.Node("Where", name=self.unique(f"{node.name}_set{input_index}"),
+                        inputs=[gs.Constant(self.unique(f"{out.name}_mask"), mask),
+                                gs.Constant(self.unique(f"{out.name}_value"), value), base], outputs=[out])
+        self.graph.nodes.append(where)
+        node.inputs[input_index] = out
+        self._set[key] = (base, value, mask)
 
     def unique(self, base: str) -> str:
         names = self.graph.tensors()

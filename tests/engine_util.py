@@ -7,7 +7,7 @@ import onnx
 
 import onnxprune
 from onnxprune import runtime, verify
-from onnxprune.data.readers import random_feed
+from onnxprune.data import random_feed
 
 
 def prune_model(tmp_path, model: onnx.ModelProto, ratio: float = 0.5, **kw):

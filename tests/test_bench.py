@@ -10,7 +10,7 @@ from builders import GraphBuilder
 
 from onnxprune import ir
 from onnxprune.measure import latency
-from onnxprune.data.readers import ArrayData
+from onnxprune.data import ArrayData
 from onnxprune.errors import OnnxPruneError
 
 

@@ -1,4 +1,4 @@
-"""validate.accuracy / fidelity / evaluate and ``onnxprune eval`` on small real graphs."""
+"""quality.accuracy / fidelity / evaluate and ``onnxprune eval`` on small real graphs."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import ir
-from onnxprune.measure import quality as validate
-from onnxprune.data.readers import ArrayData
+from onnxprune.measure import quality
+from onnxprune.data import ArrayData
 from onnxprune.errors import OnnxPruneError
 
 C = 10
@@ -45,33 +45,33 @@ def scores_with_ranks(label_ranks, seed=0):
 def test_accuracy_of_known_classifier():
     # 6 of 8 labels are the argmax, the other two are 2nd and 5th: top-1 = 0.75, top-5 = 1.0
     x, labels = scores_with_ranks([0, 0, 1, 0, 0, 4, 0, 0])
-    acc = validate.accuracy(linear(), ArrayData({"x": x}, labels), batch_size=3)
+    acc = quality.accuracy(linear(), ArrayData({"x": x}, labels), batch_size=3)
     assert acc == {"top1": 0.75, "top5": 1.0, "n": 8}
-    first4 = validate.accuracy(linear(), ArrayData({"x": x}, labels), batch_size=3, limit=4)
+    first4 = quality.accuracy(linear(), ArrayData({"x": x}, labels), batch_size=3, limit=4)
     assert first4 == {"top1": 0.75, "top5": 1.0, "n": 4}
 
 
 def test_accuracy_top5_misses_and_nchw11_logits():
     x, labels = scores_with_ranks([0, 5, 9, 4])
-    acc = validate.accuracy(linear(spatial=True), ArrayData({"x": x}, labels))
+    acc = quality.accuracy(linear(spatial=True), ArrayData({"x": x}, labels))
     assert acc == {"top1": 0.25, "top5": 0.5, "n": 4}
 
 
 def test_ties_and_dead_outputs_never_count_as_hits():
     x = np.zeros((4, C), np.float32)
-    acc = validate.accuracy(linear(), ArrayData({"x": x}, np.arange(4)))
+    acc = quality.accuracy(linear(), ArrayData({"x": x}, np.arange(4)))
     assert acc["top1"] == 0.0 and acc["top5"] == 0.0
 
 
 def test_fixed_batch_pads_the_last_batch():
     x, labels = scores_with_ranks([0, 1, 0, 0, 0, 0, 2])  # 7 samples through a batch-of-4 model
-    acc = validate.accuracy(linear(batch=4), ArrayData({"x": x}, labels), batch_size=64)
+    acc = quality.accuracy(linear(batch=4), ArrayData({"x": x}, labels), batch_size=64)
     assert acc["n"] == 7 and acc["top1"] == pytest.approx(5 / 7)
 
 
 def test_fidelity_against_itself_is_perfect():
     x, _ = scores_with_ranks(range(C))
-    fid = validate.fidelity(linear(), linear(), ArrayData({"x": x}), batch_size=4)
+    fid = quality.fidelity(linear(), linear(), ArrayData({"x": x}), batch_size=4)
     assert fid == {"logits": {"top1_agreement": 1.0, "cosine": pytest.approx(1.0), "max_abs": 0.0,
                               "mean_abs": 0.0, "rel_error": 0.0}}
 
@@ -84,7 +84,7 @@ def test_fidelity_with_a_known_bias_shift():
     bias = np.zeros(C, np.float32)
     bias[3] = delta
     data = ArrayData({"x": x})
-    fid = validate.fidelity(linear(bias, out="y"), linear(), data, batch_size=3)
+    fid = quality.fidelity(linear(bias, out="y"), linear(), data, batch_size=3)
     shifted = x.astype(np.float64) + bias
     cos = np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(shifted, x)])
     assert list(fid) == ["y"]  # names differ: matched by position, keyed by the candidate's name
@@ -99,22 +99,22 @@ def test_fidelity_with_a_known_bias_shift():
 def test_reference_with_other_inputs_is_refused():
     x, _ = scores_with_ranks([0, 0])
     with pytest.raises(OnnxPruneError, match="takes inputs"):
-        validate.fidelity(linear(), linear(input_name="image"), ArrayData({"x": x}))
+        quality.fidelity(linear(), linear(input_name="image"), ArrayData({"x": x}))
 
 
 def test_accuracy_needs_labels_in_range():
     x, labels = scores_with_ranks([0, 0])
     with pytest.raises(OnnxPruneError, match="no 'labels'"):
-        validate.accuracy(linear(), ArrayData({"x": x}))
+        quality.accuracy(linear(), ArrayData({"x": x}))
     with pytest.raises(OnnxPruneError, match="10 classes"):
-        validate.accuracy(linear(), ArrayData({"x": x}, np.array([0, C])))
+        quality.accuracy(linear(), ArrayData({"x": x}, np.array([0, C])))
 
 
 def test_evaluate_combines_accuracy_fidelity_and_size():
     x, labels = scores_with_ranks([0, 0, 0, 3])
     bias = np.zeros(C, np.float32)
     bias[0] = 0.5
-    report = validate.evaluate(linear(bias), ArrayData({"x": x}, labels), reference=linear())
+    report = quality.evaluate(linear(bias), ArrayData({"x": x}, labels), reference=linear())
     j = report.to_json()
     assert list(j) == ["model", "reference", "samples", "accuracy", "reference_accuracy", "fidelity", "params",
                        "macs", "file_bytes", "reference_params", "reference_macs", "reference_file_bytes",
@@ -154,7 +154,7 @@ def test_cli_eval_json(cli, files, tmp_path):
     j = json.loads(out.read_text())
     assert j["model"] == str(files["ref"]) and j["reference"] == str(files["model"])
     assert j["samples"] == 8 and j["accuracy"] == {"top1": 0.75, "top5": 1.0}
-    assert set(j["fidelity"]["logits"]) == set(validate.FIDELITY_KEYS)
+    assert set(j["fidelity"]["logits"]) == set(quality.FIDELITY_KEYS)
     assert j["fidelity"]["logits"]["max_abs"] == 1.5
     assert j["params"] == j["reference_params"] == 110 and j["file_bytes"] > 0
 

@@ -12,9 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.train import finetune as ft
 from onnxprune import runtime
-from onnxprune.measure import quality as validate
+from onnxprune.measure import quality
 from onnxprune.train.autodiff import build_gradient_model
-from onnxprune.data.readers import ArrayData
+from onnxprune.data import ArrayData
 from onnxprune.errors import OnnxPruneError
 
 DIM, CLASSES = 8, 3
@@ -110,12 +110,12 @@ def test_trainable_weights_exclude_statistics_scalars_and_non_float_constants():
 def test_finetune_raises_held_out_accuracy_of_a_damaged_model():
     good, damaged = classifier(), classifier(noise=1.5)
     train, test = blobs(600, 1), blobs(2000, 2)
-    before = validate.accuracy(damaged, test)["top1"]
-    assert validate.accuracy(good, test)["top1"] > 0.95 and before < 0.75
+    before = quality.accuracy(damaged, test)["top1"]
+    assert quality.accuracy(good, test)["top1"] > 0.95 and before < 0.75
     run = ft.finetune(damaged, train, teacher=good, config=quick())
     assert run.loss == "distill" and run.metric == "top1" and run.holdout_samples == 60
     assert run.best > run.before + 0.15
-    assert validate.accuracy(run.proto, test)["top1"] > before + 0.2
+    assert quality.accuracy(run.proto, test)["top1"] > before + 0.2
     old = {t.name: (t.data_type, list(t.dims)) for t in damaged.graph.initializer}
     assert {t.name: (t.data_type, list(t.dims)) for t in run.proto.graph.initializer} == old
     assert [h["step"] for h in run.history] == [0, 20, 40, 60, 80]
@@ -127,8 +127,8 @@ def test_without_labels_it_distils_the_teacher():
     run = ft.finetune(damaged, blobs(600, 1, labels=False), teacher=good, config=quick(optimizer="sgd", lr=0.05))
     assert run.loss == "kl" and run.metric == "agreement"
     test = blobs(1000, 3, labels=False)
-    agree = next(iter(validate.fidelity(run.proto, good, test).values()))["top1_agreement"]
-    before = next(iter(validate.fidelity(damaged, good, test).values()))["top1_agreement"]
+    agree = next(iter(quality.fidelity(run.proto, good, test).values()))["top1_agreement"]
+    before = next(iter(quality.fidelity(damaged, good, test).values()))["top1_agreement"]
     assert agree > before + 0.2
 
 
@@ -178,8 +178,8 @@ def test_finetune_cli_writes_the_best_checkpoint(tmp_path, cli):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["loss"] == "distill" and rep["best"] > rep["before"] and rep["steps"] == 60
     test = blobs(1000, 2)
-    assert validate.accuracy(onnx.load(tmp_path / "out.onnx"), test)["top1"] > \
-        validate.accuracy(classifier(noise=1.5), test)["top1"] + 0.2
+    assert quality.accuracy(onnx.load(tmp_path / "out.onnx"), test)["top1"] > \
+        quality.accuracy(classifier(noise=1.5), test)["top1"] + 0.2
     bad = cli("finetune", student, "--data", data, "-o", tmp_path / "x.onnx", "--alpha", "1.5")
     assert bad.code == 2 and "--alpha" in bad.err and "Traceback" not in bad.err
 

@@ -20,6 +20,7 @@ DECODERS = {
     "llama-primitives-gqa": dict(norm="rms", spelled="primitives", gated=True, kv_heads=2, bias=False),
     "llama-opset23": dict(norm="rms", gated=True, bias=False, opset=23),
     "layer-primitives-opset18": dict(norm="layer", spelled="primitives", opset=18),
+    "llama-tied-copy": dict(norm="rms", spelled="primitives", gated=True, tied="copy"),
 }
 
 
@@ -66,8 +67,23 @@ def test_no_stream_means_untouched(fmnist_model, cli, tmp_path):
             "models/fmnist_calib.npz", check=2)
     assert "no residual stream" in r.err and len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
-    # a post-norm encoder (the stream is the norm output itself) is declined with its reason, for now
-    assert "LayerNormalization" in hidden.find_stream(transformer.encoder()).reason
+
+
+@pytest.mark.parametrize("spelled", ["op", "primitives"])
+def test_post_norm_encoder_rotates_exactly_with_a_basis_per_segment(spelled):
+    """BERT-like: each norm's output is the stream; a different random basis in every part between norms."""
+    model = transformer.encoder(spelled=spelled)
+    stream = hidden.find_stream(hidden.name_nodes(model))
+    assert stream.segments == 5 and len(stream.norms) == 5
+    assert sorted(u.kind for u in stream.uses) == ["stream"] * 4 and stream.outputs == [4]
+    r = hidden.slice_hidden(model)
+    assert r.rotation.passed and r.rotation.needed_rtol < 1e-5
+    ids = np.random.default_rng(1).integers(0, 96, (2, 7))
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"input_ids": ids})[0]
+    full = hidden.slice_hidden(model, verify=False, width=31)
+    got = ort.InferenceSession(full.proto.SerializeToString()).run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)   # the hidden state comes back in the original basis
+    assert got.shape == want.shape == (2, 7, 32)
 
 
 def low_rank_decoder(rank=6, **kw):
@@ -81,12 +97,16 @@ def low_rank_decoder(rank=6, **kw):
         a = (rng.standard_normal((a.shape[0], rank)) @ rng.standard_normal((rank, a.shape[1]))) \
             if w.op == "Gather" else a * 0.003
         inits[w.tensor].CopyFrom(numpy_helper.from_array(a.astype(np.float32), w.tensor))
+        head = next((t for t in inits if t.startswith("lm_head")), None)
+        if w.op == "Gather" and head:   # the head stays an exact copy of the (new) table
+            inits[head].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a.T.astype(np.float32)), head))
     return model
 
 
-@pytest.mark.parametrize("kw", [dict(norm="rms", spelled="primitives", gated=True), dict(norm="layer")])
+@pytest.mark.parametrize("kw", [dict(norm="rms", spelled="primitives", gated=True), dict(norm="layer"),
+                                dict(norm="rms", spelled="primitives", tied="copy")])
 def test_pca_finds_the_used_directions_and_ties_stay_tied(kw):
-    from onnxprune.data.readers import ArrayData
+    from onnxprune.data import ArrayData
 
     model = low_rank_decoder(**kw)
     rng = np.random.default_rng(0)

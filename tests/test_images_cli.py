@@ -9,7 +9,7 @@ import pytest
 from builders import GraphBuilder
 from conftest import MODELS
 
-from onnxprune.data.readers import ArrayData, open_data
+from onnxprune.data import ArrayData, open_data
 from onnxprune.errors import OnnxPruneError
 from onnxprune.data.images import ImageFolder, ImagePath, folder_labels, list_images
 

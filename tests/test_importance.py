@@ -9,7 +9,7 @@ from builders import GraphBuilder
 from onnx import numpy_helper
 
 from onnxprune import runtime
-from onnxprune.data.readers import ArrayData
+from onnxprune.data import ArrayData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.groups import ACTIVATION, PARAM, WEIGHT_IN, WEIGHT_OUT, Analysis, Group, Member
 from onnxprune.importance import CRITERIA, ScoreContext, requires_data, score_groups

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from builders import GraphBuilder
 
-from onnxprune.measure import counts as metrics
+from onnxprune.measure import counts
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_json_report_matches_summary_and_scales_with_batch(cli, model_path, tmp_
     assert b["inputs"][0]["analysed_shape"] == [3, 3, 16, 16]
     assert len(a["outputs"]) == 1
 
-    expected = metrics.summarize(onnx.load(model_path), {"image": [3, 3, 16, 16]})
+    expected = counts.summarize(onnx.load(model_path), {"image": [3, 3, 16, 16]})
     assert b["layers"] == [vars(layer) for layer in expected.layers]
     assert [layer["op"] for layer in b["layers"]] == ["Conv", "MatMul", "Gemm"]
     assert b["layers"][0]["output_shape"] == [3, 8, 8, 8]

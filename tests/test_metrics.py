@@ -1,4 +1,4 @@
-"""Exact params and MACs from ``metrics.summarize`` on real graphs, checked against hand arithmetic."""
+"""Exact params and MACs from ``counts.summarize`` on real graphs, checked against hand arithmetic."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from builders import GraphBuilder
 from onnx import helper, numpy_helper
 
 from onnxprune import ir
-from onnxprune.measure import counts as metrics
+from onnxprune.measure import counts
 from onnxprune.errors import OnnxPruneError
 
 
-def only_layer(stats: metrics.ModelStats) -> metrics.LayerStats:
+def only_layer(stats: counts.ModelStats) -> counts.LayerStats:
     assert len(stats.layers) == 1, stats.layers
     return stats.layers[0]
 
@@ -52,7 +52,7 @@ def resnet18() -> onnx.ModelProto:
 
 
 def test_resnet18_macs_and_params_match_hand_count(resnet18):
-    stats = metrics.summarize(resnet18)
+    stats = counts.summarize(resnet18)
 
     # MACs = Cout * Hout * Wout * Cin * k * k per conv (batch 1)
     stem = 64 * 112 * 112 * 3 * 7 * 7                        # 118,013,952
@@ -93,7 +93,7 @@ def test_resnet18_macs_and_params_match_hand_count(resnet18):
 def test_strided_dilated_padded_conv():
     g = GraphBuilder("x", [1, 3, 17, 19])
     g.output(g.conv("x", 8, k=3, stride=2, dilation=2, pad=1))
-    layer = only_layer(metrics.summarize(g.build()))
+    layer = only_layer(counts.summarize(g.build()))
     # effective kernel 5: H = (17 + 2 - 5) // 2 + 1 = 8, W = (19 + 2 - 5) // 2 + 1 = 9
     assert layer.output_shape == [1, 8, 8, 9]
     assert layer.macs == 8 * 8 * 9 * 3 * 3 * 3
@@ -106,7 +106,7 @@ def test_asymmetric_pads_and_auto_pad():
     b = g.op("Conv", ["x", g.weight([6, 4, 2, 2])], kernel_shape=[2, 2], strides=[3, 3], auto_pad="SAME_UPPER")
     g.output(a)
     g.output(b)
-    first, second = metrics.summarize(g.build()).layers
+    first, second = counts.summarize(g.build()).layers
     # H = (11 + 0 + 2 - 3) // 2 + 1 = 6, W = (11 + 1 + 0 - 3) // 2 + 1 = 5
     assert first.output_shape == [2, 6, 6, 5]
     assert first.macs == 2 * 6 * 6 * 5 * 4 * 9
@@ -119,7 +119,7 @@ def test_asymmetric_pads_and_auto_pad():
 def test_grouped_and_depthwise_conv(group, cout):
     g = GraphBuilder("x", [1, 8, 10, 10])
     g.output(g.conv("x", cout, k=3, group=group))
-    layer = only_layer(metrics.summarize(g.build()))
+    layer = only_layer(counts.summarize(g.build()))
     assert layer.weight_shape == [cout, 8 // group, 3, 3]
     assert layer.macs == cout * 10 * 10 * (8 // group) * 9
     assert layer.params == cout * (8 // group) * 9 + cout
@@ -129,7 +129,7 @@ def test_grouped_and_depthwise_conv(group, cout):
 def test_conv_transpose(group):
     g = GraphBuilder("x", [2, 4, 5, 5])
     g.output(g.conv_transpose("x", 6, k=3, stride=2, group=group))
-    layer = only_layer(metrics.summarize(g.build()))
+    layer = only_layer(counts.summarize(g.build()))
     assert layer.output_shape == [2, 6, 11, 11]  # (5 - 1) * 2 + 3
     # every input pixel of every input channel scatters into Cout/group * k * k outputs
     assert layer.macs == 2 * 4 * 5 * 5 * (6 // group) * 3 * 3
@@ -144,7 +144,7 @@ def test_gemm_transposes(trans_a, trans_b):
     g = GraphBuilder("a", [k, m] if trans_a else [m, k])
     w = g.weight([n, k] if trans_b else [k, n])
     g.output(g.op("Gemm", ["a", w, g.const(np.zeros(n, np.float32))], transA=trans_a, transB=trans_b))
-    layer = only_layer(metrics.summarize(g.build()))
+    layer = only_layer(counts.summarize(g.build()))
     assert layer.output_shape == [m, n]
     assert layer.macs == m * n * k
     assert layer.params == k * n + n
@@ -153,14 +153,14 @@ def test_gemm_transposes(trans_a, trans_b):
 def test_gemm_with_constant_first_operand():
     g = GraphBuilder("b", [5, 7])
     g.output(g.op("Gemm", [g.weight([3, 5]), "b"]))
-    layer = only_layer(metrics.summarize(g.build()))
+    layer = only_layer(counts.summarize(g.build()))
     assert (layer.weight_shape, layer.macs, layer.params) == ([3, 5], 3 * 7 * 5, 15)
 
 
 def test_batched_matmul_broadcasts_and_takes_its_bias():
     g = GraphBuilder("a", [2, 1, 3, 5])
     g.output(g.op("Add", [g.op("MatMul", ["a", g.weight([4, 5, 6])]), g.const(np.ones(6, np.float32))]))
-    layer = only_layer(metrics.summarize(g.build()))
+    layer = only_layer(counts.summarize(g.build()))
     assert layer.output_shape == [2, 4, 3, 6]
     assert layer.macs == 2 * 4 * 3 * 6 * 5
     assert layer.params == 4 * 5 * 6 + 6
@@ -173,7 +173,7 @@ def test_matmul_of_two_activations_counts_macs_without_params():
     k = g.op("MatMul", ["x", g.weight([8, 8])])
     scores = g.op("MatMul", [q, g.transpose(k, [0, 1, 3, 2])])
     g.output(g.op("MatMul", [g.op("Softmax", [scores], axis=-1), "x"]))
-    stats = metrics.summarize(g.build())
+    stats = counts.summarize(g.build())
     proj = 2 * 3 * 8 * 8
     qk, av = 2 * 3 * 3 * 8, 2 * 3 * 8 * 3
     assert [layer.macs for layer in stats.layers] == [proj, proj, qk, av]
@@ -186,7 +186,7 @@ def test_matmul_of_two_activations_counts_macs_without_params():
 def test_vector_matmul():
     g = GraphBuilder("v", [5])
     g.output(g.op("MatMul", ["v", g.weight([5, 4])]))
-    layer = only_layer(metrics.summarize(g.build()))
+    layer = only_layer(counts.summarize(g.build()))
     assert (layer.output_shape, layer.macs) == ([4], 4 * 5)
 
 
@@ -200,7 +200,7 @@ def test_constant_node_weight_as_paddle_exports_it():
     g.nodes.append(helper.make_node("Constant", [], ["scale"], value_float=2.0))  # scalar: not a param
     y = g.op("Conv", ["x", "conv_w", "conv_b"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     g.output(g.mul(y, "scale"))
-    stats = metrics.summarize(g.build())
+    stats = counts.summarize(g.build())
     layer = only_layer(stats)
     assert (layer.weight, layer.weight_shape, layer.params) == ("conv_w", [4, 3, 3, 3], 108 + 4)
     assert layer.macs == 4 * 6 * 6 * 3 * 9
@@ -213,7 +213,7 @@ def test_weight_through_identity_and_shared_initializer_counts_once():
     alias = g.op("Identity", [w])
     y = g.op("MatMul", [g.op("MatMul", ["x", w]), alias])
     g.output(g.op("MatMul", [y, w]))
-    stats = metrics.summarize(g.build())
+    stats = counts.summarize(g.build())
     assert [layer.weight for layer in stats.layers] == [w, w, w]
     assert [layer.params for layer in stats.layers] == [36, 36, 36]
     assert stats.params == 36
@@ -226,7 +226,7 @@ def test_params_skip_integer_and_scalar_constants():
     y = g.mul(y, g.const(np.float32(3.0)))                             # float scalar
     shift = g.op("Cast", [g.const(np.zeros((1, 16), np.float64))], to=onnx.TensorProto.FLOAT)
     g.output(g.add(y, shift))                                          # double, rank 2: counts
-    stats = metrics.summarize(g.build())
+    stats = counts.summarize(g.build())
     assert stats.params == 16 + 16
 
 
@@ -236,8 +236,8 @@ def test_dynamic_batch_follows_input_shapes():
     g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True)
     g.output(g.gemm(g.flatten(g.gap(g.conv("x", 4, k=3))), 5))
     model = g.build()
-    one = metrics.summarize(model)
-    four = metrics.summarize(model, {"x": [4, 3, 8, 8]})
+    one = counts.summarize(model)
+    four = counts.summarize(model, {"x": [4, 3, 8, 8]})
     per_image = 4 * 8 * 8 * 3 * 9 + 5 * 4
     assert one.macs == per_image and four.macs == 4 * per_image
     assert four.layers[0].output_shape == [4, 4, 8, 8]
@@ -249,9 +249,9 @@ def test_input_shapes_are_checked():
     g.output(g.conv("x", 4))
     model = g.build()
     with pytest.raises(OnnxPruneError, match="model's inputs are: x"):
-        metrics.summarize(model, {"y": [1, 3, 8, 8]})
+        counts.summarize(model, {"y": [1, 3, 8, 8]})
     with pytest.raises(OnnxPruneError, match="conflicts"):
-        metrics.summarize(model, {"x": [1, 3, 9, 8]})
+        counts.summarize(model, {"x": [1, 3, 9, 8]})
 
 
 def float_reshape_model() -> tuple[onnx.ModelProto, str, str]:
@@ -268,7 +268,7 @@ def float_reshape_model() -> tuple[onnx.ModelProto, str, str]:
 def test_shape_inference_gap_is_filled_by_onnxruntime():
     model, _, y = float_reshape_model()
     assert ir.infer_shapes(model)[y] == [None, None, None, 5]
-    stats = metrics.summarize(model)
+    stats = counts.summarize(model)
     layer = only_layer(stats)
     assert layer.output_shape == [2, 3, 4, 5]
     assert layer.macs == 2 * 3 * 4 * 5 * 16
@@ -281,7 +281,7 @@ def test_onnxruntime_fallback_ignores_recorded_shapes():
         model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = symbol
     recorded = [onnx.helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, [2, 3, 4, 16])]
     model.graph.value_info.extend(recorded)  # what an exporter run at 2x3x8x8 would have written
-    layer = only_layer(metrics.summarize(model, {"x": [4, 3, 16, 8]}))
+    layer = only_layer(counts.summarize(model, {"x": [4, 3, 16, 8]}))
     assert layer.output_shape == [4, 3, 8, 5]
     assert layer.macs == 4 * 3 * 8 * 5 * 16
 
@@ -299,7 +299,7 @@ def symbolic_hw_model() -> onnx.ModelProto:
 
 def test_recorded_shapes_do_not_override_the_given_input_shape():
     model = symbolic_hw_model()
-    layer = only_layer(metrics.summarize(model, {"x": [2, 3, 16, 16]}))
+    layer = only_layer(counts.summarize(model, {"x": [2, 3, 16, 16]}))
     assert layer.output_shape == [2, 4, 16, 16]
     assert layer.macs == 2 * 4 * 16 * 16 * 3 * 9
-    assert only_layer(metrics.summarize(model)).macs == 4 * 1 * 1 * 3 * 9  # symbolic sizes taken as 1
+    assert only_layer(counts.summarize(model)).macs == 4 * 1 * 1 * 3 * 9  # symbolic sizes taken as 1

@@ -13,7 +13,7 @@ from builders import GraphBuilder
 from onnx import helper, numpy_helper
 
 from onnxprune import runtime
-from onnxprune.data.readers import ArrayData
+from onnxprune.data import ArrayData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.reconstruct import reconstruct
 from onnxprune.reconstruct import layers as rlayers

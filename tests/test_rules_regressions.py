@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 
 import onnxprune
 from onnxprune import ir, runtime, verify
-from onnxprune.data.readers import random_feed
+from onnxprune.data import random_feed
 
 
 def _projection_block(channels: int):

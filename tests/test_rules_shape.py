@@ -208,17 +208,35 @@ def test_chunk_with_bounds_computed_from_the_channel_count(tmp_path):
     assert not any(n.op_type == "Shape" for n in r.proto.graph.node)   # folded into constant bounds
 
 
-def test_channel_count_used_as_data_freezes(tmp_path):
-    g = GraphBuilder("x", [1, 3, 8, 8])
+def test_channel_count_used_as_data_keeps_its_original_value(tmp_path):
+    """A number computed from a channel count and used as data (here a divisor, like attention's
+    1/sqrt(d)) keeps the value it had, so the pruned model equals its masked original."""
+    g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True)
     y = g.relu(g.conv("x", 8))
     c = g.op("Cast", [g.op("Gather", [g.op("Shape", [y]), g.const(np.array(1, np.int64))], axis=0)], to=1)
     y = g.op("Div", [y, c])                                   # divides by the channel count
     g.output(g.gemm(g.flatten(g.gap(g.conv(y, 4))), 3))
     m = g.build()
     r = prune_model(tmp_path, m, ratio=0.5)
+    assert weight(r.proto, [n for n in r.proto.graph.node if n.op_type == "Conv"][0].name).shape[0] == 4
+    div = node(r.proto, "Div")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in r.proto.graph.initializer}
+    assert float(inits[div.input[1]]) == 8.0
+
+
+def test_channel_count_mixed_with_batch_freezes(tmp_path):
+    """A channel count multiplied by the batch size cannot become a constant: the channels stay."""
+    g = GraphBuilder("x", [1, 3, 8, 8], dynamic_batch=True)
+    y = g.relu(g.conv("x", 8))
+    s = g.op("Shape", [y])
+    pick = [g.op("Gather", [s, g.const(np.array(i, np.int64))], axis=0) for i in (0, 1)]
+    c = g.op("Cast", [g.op("Mul", pick)], to=1)
+    y = g.op("Div", [y, c])
+    g.output(g.gemm(g.flatten(g.gap(g.conv(y, 4))), 3))
+    r = prune_model(tmp_path, g.build(), ratio=0.5)
     assert weight(r.proto, [n for n in r.proto.graph.node if n.op_type == "Conv"][0].name).shape[0] == 8
     frozen = next(f for f in r.report()["frozen"] if f["size"] == 8)
-    assert any("channel count is used at run time" in x for x in frozen["reasons"])
+    assert any("combined with a value that changes with a symbolic input dimension" in x for x in frozen["reasons"]), frozen
 
 
 def test_batch_sliced_from_a_shape_does_not_hold_the_channel_count(tmp_path):

@@ -7,10 +7,10 @@ import onnx
 import pytest
 from builders import GraphBuilder
 
-from onnxprune.data import readers as data_mod
+from onnxprune.data import load_npz
 from onnxprune import ir, runtime
 from onnxprune.compress import sharing
-from onnxprune.measure import quality as validate
+from onnxprune.measure import quality
 from onnxprune.cli import main
 from onnxprune.errors import OnnxPruneError
 from onnxprune.compress.sharing import ShareOptions
@@ -200,9 +200,9 @@ def test_cli_share_bad_clusters_is_one_line(tmp_path, capsys):
 
 def test_shipped_model_shared_at_256_keeps_accuracy(fmnist_model, tmp_path):
     model = ir.load(fmnist_model)
-    test = data_mod.load_npz(fmnist_model.parent / "fmnist_test.npz", model.proto).split(500)[0]
+    test = load_npz(fmnist_model.parent / "fmnist_test.npz", model.proto).split(500)[0]
     res = sharing.share(model.proto, ShareOptions(clusters=256))
     size = ir.save(res.proto, tmp_path / "s.onnx")
     assert size < 0.3 * model.file_bytes
-    dense, shared = validate.accuracy(model, test)["top1"], validate.accuracy(res.proto, test)["top1"]
+    dense, shared = quality.accuracy(model, test)["top1"], quality.accuracy(res.proto, test)["top1"]
     assert shared >= dense - 0.01, (dense, shared)

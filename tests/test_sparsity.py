@@ -12,7 +12,7 @@ from builders import GraphBuilder
 from onnxprune import ir, runtime
 from onnxprune.compress import sparsity
 from onnxprune.cli import main
-from onnxprune.data.readers import ArrayData
+from onnxprune.data import ArrayData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.compress.sparsity import Options, Pattern
 

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from onnxprune.analysis import analyze
 from onnxprune.train.autodiff import differentiable
-from onnxprune.data.readers import ArrayData
+from onnxprune.data import ArrayData
 from onnxprune.groups import ACTIVATION
 from onnxprune.importance import CRITERIA, ScoreContext, score_groups
 from onnxprune.importance.gradient import per_position

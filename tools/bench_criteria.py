@@ -94,10 +94,10 @@ def torch_worker(targets: list[float], out_dir: Path) -> list[dict]:
 def torch_pruning(python: str, targets: list[float], test, limit: int | None) -> dict:
     """Run the worker, then measure its ONNX models here: MACs as onnxprune counts them, top-1."""
     from onnxprune import ir
-    from onnxprune.measure import counts as metrics
-    from onnxprune.measure import quality as validate
+    from onnxprune.measure import counts
+    from onnxprune.measure import quality
 
-    base = metrics.summarize(ir.load(ROOT / "models" / "fmnist_resnet.onnx").proto)
+    base = counts.summarize(ir.load(ROOT / "models" / "fmnist_resnet.onnx").proto)
     with tempfile.TemporaryDirectory(prefix="bench-criteria-tp-") as tmp:
         proc = subprocess.run([python, str(Path(__file__).resolve()), "--torch-worker", "--out-dir", tmp,
                                "--targets", *map(str, targets)], capture_output=True, text=True)
@@ -106,9 +106,9 @@ def torch_pruning(python: str, targets: list[float], test, limit: int | None) ->
         *rows, versions = json.loads(proc.stdout.strip().splitlines()[-1])
         for r in rows:
             proto = ir.load(r.pop("onnx")).proto
-            stats = metrics.summarize(proto)
+            stats = counts.summarize(proto)
             r.update(macs_fraction=stats.macs / base.macs, params_fraction=stats.params / base.params,
-                     top1=validate.accuracy(proto, test, limit=limit)["top1"])
+                     top1=quality.accuracy(proto, test, limit=limit)["top1"])
             print(f"  torch-pruning l2 {r['target']:.1f}x top1 {r['top1']:.4f}", file=sys.stderr)
     return {"rows": rows, **versions}
 
@@ -154,7 +154,7 @@ def as_agreement(model, test):
     """``test`` with the unpruned model's predictions as labels (top-1 on it = agreement), and the
     unpruned model's accuracy on the true labels."""
     from onnxprune import runtime
-    from onnxprune.data.readers import ArrayData
+    from onnxprune.data import ArrayData
 
     sess = runtime.session(model.proto)
     pred = np.concatenate([sess.run(None, feed)[0].argmax(1) for feed in test.batches(32)])
@@ -191,7 +191,7 @@ def criteria_rows(model, calib, test, targets: list[float], criteria: list[str],
                   ls_targets: tuple[float, ...] = ()) -> list[dict]:
     """One row per (target, criterion); targets in ``ls_targets`` also get ``top1_ls`` (``--reconstruct ls``)."""
     import onnxprune
-    from onnxprune.measure import quality as validate
+    from onnxprune.measure import quality
     from onnxprune.importance import ScoreContext, fallback_summary, requires_data, score_groups
 
     analysis = onnxprune.analyze(model)
@@ -213,7 +213,7 @@ def criteria_rows(model, calib, test, targets: list[float], criteria: list[str],
         for target in targets:
             ratio = ratios[target][0]
             res = prune_with(model, analysis, scores, ratio, verify=True)
-            acc = validate.accuracy(res.proto, test, limit=limit)["top1"]
+            acc = quality.accuracy(res.proto, test, limit=limit)["top1"]
             rows.append({"target": target, "criterion": name, "ratio": ratio,
                          "macs_fraction": res.after.macs / res.before.macs,
                          "params_fraction": res.after.params / res.before.params,
@@ -221,7 +221,7 @@ def criteria_rows(model, calib, test, targets: list[float], criteria: list[str],
                          "verified": bool(res.verification and res.verification.passed), "date": now()})
             if target in ls_targets:
                 fitted = prune_with(model, analysis, scores, ratio, verify=False, calib=calib)
-                rows[-1]["top1_ls"] = validate.accuracy(fitted.proto, test, limit=limit)["top1"]
+                rows[-1]["top1_ls"] = quality.accuracy(fitted.proto, test, limit=limit)["top1"]
                 rows[-1]["reconstruct_seconds"] = fitted.seconds.get("reconstruct")
             ls = f"  ls {rows[-1]['top1_ls']:.4f}" if "top1_ls" in rows[-1] else ""
             print(f"  {name:14s} {target:.1f}x {acc:.4f}{ls}  score {seconds:.2f}s", file=sys.stderr, flush=True)
@@ -242,8 +242,8 @@ def cpu_name() -> str:
 
 def run(args) -> dict:
     from onnxprune import ir
-    from onnxprune.measure import quality as validate
-    from onnxprune.data.readers import load_npz
+    from onnxprune.measure import quality
+    from onnxprune.data import load_npz
     from onnxprune.importance import CRITERIA
 
     criteria = args.criteria or list(CRITERIA)
@@ -256,7 +256,7 @@ def run(args) -> dict:
         test = load_npz(ROOT / "models" / "fmnist_test.npz", model.proto)
         out["fmnist"] = {"model": "models/fmnist_resnet.onnx", "calib_samples": calib.num_samples,
                          "test_samples": min(test.num_samples, args.limit or 10**12), "metric": "top-1",
-                         "baseline": validate.accuracy(model, test, limit=args.limit)["top1"],
+                         "baseline": quality.accuracy(model, test, limit=args.limit)["top1"],
                          "rows": criteria_rows(model, calib, test, args.targets, criteria, args.limit,
                                                tuple(args.ls_targets))}
         if args.torch_python:

@@ -56,7 +56,7 @@ def read_images(data_dir: Path, split: str = "train") -> tuple[np.ndarray, np.nd
 
 
 def split_and_batches(n: int, holdout: float, seed: int, batch: int, steps: int):
-    """The held-out indices and the batch indices of every step, exactly as ``onnxprune.finetune`` draws them."""
+    """The held-out indices and the batch indices of every step, exactly as ``onnxprune.train.finetune`` draws them."""
     order = np.random.default_rng(seed).permutation(n)
     held = max(1, int(round(holdout * n)))
     train, test = order[: n - held], order[n - held:]
@@ -183,7 +183,7 @@ def _cost_sessions(proto, teacher, x: np.ndarray, y: np.ndarray) -> dict:
     from onnxprune.analysis import analyze
     from onnxprune.train.autodiff import build_gradient_model
     from onnxprune.train.autodiff import nchwc
-    from onnxprune.data.readers import ArrayData
+    from onnxprune.data import ArrayData
     from onnxprune.groups import ACTIVATION
     from onnxprune.importance.gradient import _with_products
 
@@ -294,8 +294,8 @@ def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
     import onnx
 
     from onnxprune.train import finetune as ft
-    from onnxprune.measure import quality as validate
-    from onnxprune.data.readers import ArrayData, load_npz
+    from onnxprune.measure import quality
+    from onnxprune.data import ArrayData, load_npz
 
     original = onnx.load(MODELS / "fmnist_resnet.onnx")
     test = load_npz(MODELS / "fmnist_test.npz", original)
@@ -303,14 +303,14 @@ def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
     train = ArrayData({"input": x}, y, source="fashion-mnist train")
     xb, yb = x[:args.batch], y[:args.batch]
     cost = (lambda m: None) if args.skip_costs else (lambda m: gradient_cost(m, original, xb, yb, args.cost_rounds))
-    res = {"acc_unpruned": validate.accuracy(original, test)["top1"], "cost_unpruned": cost(original), "runs": {}}
+    res = {"acc_unpruned": quality.accuracy(original, test)["top1"], "cost_unpruned": cost(original), "runs": {}}
     for crit in args.criteria.split(","):
         path = tmp / f"{crit}.onnx"
         rep = prune_cli(crit, args.macs, path)
         pruned = onnx.load(path)
         run = {"macs_kept": rep["macs_after"] / rep["macs_before"], "params_kept": rep["params_after"] / rep["params_before"],
                "prune_s": rep["wall_s"], "reconstruct": rep.get("reconstruct_mode"),
-               "acc_reconstructed": validate.accuracy(pruned, test)["top1"]}
+               "acc_reconstructed": quality.accuracy(pruned, test)["top1"]}
         cfg = ft.FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, alpha=args.alpha,
                                 temperature=args.temperature, holdout=args.holdout, eval_every=args.eval_every,
                                 seed=args.seed)
@@ -319,7 +319,7 @@ def onnxprune_side(args: argparse.Namespace, tmp: Path) -> dict:
         run["finetune_s"] = time.perf_counter() - t0
         run["finetune"] = tuned.to_json()
         run["ms_per_step"] = 1000 * sum(tuned.seconds.get(k, 0) for k in ("teacher", "gradient", "update")) / args.steps
-        run["acc_finetuned"] = validate.accuracy(tuned.proto, test)["top1"]
+        run["acc_finetuned"] = quality.accuracy(tuned.proto, test)["top1"]
         run["cost"] = cost(pruned)
         res["runs"][crit] = run
         print(f"{crit}: reconstructed {run['acc_reconstructed']:.4f} -> fine-tuned {run['acc_finetuned']:.4f}")
@@ -520,7 +520,7 @@ def _costs(ours: dict) -> list[str]:
 def _how() -> list[str]:
     return [
         "## How it works, and where the time goes", "",
-        "* **One graph, one session.** `onnxprune.autodiff.build_gradient_model(..., trainable_as_inputs=True)`",
+        "* **One graph, one session.** `onnxprune.train.autodiff.build_gradient_model(..., trainable_as_inputs=True)`",
         "  turns the trainable initializers into graph inputs and appends the loss and the backward pass; one",
         "  onnxruntime session runs it every step with the current numpy weights (fed without a copy). Adam (or",
         "  SGD with momentum) updates the float32 arrays in place; the learning rate decays with a cosine to 0",
@@ -535,7 +535,7 @@ def _how() -> list[str]:
         "  gradient can be built. BatchNorm running statistics, scalars and `Constant` nodes stay fixed.",
         "* **Convolutions on the fast kernels.** onnxruntime runs a Conv on its blocked NCHWc kernels only when",
         "  the weight is a constant it can re-lay out once; a fed weight falls back to im2col + GEMM, about twice",
-        "  as slow. `onnxprune.autodiff.nchwc.lower` rewrites every ungrouped 2-D Conv whose weight is fed (the",
+        "  as slow. `onnxprune.train.autodiff.nchwc.lower` rewrites every ungrouped 2-D Conv whose weight is fed (the",
         "  forward convolutions and the input gradients' convolutions with the flipped kernel) into",
         "  `com.microsoft.nchwc.Conv` with the re-layout as a few small graph nodes on the weight; the block size",
         "  is asked of onnxruntime (16 with AVX-512, 8 with AVX2; nothing changes where there are no NCHWc",

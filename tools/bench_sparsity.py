@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort  # noqa: E402
 
-from onnxprune.data import readers as data_mod  # noqa: E402
+from onnxprune.data import ArrayData, load_npz, random_data  # noqa: E402
 from onnxprune import ir
 from onnxprune.compress import sharing
 from onnxprune.compress import sparsity
-from onnxprune.measure import quality as validate  # noqa: E402
+from onnxprune.measure import quality  # noqa: E402
 
 TARGETS = [("50%", {"sparsity": 0.5}), ("70%", {"sparsity": 0.7}), ("90%", {"sparsity": 0.9}),
            ("2:4", {"pattern": sparsity.Pattern(2, 4)})]
@@ -53,8 +53,8 @@ class Case:
 
     name: str
     model: ir.Model
-    calib: data_mod.ArrayData
-    evaluation: data_mod.ArrayData
+    calib: ArrayData
+    evaluation: ArrayData
     labelled: bool
     note: str
 
@@ -63,17 +63,17 @@ def load_cases(args) -> list[Case]:
     cases = []
     if not args.skip_fmnist:
         m = ir.load(args.fmnist)
-        test = data_mod.load_npz(args.fmnist_test, m.proto)
+        test = load_npz(args.fmnist_test, m.proto)
         if args.test_limit:
             test = test.split(args.test_limit)[0]
-        cases.append(Case("fmnist_resnet", m, data_mod.load_npz(args.fmnist_calib, m.proto), test, True,
+        cases.append(Case("fmnist_resnet", m, load_npz(args.fmnist_calib, m.proto), test, True,
                           f"calibration: {Path(args.fmnist_calib).name}; accuracy on {test.num_samples} samples "
                           f"of {Path(args.fmnist_test).name}"))
     if not args.skip_zoo:
         m = ir.load(args.zoo)
         shapes = ir.resolve_input_shapes(m.proto)
-        calib = data_mod.random_data(m.proto, shapes, args.zoo_calib, seed=0)
-        ev = data_mod.random_data(m.proto, shapes, args.zoo_eval, seed=1)
+        calib = random_data(m.proto, shapes, args.zoo_calib, seed=0)
+        ev = random_data(m.proto, shapes, args.zoo_eval, seed=1)
         cases.append(Case(Path(args.zoo).stem, m, calib, ev, False,
                           f"calibration: {args.zoo_calib} random N(0,1) inputs; fidelity on {args.zoo_eval} other "
                           "random inputs (no labelled ImageNet data on this machine)"))
@@ -82,7 +82,7 @@ def load_cases(args) -> list[Case]:
 
 def score(case: Case, proto) -> dict:
     """Accuracy (labelled data) and fidelity to the dense model, first output."""
-    ev = validate.evaluate(proto, case.evaluation, case.model).to_json()
+    ev = quality.evaluate(proto, case.evaluation, case.model).to_json()
     (fid,) = list(ev["fidelity"].values())[:1]
     return {"top1": ev["accuracy"]["top1"] if case.labelled else None,
             "agreement": fid["top1_agreement"], "rel_error": fid["rel_error"]}
@@ -112,7 +112,7 @@ def run_case(case: Case, folder: Path, cache: Path, resume: bool, log) -> dict:
     base = {"file_bytes": case.model.file_bytes, "compressed_bytes": sparsity.compressed_size(case.model.path),
             **score(case, case.model.proto)}
     if case.labelled:
-        base["top1"] = validate.accuracy(case.model, case.evaluation)["top1"]
+        base["top1"] = quality.accuracy(case.model, case.evaluation)["top1"]
     result = {"name": case.name, "note": case.note, "dense": base, "rows": []}
     for method, label, fn in plan():
         if (method, label) not in done:

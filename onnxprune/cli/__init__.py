@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import re
 import sys
 
 from ..errors import OnnxPruneError, VerificationError
@@ -21,6 +23,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     "tensors, verified in onnxruntime against the masked original.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in [only] if only in COMMANDS else COMMANDS:
         try:
@@ -30,8 +33,31 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for p in sub.choices.values():  # help is read in a terminal: module docstrings lose their reST markup
+        p.description = plain(p.description)
+        for action in p._actions:
+            action.help = plain(action.help)
     parser.commands = sub.choices
     return parser
+
+
+def plain(text: str | None) -> str | None:
+    """reST markup as plain text: ``code`` and :role:`name` lose their quotes, a literal block's ``::`` is ``:``."""
+    if not text:
+        return text
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    text = text.replace("``", "")
+    return re.sub(r"(\S)::(\s*\n)", r"\1:\2", text)
+
+
+def version_line() -> str:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    from .. import __version__
+    return (f"onnxprune {__version__} (onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
+            f"numpy {numpy.__version__})")
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("ONNXPRUNE_DEBUG") == "1"
     try:
         options.check_paths(parser.commands[args.command], args)
-        rc = args.func(args)
+        with _runtime(args):
+            rc = args.func(args)
         return 0 if rc is None else int(rc)
     except OnnxPruneError as e:
         if debug:
@@ -68,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _runtime(args: argparse.Namespace):
+    """The runtime flags' target, current for the whole command (see :mod:`onnxprune.runtime`)."""
+    if not hasattr(args, "provider"):
+        return contextlib.nullcontext()
+    from .. import runtime
+    from .options import target_from
+
+    return runtime.use(target_from(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

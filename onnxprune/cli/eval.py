@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import readers as data_mod
-from .. import ir
-from ..measure import quality as validate
+from .. import ir, runtime
+from ..data import open_data
+from ..measure import quality
 from ..errors import OnnxPruneError
 from . import fmt, options
 
@@ -54,15 +54,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="samples per run (default 64; 8 sequences with --metric perplexity)")
     options.add_json(p, "evaluation")
+    options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
-
-
-def load_data(spec: str, proto, shapes: dict[str, list[int]], num_random: int = 64) -> data_mod.ArrayData:
-    """``random`` -> synthetic inputs, else an .npz or image folder checked against the model's inputs."""
-    if spec == "random":
-        return data_mod.random_data(proto, ir.resolve_input_shapes(proto, shapes), num_random)
-    return data_mod.open_data(spec, proto, shapes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,36 +70,36 @@ def run(args: argparse.Namespace) -> int:
     model = ir.load(args.model)
     reference = ir.load(args.reference) if args.reference else None
     if reference is not None:
-        validate.check_same_inputs(model, reference)
+        quality.check_same_inputs(model, reference)
     if args.metric == "perplexity":
         report = _perplexity_report(args, model, reference, shapes)
     else:
-        data = load_data(args.data, model.proto, shapes)
-        report = validate.evaluate(model, data, reference, shapes, batch_size=args.batch_size)
+        data = open_data(args.data, model.proto, shapes, num_random=64)
+        report = quality.evaluate(model, data, reference, shapes, batch_size=args.batch_size)
     if report.accuracy is None and report.fidelity is None and report.perplexity is None:
         fmt.err.print("no 'labels' in the data and no --reference: accuracy and fidelity cannot be "
                       "computed; showing size only", soft_wrap=True)
     print_report(report)
     if json_out:
-        fmt.write_json(json_out, report.to_json())
+        fmt.write_json(json_out, {**report.to_json(), "runtime": runtime.current().to_json()})
     return 0
 
 
-def _perplexity_report(args: argparse.Namespace, model, reference, shapes) -> validate.EvalReport:
+def _perplexity_report(args: argparse.Namespace, model, reference, shapes) -> quality.EvalReport:
     from ..measure import perplexity as ppl
 
-    data = ppl.token_data(args.data, model.proto)
+    data = ppl.token_data(args.data, model.proto, shapes)
     models = [model] + ([reference] if reference is not None else [])
     measured = ppl.perplexities(models, data, batch_size=args.batch_size)
-    params, macs, size = validate.size_stats(model, shapes)
-    report = validate.EvalReport(model=validate.model_name(model, "model"), samples=data.num_samples,
+    params, macs, size = quality.size_stats(model, shapes)
+    report = quality.EvalReport(model=quality.model_name(model, "model"), samples=data.num_samples,
                                  params=params, macs=macs, file_bytes=size, data=data.source,
                                  perplexity=measured[0])
     if reference is not None:
-        report.reference = validate.model_name(reference, "reference")
+        report.reference = quality.model_name(reference, "reference")
         report.reference_perplexity = measured[1]
         report.reference_params, report.reference_macs, report.reference_file_bytes = \
-            validate.size_stats(reference, shapes)
+            quality.size_stats(reference, shapes)
     return report
 
 
@@ -121,7 +115,7 @@ def _size(x: int | None) -> str:
     return "-" if x is None else fmt.human_bytes(x)
 
 
-def print_report(r: validate.EvalReport) -> None:
+def print_report(r: quality.EvalReport) -> None:
     cols = ["", r.model] + ([r.reference] if r.reference else [])
     both = r.reference is not None
     rows = []

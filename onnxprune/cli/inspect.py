@@ -16,7 +16,7 @@ import onnx
 from rich.markup import escape
 
 from .. import ir
-from ..measure import counts as metrics
+from ..measure import counts
 from . import fmt, options
 
 
@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     options.add_model(p)
     options.add_input_shapes(p)
     options.add_json(p, "summary")
+    options.add_runtime(p)
     p.set_defaults(func=run)
 
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = options.json_path(args)
     model = ir.load(args.model)
     shapes = ir.resolve_input_shapes(model.proto, overrides)
-    stats = metrics.summarize(model.proto, shapes)
+    stats = counts.summarize(model.proto, shapes)
     stats.file_bytes = model.file_bytes
     report = describe(model, shapes, stats)
     show(report)
@@ -60,7 +61,7 @@ def _tensor(vi: onnx.ValueInfoProto) -> dict:
     return {"name": vi.name, "dtype": dtype, "shape": ir.input_dims(vi)}
 
 
-def describe(model: ir.Model, shapes: dict[str, list[int]], stats: metrics.ModelStats) -> dict:
+def describe(model: ir.Model, shapes: dict[str, list[int]], stats: counts.ModelStats) -> dict:
     """Everything ``inspect`` shows, as JSON-ready data."""
     proto = model.proto
     inputs = [dict(_tensor(vi), analysed_shape=shapes[vi.name]) for vi in ir.graph_inputs(proto)]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .. import pipeline
-from ..data.readers import open_data
+from ..data import open_data
 from ..errors import OnnxPruneError
 from ..measure import plots
 from ..search.sensitivity import analyze_sensitivity
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="PNG", help="save the curves as a PNG (needs matplotlib)")
     options.add_input_shapes(p)
     options.add_json(p, "curves and suggested ratios")
+    options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
 

@@ -1,74 +1,26 @@
-"""Data readers behind one protocol: ``batches(batch_size)`` yields feed dicts.
+"""``.npz`` files and random feeds as :class:`~onnxprune.data.arrays.ArrayData`, and the analysis
+shapes a model gets from its data.
 
 The convention everywhere: an ``.npz`` whose arrays are named after the
 model's inputs (a single-input model may use any one name) plus an optional
-integer array ``labels``. A folder of images (``onnxprune.images``) gives the
-same ``ArrayData`` with a lazy array decoded per batch. ``random`` gives
-synthetic inputs from the input shapes, and the report says so.
+integer array ``labels``. ``random`` gives synthetic inputs from the input
+shapes, and the report says so. Image folders are ``data.images``; the front
+door over all of them is ``data.open_data``.
 """
 
 from __future__ import annotations
 
+import sys
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
 
 import numpy as np
 import onnx
 
 from .. import ir
 from ..errors import OnnxPruneError
-
-
-class DataSource(Protocol):
-    """What every data reader offers."""
-
-    kind: str  # "npz", "images", "random"
-    num_samples: int
-    labels: np.ndarray | None
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        ...
-
-
-@dataclass
-class ArrayData:
-    """Arrays keyed by model input name (from an .npz, an image folder, or made up).
-
-    An array may be lazy (``images.ImageFolder``): slicing it is free and ``np.asarray`` decodes, so
-    ``batches`` materialises one batch at a time and ``split`` never reads the data.
-    """
-
-    arrays: dict[str, np.ndarray]
-    labels: np.ndarray | None = None
-    kind: str = "npz"
-    source: str = ""
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        n = self.num_samples if limit is None else min(limit, self.num_samples)
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            yield {k: np.asarray(v[start:stop]) for k, v in self.arrays.items()}
-
-    def label_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray | None]:
-        n = self.num_samples if limit is None else min(limit, self.num_samples)
-        for start in range(0, n, batch_size):
-            yield None if self.labels is None else self.labels[start:min(start + batch_size, n)]
-
-    def split(self, first: int) -> tuple["ArrayData", "ArrayData"]:
-        """The first ``first`` samples and the rest (e.g. fit and held-out calibration batches)."""
-        a = {k: v[:first] for k, v in self.arrays.items()}
-        b = {k: v[first:] for k, v in self.arrays.items()}
-        la = None if self.labels is None else self.labels[:first]
-        lb = None if self.labels is None else self.labels[first:]
-        return (ArrayData(a, la, self.kind, self.source, self.meta),
-                ArrayData(b, lb, self.kind, self.source, self.meta))
+from ..ir.checks import available_memory, human_bytes
+from .arrays import ArrayData
 
 
 def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> ArrayData:
@@ -79,8 +31,7 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
     if p.is_dir():
         raise OnnxPruneError(f"{p}: is a directory; pass an .npz file (open image folders with data.open_data)")
     try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = read_npz(p)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise OnnxPruneError(f"{p}: not a readable .npz file ({e.__class__.__name__})") from None
     labels = arrays.pop("labels", None)
@@ -117,11 +68,73 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
             if want_d and a.shape[i] != want_d:
                 wants = f"the model wants {dims}" if static else f"--input-shape gives {input_shapes[vi.name]}"
                 raise OnnxPruneError(f"{p}: array '{vi.name}' has shape {list(a.shape)}, {wants}")
+    for name, a in arrays.items():
+        if a.dtype.kind in "fc":
+            bad = ~np.isfinite(a)
+            if bad.any():
+                first = int(np.argwhere(bad)[0][0])
+                raise OnnxPruneError(f"{p}: array '{name}' holds {int(bad.sum())} NaN or infinite value(s) "
+                                     f"(first in sample {first}); clean the data or drop those samples")
     if labels is not None:
         if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != next(iter(counts)):
             raise OnnxPruneError(f"{p}: 'labels' must be a 1-D int array with one label per sample")
         labels = labels.astype(np.int64)
+        if len(labels) and labels.min() < 0:
+            raise OnnxPruneError(f"{p}: 'labels' range over [{labels.min()}, {labels.max()}]; class indices "
+                                 "start at 0")
     return ArrayData(arrays, labels, kind="npz", source=str(p))
+
+
+def _npy_header(fh) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy stream ``fh``, which is left at the start of the data."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(fh)
+
+
+def read_npz(p: Path, budget: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, reading at most ``budget`` bytes (default: a quarter of the memory available).
+
+    Sizes are taken from each array's header before anything is decompressed: when the arrays would
+    take more, only the first samples that fit are read (streamed, so a zip bomb never expands) and a
+    note on stderr says how many."""
+    if budget is None:
+        avail = available_memory()
+        budget = max(avail // 4, 2**28) if avail else 2**32
+    with zipfile.ZipFile(p) as zf:
+        members = {}
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as fh:
+                shape, fortran, dtype = _npy_header(fh)
+            if dtype.hasobject:
+                raise ValueError("object arrays are not data")
+            members[info.filename[:-4]] = (info, shape, fortran, dtype)
+        total = sum(int(np.prod(shape, dtype=object)) * dtype.itemsize for _, shape, _, dtype in members.values())
+        if total <= budget:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        n = min((shape[0] for _, shape, _, _ in members.values() if shape), default=0)
+        per_sample = sum(int(np.prod(shape[1:], dtype=object)) * dtype.itemsize
+                         for _, shape, _, dtype in members.values() if shape)
+        keep = int(min(n, budget // max(per_sample, 1)))
+        if keep < 1 or any(f for _, shape, f, _ in members.values() if len(shape) > 1):
+            raise OnnxPruneError(f"{p}: its arrays would take {human_bytes(total)}, more than the "
+                                 f"{human_bytes(budget)} onnxprune reads at once; make a smaller file")
+        arrays = {}
+        for name, (info, shape, _, dtype) in members.items():
+            with zf.open(info) as fh:
+                _npy_header(fh)
+                rows = keep if shape else 1
+                count = rows * int(np.prod(shape[1:], dtype=object)) if shape else 1
+                buf = fh.read(count * dtype.itemsize)
+                if len(buf) != count * dtype.itemsize:
+                    raise ValueError("truncated array")
+                arrays[name] = np.frombuffer(buf, dtype=dtype).reshape((rows, *shape[1:]) if shape else ()).copy()
+    print(f"note: {p}: read the first {keep} of {n} samples ({human_bytes(total)} in all, more than "
+          f"the {human_bytes(budget)} read at once)", file=sys.stderr)
+    return arrays
 
 
 def bind_shapes(proto: onnx.ModelProto, data: ArrayData, explicit: dict[str, list[int]] | None = None
@@ -142,6 +155,15 @@ def bind_shapes(proto: onnx.ModelProto, data: ArrayData, explicit: dict[str, lis
         first = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
         out[vi.name] = [first] + [d if isinstance(d, int) and d > 0 else int(h) for d, h in zip(dims[1:], have[1:])]
     return {**out, **explicit}
+
+
+def fit_empty(value: np.ndarray, declared) -> np.ndarray:
+    """An empty input (a KV cache of length 0) at the fixed sizes a model declares (``declared``: its
+    dims, ints or names): a pruned model's caches have fewer heads than the data made for the original."""
+    if value.size or not declared or len(declared) != value.ndim:
+        return value
+    return np.zeros([value.shape[0]] + [d if isinstance(d, int) and d > 0 else s
+                                        for d, s in zip(declared[1:], value.shape[1:])], dtype=value.dtype)
 
 
 def random_feed(proto: onnx.ModelProto, input_shapes: dict[str, list[int]], seed: int = 0
@@ -166,25 +188,10 @@ def _random_array(rng: np.random.Generator, vi, full: list[int]) -> np.ndarray:
     dt = ir.input_dtype(vi)
     if dt.kind == "f":
         return rng.standard_normal(full).astype(dt)
+    if ir.is_mask_input(vi):   # every position attended, as in a plain prompt
+        return np.ones(full, dtype=dt)
     if dt.kind in "iu":
         return rng.integers(0, 2, size=full).astype(dt)
     if dt.kind == "b":
         return rng.integers(0, 2, size=full).astype(bool)
     raise OnnxPruneError(f"input '{vi.name}' has dtype {dt}; random data cannot be made for it")
-
-
-def open_data(spec: str | ArrayData | None, proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
-              num_random: int = 8) -> ArrayData | None:
-    """``None`` -> None, ``"random"`` -> synthetic, a folder (or image file) -> images, a path -> .npz.
-
-    An ``ArrayData`` is returned as it is. A folder decodes with the model's input size and no
-    normalisation unless ``spec`` is an ``images.ImagePath`` carrying the decoding options.
-    """
-    if spec is None or isinstance(spec, ArrayData):
-        return spec
-    if spec == "random":
-        return random_data(proto, input_shapes, num_random)
-    from . import images  # noqa: PLC0415  (images imports this module)
-    if isinstance(spec, images.ImagePath) or images.is_image_path(spec):
-        return images.open_images(spec, proto, input_shapes, **getattr(spec, "options", {}))
-    return load_npz(spec, proto, input_shapes)

@@ -58,15 +58,19 @@ def find_norms(proto: onnx.ModelProto, shapes: dict[str, list] | None = None) ->
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in g.node for o in n.output}
     roots = []
     for n in g.node:
         if n.op_type in REDUCE_OPS and n.input and n.input[0] not in consts:
             x = n.input[0]
-            pn = next((p for p in g.node if x in p.output), None)
+            pn = producer.get(x)
             # RMS: the mean reads x*x or x**2; the root is x itself
             if pn is not None and pn.op_type in ("Pow", "Mul") and pn.input[0] not in consts and (
                     pn.op_type == "Pow" or pn.input[1] == pn.input[0]):
                 x = pn.input[0]
+            while (p := producer.get(x)) is not None and p.op_type in ("Cast", "Identity") and \
+                    len(p.input) == 1 and x not in consts:   # torch casts to float32 first (a no-op here)
+                x = p.input[0]
             if x not in roots:
                 roots.append(x)
     outputs = {o.name for o in g.output}
@@ -145,7 +149,13 @@ def _fit(proto, x, y, nodes, consts, rank, d) -> Norm | None:
             need.update(n.input)
     keep.reverse()
     made = {o for n in keep for o in n.output}
-    inits = [consts[i] for i in need if i in consts and i not in made]
+    inits = []
+    for i in need:
+        if i in consts and i not in made:   # a Constant node's value: an initializer named after its output
+            t = onnx.TensorProto()
+            t.CopyFrom(consts[i])
+            t.name = i
+            inits.append(t)
     elem = onnx.TensorProto.FLOAT
     graph = helper.make_graph(keep, "norm", [helper.make_tensor_value_info(x, elem, [None] * rank)],
                               [helper.make_tensor_value_info(y, elem, None)], inits)
@@ -173,11 +183,12 @@ def _fit(proto, x, y, nodes, consts, rank, d) -> Norm | None:
         n = _normalize(big, kind, 0.0)
         scale = ((f(big) - bias) * n).sum(0) / np.maximum((n * n).sum(0), 1e-30)
         eps = _fit_eps(f, kind, scale, bias, d, rng)
-        for s in (1.0, 0.05, 30.0, np.sqrt(eps) if eps > 0 else 1e-3):
+        # at the scale of eps itself float32 kernels lose digits (var = E[x^2] - E[x]^2): a looser check there
+        for s, rtol in ((1.0, FIT_RTOL), (0.05, FIT_RTOL), (30.0, FIT_RTOL), (np.sqrt(eps) if eps > 0 else 1e-3, 1e-2)):
             v = rng.standard_normal((8, d)) * s + (rng.standard_normal((8, 1)) * s if kind == "layer" else 0)
             want = scale * _normalize(v, kind, eps) + bias
             got = f(v)
-            if not np.all(np.isfinite(got)) or np.abs(got - want).max() > FIT_RTOL * max(np.abs(want).max(), 1e-6):
+            if not np.all(np.isfinite(got)) or np.abs(got - want).max() > rtol * max(np.abs(want).max(), 1e-6):
                 return None
     except Exception:
         return None

@@ -37,8 +37,11 @@ def random_rotation(d: int, kind: str, seed: int = 0) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray) -> onnx.ModelProto:
-    """A new model: ``proto`` with its stream rotated by ``Q`` (``proto`` is not modified)."""
+def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray | list[np.ndarray]) -> onnx.ModelProto:
+    """A new model: ``proto`` with its stream rotated by ``Q`` (``proto`` is not modified); a list gives
+    each segment of the stream (:attr:`Stream.segments`) its own basis, all of the same width."""
+    Qs = list(Q) if isinstance(Q, (list, tuple)) else [Q] * stream.segments
+    Q = Qs[0]
     d, dn = Q.shape
     if d != stream.width:
         raise ValueError(f"Q is {Q.shape}, the stream is {stream.width} wide")
@@ -76,8 +79,10 @@ def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray) -> onnx.ModelPr
 
     # writers: their last-axis values rotate (W Q); a table read by a tied head rotates once
     rotated: dict[str, str] = {}
+    basis_of: dict[str, np.ndarray] = {}   # a table -> the basis its rows were rotated into
     for w in stream.writers:
         n = node(w.node)
+        Q = Qs[stream.segment[w.target]]
         if w.op == "Add":
             c = value(w.tensor)
             c = np.broadcast_to(c, c.shape[:-1] + (d,)) @ Q
@@ -86,6 +91,7 @@ def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray) -> onnx.ModelPr
         elif w.op == "Gather":
             if w.tensor not in rotated:
                 rotated[w.tensor] = new_const(f"{w.tensor}.rot", value(w.tensor) @ Q)
+                basis_of[w.tensor] = Q
             n.input[0] = rotated[w.tensor]
         elif w.op == "MatMul" or (w.op == "Gemm" and not w.rows):
             n.input[1] = new_const(f"{w.tensor}.rot", value(w.tensor) @ Q)
@@ -98,9 +104,10 @@ def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray) -> onnx.ModelPr
         norm = stream.norms[r.norm]
         gamma, beta = norm.scale, norm.bias
         n = node(r.node)
+        Q = Qs[stream.norm_segments(r.norm)[0]]
         if r.tensor in stream.tied:
-            _tied_head(n, r, norm, Q, s, stream.kind, value(r.tensor), rotated[r.tensor], node, new_const, fresh,
-                       extra)
+            _tied_head(n, r, norm, Q, basis_of[r.tensor], s, stream.kind, value(r.tensor), rotated[r.tensor], node,
+                       new_const, fresh, extra)
             continue
         W = value(r.tensor)
         if r.rows:   # [k, d]
@@ -119,18 +126,61 @@ def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray) -> onnx.ModelPr
     # norms: the region's nodes go, an RMSNorm of the rotated stream takes their place
     drop = {name for nm in stream.norms for name in nm.nodes}
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    for nm in stream.norms:
-        extra.append(("before", nm.nodes[0], _rms(nm.x, nm.y, nm.eps * d / dn, dn, opset, new_const, fresh)))
+    rename: dict[str, dict[str, str]] = {}   # node -> {norm output: what it reads instead}
+    default: dict[str, str] = {}
+    for i, nm in enumerate(stream.norms):
+        uses = [u for u in stream.uses if u.norm == i]
+        if not uses and i not in stream.outputs:
+            extra.append(("before", nm.nodes[0], _rms(nm.x, nm.y, nm.eps * d / dn, dn, opset, new_const, fresh)))
+            continue
+        r = fresh(f"{nm.y}.rms")
+        ns = _rms(nm.x, r, nm.eps * d / dn, dn, opset, new_const, fresh)
+        made = {}
+        seg_in, seg_out = stream.norm_segments(i)
+        Q = Qs[seg_in]
+        for kind in sorted({u.kind for u in uses} | ({"full"} if i in stream.outputs else set())):
+            if kind == "stream":   # the rotated stream again: r s Q_in^T diag(scale) Q_out + bias Q_out
+                Qo = Qs[seg_out]
+                mat, bias = s * Q.T @ (nm.scale[:, None] * Qo), nm.bias @ Qo
+            else:                  # the original basis: r s Q^T diag(scale) + bias
+                mat, bias = s * Q.T * nm.scale[None, :], nm.bias
+            out = nm.y if kind == "full" and i in stream.outputs else fresh(f"{nm.y}.{kind}")
+            lin = fresh(f"{nm.y}.{kind}_lin") if np.any(bias != 0) else out
+            ns.append(helper.make_node("MatMul", [r, new_const(f"{nm.y}.{kind}_mat", mat)], [lin],
+                                       name=fresh(f"{nm.y}.{kind}_matmul")))
+            if lin != out:
+                ns.append(helper.make_node("Add", [lin, new_const(f"{nm.y}.{kind}_bias", bias)], [out],
+                                           name=fresh(f"{nm.y}.{kind}_add")))
+            made[kind] = out
+        extra.append(("before", nm.nodes[0], ns))
+        default[nm.y] = r     # other readers (a Shape of the batch and sequence dims) read the RMSNorm
+        for u in uses:
+            rename.setdefault(u.node, {})[nm.y] = made[u.kind]
+        for rd in stream.readers:
+            if rd.norm == i:
+                rename.setdefault(rd.node, {})[nm.y] = r
+                if rd.tensor in stream.tied:
+                    rename.setdefault(f"{rd.node}.mix", {})[nm.y] = r
 
     where: dict[tuple[str, str], list[onnx.NodeProto]] = {}
     for side, anchor, ns in extra:
         where.setdefault((side, anchor), []).extend(ns)
+    for n in g.node:   # nodes whose inputs change are copies: ``proto`` stays as it is
+        if n.name in rename or (n.name not in drop and any(i in default for i in n.input)):
+            node(n.name)
     out_nodes = []
     for n in new_nodes:
         out_nodes.extend(where.get(("before", n.name), []))
         if n.name not in drop:
             out_nodes.append(copies.get(n.name, n))
         out_nodes.extend(where.get(("after", n.name), []))
+    produced = {o for n in out_nodes for o in n.output}
+    for n in out_nodes:
+        for k, i in enumerate(n.input):
+            if i in rename.get(n.name, {}):
+                n.input[k] = rename[n.name][i]
+            elif i in default and i not in produced:
+                n.input[k] = default[i]
 
     m = onnx.ModelProto()
     m.ir_version, m.producer_name, m.producer_version = proto.ir_version, proto.producer_name, proto.producer_version
@@ -189,19 +239,28 @@ def _add_bias(n, b, consts, value, new_const, fresh, extra, g) -> None:
     extra.append(("after", n.name, [add]))
 
 
-def _tied_head(n, r, norm, Q, s, kind, E, E_rot, node, new_const, fresh, extra) -> None:
-    """A head that reads the embedding table: ``MatMul(y M, (E Q)^T)`` plus what ``Q`` drops of ``E``."""
+def _tied_head(n, r, norm, Q, QE, s, kind, E, E_rot, node, new_const, fresh, extra) -> None:
+    """A head that reads the embedding table: ``MatMul(y M, (E QE)^T)`` plus what ``QE`` drops of ``E``."""
     gamma, beta = norm.scale, norm.bias
     y = n.input[0]
     y2 = fresh(f"{y}.mixed")
-    M = s * Q.T @ (gamma[:, None] * Q)
+    M = s * Q.T @ (gamma[:, None] * QE)
     extra.append(("before", r.node, [helper.make_node("MatMul", [y, new_const(f"{r.tensor}.head_mix", M)], [y2],
-                                                      name=fresh(f"{n.name}.mix"))]))
+                                                      name=f"{n.name}.mix")]))
     n.input[0] = y2
     if r.via:
         node(r.via).input[0] = E_rot
-    else:
+    elif r.copy and n.op_type == "MatMul":   # a copy of the table: read the table itself, transposed
+        t = fresh(f"{E_rot}.T")
+        extra.append(("before", r.node, [helper.make_node("Transpose", [E_rot], [t], name=fresh(f"{n.name}.tie"),
+                                                          perm=[1, 0])]))
+        n.input[1] = t
+    else:       # Gemm with transB, or a copy read that way
         n.input[1] = E_rot
+        if r.copy:
+            keep = [a for a in n.attribute if a.name != "transB"]
+            del n.attribute[:]
+            n.attribute.extend(keep + [helper.make_attribute("transB", 1)])
     post, out = [], n.output[0]
     cur = fresh(f"{out}.main")
     n.output[0] = cur

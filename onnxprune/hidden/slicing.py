@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .. import ir, runtime, verify as verify_mod
-from ..data.readers import ArrayData
+from ..data import ArrayData
 from ..errors import OnnxPruneError
 from . import rotate
 from .stream import NoStream, Stream, find_stream
@@ -43,7 +43,7 @@ class HiddenResult:
         return {"width_before": self.width_before, "width_after": self.width_after,
                 "norms": len(self.stream.norms), "writers": len(self.stream.writers),
                 "readers": len(self.stream.readers), "tied": self.stream.tied, "norm_kind": self.stream.kind,
-                "basis": self.basis, "variance_kept": self.variance_kept,
+                "basis": self.basis, "segments": self.stream.segments, "variance_kept": self.variance_kept,
                 "rotation_verified": bool(self.rotation.passed) if self.rotation is not None else None,
                 "rotation_verification": self.rotation.to_json() if self.rotation is not None else None,
                 "contract": "the rotation is verified exact against the original; removing hidden directions "
@@ -66,14 +66,38 @@ def name_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` without Casts to the type their input already has (torch's RMSNorm casts the stream to
+    float32 in a float32 model, and the residual then reads the cast): their readers read the input."""
+    types = {k: t for k, (_, t) in ir.infer(proto).items()}
+    outputs = {o.name for o in proto.graph.output}
+    same = {n.output[0]: n.input[0] for n in proto.graph.node
+            if n.op_type == "Cast" and n.output[0] not in outputs and types.get(n.input[0]) is not None
+            and any(a.name == "to" and a.i == types[n.input[0]] for a in n.attribute)}
+    if not same:
+        return proto
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    keep = [n for n in m.graph.node if n.output[0] not in same or n.op_type != "Cast"]
+    for n in keep:
+        for k, i in enumerate(n.input):
+            while i in same:
+                i = same[i]
+            n.input[k] = i
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
+
+
 def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch_size: int = 8,
-               limit: int | None = None, progress=None) -> np.ndarray:
-    """``sum z z^T / |z|^2`` over every norm input and every real token of ``data`` (float64 ``[d, d]``)."""
+               limit: int | None = None, progress=None) -> list[np.ndarray]:
+    """Per segment of the stream, ``sum z z^T / |z|^2`` over its norms' inputs and every real token of
+    ``data`` (float64 ``[d, d]``)."""
     taps = list(dict.fromkeys(n.x for n in stream.norms))
     sess = runtime.session(runtime.with_outputs(proto, taps), layout=False)
-    inputs = [i.name for i in sess.get_inputs()]
+    inputs = [i.name for i in sess.inputs]
     d = stream.width
-    cov = np.zeros((d, d))
+    cov = [np.zeros((d, d)) for _ in range(stream.segments)]
     mask_all = data.meta.get("mask") if data.kind == "tokens" else None
     n = data.num_samples if limit is None else min(limit, data.num_samples)
     for start, feed in zip(range(0, n, batch_size), data.batches(batch_size, limit)):
@@ -90,7 +114,7 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
                 z -= z.mean(axis=1, keepdims=True)
             norm = np.linalg.norm(z, axis=1, keepdims=True)
             z = z[norm[:, 0] > 0] / norm[norm[:, 0] > 0]
-            cov += z.T @ z
+            cov[stream.segment[t]] += z.T @ z
         del outs
         if progress is not None:
             progress("calibration statistics", min(start + batch_size, n), n)
@@ -153,10 +177,14 @@ def _dims(proto, name):
 def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = None, *, width: int | None = None,
                  keep: float | None = None, round_to: int = 8, verify: bool = True, rtol: float = 1e-4,
                  batch_size: int = 8, limit: int | None = None, progress=None,
-                 cov: np.ndarray | None = None) -> HiddenResult:
+                 cov: list[np.ndarray] | None = None, per_segment: bool = True) -> HiddenResult:
     """Rotate ``model``'s residual stream (PCA of ``calib``, or a random rotation without data), verify the
-    rotation, and keep ``width`` directions (or ``keep`` of the width, rounded to ``round_to``)."""
-    proto = name_nodes(model.proto if isinstance(model, ir.Model) else model)
+    rotation, and keep ``width`` directions (or ``keep`` of the width, rounded to ``round_to``).
+
+    ``per_segment``: each part of the stream between post-norm blocks gets the principal directions of
+    its own norm's input (free: those parts already meet through a matrix); False uses one basis for
+    all (the same thing for pre-norm models, which have one part)."""
+    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model))
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     stream = find_stream(proto)
@@ -174,10 +202,15 @@ def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = No
     if cov is None and calib is not None and calib.kind != "random":
         cov = covariance(proto, stream, calib, batch_size=batch_size, limit=limit, progress=progress)
     if cov is not None:
-        Q, var = pca_basis(cov, stream.kind)
+        if not per_segment:
+            cov = [sum(cov)] * len(cov)
+        bases = [pca_basis(c, stream.kind) for c in cov]
+        Q = [q for q, _ in bases]
+        var = np.mean([v / max(v.sum(), 1e-300) for _, v in bases], axis=0)
         basis = "calibration"
     else:
-        Q, var = rotate.random_rotation(d, stream.kind), np.ones(full)
+        Q = [rotate.random_rotation(d, stream.kind, seed=k) for k in range(stream.segments)]
+        var = np.ones(full)
         basis = "random"
     seconds["calibrate"] = round(time.perf_counter() - t, 3)
     ver = None
@@ -193,7 +226,7 @@ def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = No
                                      for o in ver.outputs if not o.passed), "")
             raise VerificationError(f"the rotated model differs from the original: {bad}")
     t = time.perf_counter()
-    sliced = rotate.apply(proto, stream, Q[:, :width])
+    sliced = rotate.apply(proto, stream, [q[:, :width] for q in Q])
     seconds["slice"] = round(time.perf_counter() - t, 3)
     kept = float(var[:width].sum() / var.sum()) if var.sum() > 0 else 1.0
     return HiddenResult(sliced, stream, d, width, ver, basis, kept, seconds)
@@ -209,7 +242,7 @@ def width_for_budget(model: onnx.ModelProto | ir.Model, *, params: float | None 
     give them exactly at every width."""
     from ..measure import counts
 
-    proto = name_nodes(model.proto if isinstance(model, ir.Model) else model)
+    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model))
     stream = find_stream(proto)
     if isinstance(stream, NoStream):
         raise OnnxPruneError(f"--slice-hidden: no residual stream to rotate ({stream.reason})")

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .. import ir
-from ..data.readers import DataSource
+from ..data import DataSource
 from ..errors import OnnxPruneError
 from ..groups import Analysis
 from . import stats as _stats

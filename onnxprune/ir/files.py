@@ -12,9 +12,10 @@ from pathlib import Path
 import onnx
 
 from ..errors import OnnxPruneError
-from . import limits, safety
+from . import checks, limits, safety
 from .external import (check_locations, has_external, is_lazy, locations, mark_lazy, model_size_bytes,
                        write_external)
+from .ortops import contrib_ops, for_checker, note, ort_load
 from .proto import proto_bytes
 from .shapes import skeleton
 
@@ -86,12 +87,21 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> Model:
     except Exception as e:  # unreadable or short external data
         raise OnnxPruneError(f"{p}: cannot read external data ({e})") from None
     try:
+        checks.check_sizes(proto, p.parent)
+    except OnnxPruneError as e:
+        raise OnnxPruneError(f"{p}: {e}") from None
+    try:
         check_structure(proto)
     except Exception as e:
         why = " ".join(str(e).split())[:300] or type(e).__name__
         raise OnnxPruneError(f"{p}: onnx.checker rejects the model ({why}); repair or re-export it") from None
+    meta = {}
+    ops = contrib_ops(proto)
+    if ops:  # what the checker cannot judge, onnxruntime's load does
+        ort_load(str(p), str(p))
+        meta["validity"] = note(ops)
     st = p.stat()
-    return Model(proto=proto, path=p, file_bytes=size, external=stored_apart,
+    return Model(proto=proto, path=p, file_bytes=size, external=stored_apart, meta=meta,
                  stamp=(st.st_mtime_ns, st.st_size, structure_digest(proto)))
 
 
@@ -137,8 +147,9 @@ def serialized(model: Model | onnx.ModelProto) -> bytes:
 
 def check_structure(proto: onnx.ModelProto) -> None:
     """onnx.checker's structural check (nodes, references, order, attributes, opsets) on the
-    weight-free skeleton. Value infos without a shape, which onnxruntime accepts, pass."""
-    sk = skeleton(proto)
+    weight-free skeleton. Value infos without a shape, which onnxruntime accepts, pass, and so do
+    onnxruntime's contrib ops (see ``ortops``: its load checks them)."""
+    sk = for_checker(skeleton(proto))
     for vi in list(sk.graph.input) + list(sk.graph.output) + list(sk.graph.value_info):
         if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"):
             vi.type.tensor_type.shape.SetInParent()
@@ -149,9 +160,11 @@ def check(proto: onnx.ModelProto, full: bool = True, data: bytes | None = None, 
     """Run onnx.checker. Models of ``limits.CHECK_WEIGHTS_BYTES`` or more (or any, with ``weights=False``)
     are checked on their weight-free skeleton (same graph, large weights as typed inputs): the
     checker would otherwise parse and copy every weight (and cannot take a model over 2 GB at all).
-    ``data``: ``proto`` already serialized (the checker then does not serialize it again)."""
-    if weights is False or proto_bytes(proto) >= limits.CHECK_WEIGHTS_BYTES or is_lazy(proto):
-        onnx.checker.check_model(skeleton(proto), full_check=full)
+    ``data``: ``proto`` already serialized (the checker then does not serialize it again).
+    onnxruntime's contrib ops pass (see ``ortops``): the caller loads such a model in onnxruntime."""
+    if weights is False or proto_bytes(proto) >= limits.CHECK_WEIGHTS_BYTES or is_lazy(proto) or \
+            contrib_ops(proto):
+        onnx.checker.check_model(for_checker(skeleton(proto)), full_check=full)
     else:
         onnx.checker.check_model(proto if data is None else data, full_check=full)
 

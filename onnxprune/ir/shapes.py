@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxPruneError
+from . import checks
 from .constants import constant_tensor
 from .proto import copy_header, np_dtype
 
@@ -16,16 +17,17 @@ _SHAPE_RE = re.compile(r"^(?P<name>.+)=(?P<dims>\d+(?:[x,]\d+)*)$")
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
-    """``["input=1x3x224x224"]`` -> ``{"input": [1, 3, 224, 224]}``."""
+    """``["input=1x3x224x224"]`` -> ``{"input": [1, 3, 224, 224]}``. NAME may also be a symbolic
+    dimension (``past_sequence_length=0``), bound in every input that has it (see
+    :func:`resolve_input_shapes`). Zero is a size like any other (an empty KV cache); the model's
+    fixed dimensions are checked there."""
     shapes: dict[str, list[int]] = {}
     for spec in specs or []:
         m = _SHAPE_RE.match(spec.strip())
         if not m:
-            raise OnnxPruneError(f"--input-shape '{spec}': expected NAME=DxDxD, e.g. input=1x3x224x224")
-        dims = [int(d) for d in re.split(r"[x,]", m.group("dims"))]
-        if any(d <= 0 for d in dims):
-            raise OnnxPruneError(f"--input-shape '{spec}': dimensions must be positive")
-        shapes[m.group("name")] = dims
+            raise OnnxPruneError(f"--input-shape '{spec}': expected NAME=DxDxD, e.g. input=1x3x224x224, or "
+                                 "DIM=N for a named dimension, e.g. past_sequence_length=0")
+        shapes[m.group("name")] = [int(d) for d in re.split(r"[x,]", m.group("dims"))]
     return shapes
 
 
@@ -42,16 +44,30 @@ def input_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
 
 
+def is_mask_input(vi: onnx.ValueInfoProto) -> bool:
+    """An integer or boolean input named like an attention mask: synthetic feeds fill it with ones (zeros
+    can mask every position, and onnxruntime's attention then refuses the batch or reads nothing)."""
+    return input_dtype(vi).kind in "iub" and "mask" in vi.name.lower()
+
+
 def resolve_input_shapes(proto: onnx.ModelProto, overrides: dict[str, list[int]] | None = None,
                          default_dim: int = 1) -> dict[str, list[int]]:
-    """Concrete shapes for every graph input: overrides first, symbolic dims become ``default_dim``."""
+    """Concrete shapes for every graph input: overrides first (an input's whole shape, or the size of a
+    named symbolic dimension wherever it appears), other symbolic dims become ``default_dim``."""
     overrides = dict(overrides or {})
     inputs = graph_inputs(proto)
     names = [i.name for i in inputs]
-    unknown = [n for n in overrides if n not in names]
+    params = {d for vi in inputs for d in input_dims(vi) if isinstance(d, str)}
+    named = {n: v for n, v in overrides.items() if n not in names and n in params}
+    unknown = [n for n in overrides if n not in names and n not in params]
     if unknown:
+        dims = f"; its named dimensions: {', '.join(sorted(params))}" if params else ""
         raise OnnxPruneError(
-            f"--input-shape names '{unknown[0]}', but the model's inputs are: {', '.join(names)}")
+            f"--input-shape names '{unknown[0]}', but the model's inputs are: {', '.join(names)}{dims}")
+    for n, v in named.items():
+        if len(v) != 1:
+            raise OnnxPruneError(f"--input-shape {n}: a named dimension takes one size, e.g. {n}=8")
+        del overrides[n]
     shapes = {}
     for vi in inputs:
         dims = input_dims(vi)
@@ -66,7 +82,9 @@ def resolve_input_shapes(proto: onnx.ModelProto, overrides: dict[str, list[int]]
                         f"--input-shape {vi.name}: dimension {w} conflicts with the model's fixed {d}")
             shapes[vi.name] = list(want)
         else:
-            shapes[vi.name] = [d if isinstance(d, int) and d > 0 else default_dim for d in dims]
+            shapes[vi.name] = [d if isinstance(d, int) and d > 0 else named[d][0] if d in named else default_dim
+                               for d in dims]
+    checks.check_fits(proto, shapes)
     return shapes
 
 

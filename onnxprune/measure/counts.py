@@ -8,7 +8,7 @@
   variance are constants, so they count (PyTorch calls them buffers, not
   parameters). Integer tensors (shapes, indices, quantized weights) and scalars
   do not count.
-* Layers are the nodes of the main graph with a rule in ``RULES`` (Conv,
+* Layers are the nodes of the main graph with a rule in ``LAYER_COSTS`` (Conv,
   ConvTranspose, Gemm, MatMul). One whose weight operand is a constant (an
   initializer or ``Constant`` node, possibly through Identity/Cast) is a
   *weight layer*; its ``params`` are the weight's elements plus its bias (the
@@ -77,7 +77,7 @@ class ModelStats:
 # ---------------------------------------------------------------- per-op rules
 
 @dataclass(frozen=True)
-class Rule:
+class LayerCost:
     """How to read one op: which operands hold weight and bias, and its MACs from shapes."""
 
     weight_slots: tuple[int, ...]  # inputs that may be the constant weight, preferred first
@@ -105,11 +105,11 @@ def _matmul(node, s):  # prod(output) · K, K read from B (shape (..., K, N), or
     return math.prod(s["out0"]) * (b[0] if len(b) == 1 else b[-2])
 
 
-RULES: dict[str, Rule] = {
-    "Conv": Rule((1,), 2, ("in1", "out0"), _conv),
-    "ConvTranspose": Rule((1,), 2, ("in0", "in1", "out0"), _conv_transpose),
-    "Gemm": Rule((1, 0), 2, ("in1", "out0"), _gemm),
-    "MatMul": Rule((1, 0), None, ("in1", "out0"), _matmul),
+LAYER_COSTS: dict[str, LayerCost] = {
+    "Conv": LayerCost((1,), 2, ("in1", "out0"), _conv),
+    "ConvTranspose": LayerCost((1,), 2, ("in0", "in1", "out0"), _conv_transpose),
+    "Gemm": LayerCost((1, 0), 2, ("in1", "out0"), _gemm),
+    "MatMul": LayerCost((1, 0), None, ("in1", "out0"), _matmul),
 }
 
 
@@ -152,7 +152,7 @@ def count_params(consts: dict[str, Const]) -> int:
 # ---------------------------------------------------------------- shapes
 
 def _needed(node: onnx.NodeProto) -> list[str]:
-    return [n for n in (_slot_name(node, s) for s in RULES[node.op_type].needs) if n]
+    return [n for n in (_slot_name(node, s) for s in LAYER_COSTS[node.op_type].needs) if n]
 
 
 def concrete_shapes(proto: onnx.ModelProto, names: set[str], known: dict[str, Shape],
@@ -176,13 +176,12 @@ def _shapes_by_running(proto: onnx.ModelProto, names: list[str]) -> dict[str, Sh
     from .. import runtime  # onnxruntime is only needed when shape inference falls short
 
     sess = runtime.session(runtime.with_outputs(proto, names), optimize=False)
-    feed = {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in ir.input_dims(i)],
-                             dtype=ir.input_dtype(i))
+    feed = {i.name: (np.ones if ir.is_mask_input(i) else np.zeros)(
+                [d if isinstance(d, int) and d >= 0 else 1 for d in ir.input_dims(i)],  # 0: an empty cache
+                dtype=ir.input_dtype(i))
             for i in ir.graph_inputs(proto)}
-    quiet = runtime.ort.RunOptions()
-    quiet.log_severity_level = 4  # the failure becomes our one-line error, not an onnxruntime log line
     try:
-        values = sess.run(names, feed, quiet)
+        values = sess.run(names, feed)  # runners run quietly: the failure becomes our one-line error
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         given = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feed.items())
@@ -199,7 +198,7 @@ def summarize(proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     skeleton = _forget_shapes(ir.skeleton(proto, shapes_in))  # weight-free: inference stays cheap
     graph = proto.graph
     consts = constants(graph)
-    layer_nodes = [n for n in graph.node if n.op_type in RULES]
+    layer_nodes = [n for n in graph.node if n.op_type in LAYER_COSTS]
     need = {name for n in layer_nodes for name in _needed(n)}
     shapes = concrete_shapes(skeleton, need, {k: list(c.shape) for k, c in consts.items()},
                              full=lambda: _forget_shapes(ir.with_input_shapes(proto, shapes_in)))
@@ -236,7 +235,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 def _layer(node: onnx.NodeProto, shapes: dict[str, Shape], source: dict[str, str],
            consts: dict[str, Const], consumers: dict[str, list[onnx.NodeProto]]) -> LayerStats:
-    rule = RULES[node.op_type]
+    rule = LAYER_COSTS[node.op_type]
     s = {slot: shapes[_slot_name(node, slot)] for slot in rule.needs}
     weight = next((source[node.input[i]] for i in rule.weight_slots
                    if i < len(node.input) and node.input[i] in source), "")
@@ -250,7 +249,7 @@ def _layer(node: onnx.NodeProto, shapes: dict[str, Shape], source: dict[str, str
         macs=int(rule.macs(node, s)), output_shape=list(s["out0"]))
 
 
-def _bias(node: onnx.NodeProto, rule: Rule, source: dict[str, str],
+def _bias(node: onnx.NodeProto, rule: LayerCost, source: dict[str, str],
           consumers: dict[str, list[onnx.NodeProto]]) -> str:
     if rule.bias_slot is not None:
         i = rule.bias_slot

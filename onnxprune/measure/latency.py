@@ -14,16 +14,14 @@ inputs: ``feeds`` (a feed dict, or the first ``batch_size`` samples of an
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
 import onnx
 
-from ..data import readers as data_mod
 from .. import ir, runtime
-from ..data.readers import ArrayData
+from ..data import ArrayData, fit_empty, random_data
 from ..errors import OnnxPruneError
 from .quality import ModelLike, check_same_inputs, proto_of, run_error
 
@@ -43,14 +41,15 @@ class LatencyStats:
     threads: int
     provider: str
     batch_size: int
+    runtime: str = "onnxruntime"
 
     @classmethod
-    def from_times(cls, times_ms: list[float], *, threads: int, provider: str, batch_size: int
-                   ) -> "LatencyStats":
+    def from_times(cls, times_ms: list[float], *, threads: int, provider: str, batch_size: int,
+                   runtime: str = "onnxruntime") -> "LatencyStats":
         t = np.asarray(times_ms, dtype=np.float64)
         return cls(p50=float(np.percentile(t, 50)), p90=float(np.percentile(t, 90)), mean=float(t.mean()),
                    min=float(t.min()), std=float(t.std()), runs=len(t), threads=threads, provider=provider,
-                   batch_size=batch_size)
+                   batch_size=batch_size, runtime=runtime)
 
     def to_json(self) -> dict:
         return {"p50_ms": self.p50, "p90_ms": self.p90, "mean_ms": self.mean, "min_ms": self.min,
@@ -115,11 +114,11 @@ def make_feeds(proto: onnx.ModelProto, feeds: Feeds, batch_size: int,
             raise OnnxPruneError(f"the data has {feeds.num_samples} samples, fewer than batch size {batch_size}")
         return next(feeds.batches(batch_size))
     shapes = ir.resolve_input_shapes(proto, input_shapes)
-    return data_mod.random_data(proto, shapes, num_samples=batch_size).arrays
+    return random_data(proto, shapes, num_samples=batch_size).arrays
 
 
 def _check_batch(name: str, sess, feed: dict[str, np.ndarray]) -> None:
-    for i in sess.get_inputs():
+    for i in sess.inputs:
         if i.name not in feed:
             raise OnnxPruneError(f"{name}: no input array for '{i.name}' (given: {sorted(feed)})")
         fixed = i.shape[0] if i.shape else None
@@ -132,17 +131,16 @@ def _check_batch(name: str, sess, feed: dict[str, np.ndarray]) -> None:
 def _threads_used(sess, threads: int | None) -> int:
     if threads:
         return threads
-    n = sess.get_session_options().intra_op_num_threads
+    n = sess.threads
     return n if n > 0 else (os.cpu_count() or 1)
 
 
-def _timed(sess, feed: dict[str, np.ndarray]) -> float:
-    t0 = time.perf_counter()
+def _run_ms(sess, feed: dict[str, np.ndarray]) -> float:
+    """Milliseconds of one run of ``sess`` on ``feed``."""
     try:
-        sess.run(None, feed)
+        return sess.timed_run(feed)
     except Exception as e:
         raise run_error(e) from None
-    return (time.perf_counter() - t0) * 1e3
 
 
 def benchmark(models: dict[str, ModelLike], feeds: Feeds = None, *, warmup: int = 10, runs: int = 50,
@@ -166,16 +164,21 @@ def benchmark(models: dict[str, ModelLike], feeds: Feeds = None, *, warmup: int 
         check_same_inputs(protos[0], p)
     feed = make_feeds(protos[0], feeds, batch_size, input_shapes)
     batch = len(next(iter(feed.values())))
-    sessions = [runtime.session(p, threads=threads, spinning=not interleave) for p in protos]
-    for n, s in zip(names, sessions):
-        _check_batch(n, s, feed)
+    sessions = [runtime.session(p, role="deployed", threads=threads, spinning=not interleave) for p in protos]
+    # each model its own empty KV caches (a pruned model's have fewer heads)
+    fed = [{k: fit_empty(v, shape.get(k)) for k, v in feed.items()}
+           for shape in ({i.name: i.shape for i in s.inputs} for s in sessions)]
+    for n, s, f in zip(names, sessions, fed):
+        _check_batch(n, s, f)
     order = _schedule(len(sessions), warmup + runs, interleave)
     times: list[list[float]] = [[] for _ in sessions]
     for i in order:
-        times[i].append(_timed(sessions[i], feed))
-    provider = sessions[0].get_providers()[0]
+        times[i].append(_run_ms(sessions[i], fed[i]))
+    provider = sessions[0].device
     used = _threads_used(sessions[0], threads)
-    return Benchmark({n: LatencyStats.from_times(t[warmup:], threads=used, provider=provider, batch_size=batch)
+    kind = sessions[0].runtime
+    return Benchmark({n: LatencyStats.from_times(t[warmup:], threads=used, provider=provider, batch_size=batch,
+                                                 runtime=kind)
                       for n, t in zip(names, times)})
 
 

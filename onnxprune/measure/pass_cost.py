@@ -14,7 +14,7 @@ import time
 import onnx
 
 from .. import ir, runtime
-from ..data.readers import ArrayData
+from ..data import ArrayData
 
 
 def reference_pass(proto: onnx.ModelProto, data: ArrayData, *, batch_size: int = 32, max_samples: int = 64) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .. import ir, runtime
-from ..data.readers import ArrayData
+from ..data import ArrayData, fit_empty
 from ..errors import OnnxPruneError
 
 IDS, MASK, POSITIONS = "input_ids", "attention_mask", "position_ids"
@@ -35,10 +35,13 @@ def is_causal_lm(proto: onnx.ModelProto) -> bool:
     return any(vi.name == IDS for vi in ir.graph_inputs(proto))
 
 
-def token_data(spec: str | Path | ArrayData, proto: onnx.ModelProto) -> ArrayData:
+def token_data(spec: str | Path | ArrayData, proto: onnx.ModelProto,
+               shapes: dict[str, list[int]] | None = None) -> ArrayData:
     """Token ids from an ``.npz`` (``input_ids``, optional ``attention_mask``) as feeds for ``proto``.
 
-    The arrays are completed to every input the model takes (see the module docstring).
+    The arrays are completed to every input the model takes (see the module docstring). A KV-cache
+    input is fed empty when ``shapes`` (``--input-shape``: its shape, or named dimensions such as
+    ``past_sequence_length=0``) gives it a zero-length dimension: the prompt step of a decoder with a cache.
     """
     if isinstance(spec, ArrayData):
         arrays = dict(spec.arrays)
@@ -64,6 +67,10 @@ def token_data(spec: str | Path | ArrayData, proto: onnx.ModelProto) -> ArrayDat
         raise OnnxPruneError(f"{source}: '{MASK}' has shape {list(mask.shape)}, '{IDS}' {list(ids.shape)}")
     mask = np.ones(ids.shape, dtype=np.int64) if mask is None else mask.astype(np.int64)
     types = {vi.name: ir.input_dtype(vi) for vi in ir.graph_inputs(proto)}
+    others = [n for n in names if n not in (IDS, MASK, POSITIONS)]
+    sizes = ir.resolve_input_shapes(proto, {k: v for k, v in (shapes or {}).items() if k not in (IDS, MASK,
+                                                                                                    POSITIONS)}) \
+        if others else {}
     out = {}
     for name in names:
         if name == IDS:
@@ -72,9 +79,12 @@ def token_data(spec: str | Path | ArrayData, proto: onnx.ModelProto) -> ArrayDat
             out[name] = mask.astype(types[name])
         elif name == POSITIONS:
             out[name] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(types[name])
+        elif 0 in sizes[name][1:]:   # an empty KV cache: no memory, whatever the sample count
+            out[name] = np.zeros([len(ids)] + sizes[name][1:], dtype=types[name])
         else:
-            raise OnnxPruneError(f"perplexity feeds '{IDS}', '{MASK}' and '{POSITIONS}' only; the model also "
-                                 f"takes '{name}' (export it without a KV cache)")
+            raise OnnxPruneError(f"perplexity feeds '{IDS}', '{MASK}' and '{POSITIONS}', and KV caches empty; "
+                                 f"the model also takes '{name}': give its cache length 0 with --input-shape "
+                                 "(e.g. past_sequence_length=0 and its head size), or export it without a KV cache")
     return ArrayData(out, None, kind="tokens", source=source, meta={"mask": mask})
 
 
@@ -128,12 +138,12 @@ def perplexities(models: list, data: ArrayData, *, batch_size: int = 8, output: 
     sessions = []
     for m in models:
         proto = m.proto if isinstance(m, ir.Model) else m
-        sess = runtime.session(proto)
-        outs = [o.name for o in sess.get_outputs()]
+        sess = runtime.session(proto, role="deployed")
+        outs = [o.name for o in sess.outputs]
         name = output or outs[0]
         if name not in outs:
             raise OnnxPruneError(f"the model has no output '{name}' (outputs: {', '.join(outs)})")
-        sessions.append((sess, [i.name for i in sess.get_inputs()], name))
+        sessions.append((sess, {i.name: i.shape for i in sess.inputs}, name))
     meters = [NLL() for _ in models]
     mask_all = data.meta.get("mask")
     n = data.num_samples if limit is None else min(limit, data.num_samples)
@@ -142,10 +152,11 @@ def perplexities(models: list, data: ArrayData, *, batch_size: int = 8, output: 
         mask = mask_all[start:start + len(ids)] if mask_all is not None else np.ones_like(ids)
         for (sess, inputs, name), meter in zip(sessions, meters):
             try:
-                logits = sess.run([name], {k: feed[k] for k in inputs})[0]
+                logits = sess.run([name], {k: fit_empty(feed[k], inputs[k]) for k in inputs})[0]
             except Exception as e:
                 first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
                 raise OnnxPruneError(f"onnxruntime cannot run the model on these tokens: {first}") from None
             meter.update(logits, ids, mask)
             del logits
     return [m.result() for m in meters]
+

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from .. import ir, runtime
-from ..data.readers import ArrayData
+from ..data import ArrayData
 from ..errors import OnnxPruneError
 
 ModelLike = Union[onnx.ModelProto, ir.Model]
@@ -45,10 +45,12 @@ def check_same_inputs(candidate: ModelLike, reference: ModelLike) -> None:
     if set(cand) != set(ref):
         raise OnnxPruneError(f"the reference takes inputs {sorted(ref)}, the model takes {sorted(cand)}; "
                              "compare a model with the original it was pruned from")
+    from ..analysis import KV_INPUT   # a KV cache pruned with its heads (--kv-cache) declares fewer of them
+
     for name, vi in cand.items():
         a, b = ir.input_dims(vi), ir.input_dims(ref[name])
-        fixed_differ = any(isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y
-                           for x, y in zip(a, b))
+        fixed_differ = not KV_INPUT.match(name) and any(isinstance(x, int) and isinstance(y, int) and x > 0 and
+                                                        y > 0 and x != y for x, y in zip(a, b))
         if ir.input_dtype(vi) != ir.input_dtype(ref[name]) or (a and b and len(a) != len(b)) or fixed_differ:
             raise OnnxPruneError(f"input '{name}' is {ir.input_dtype(vi)}{a} in the model but "
                                  f"{ir.input_dtype(ref[name])}{b} in the reference; the two models must "
@@ -63,13 +65,13 @@ def class_scores(y: np.ndarray) -> np.ndarray | None:
 
 
 class _Runner:
-    """One onnxruntime session and the batch size its inputs accept."""
+    """One runner (the model as deployed) and the batch size its inputs accept."""
 
     def __init__(self, model: ModelLike):
-        self.sess = runtime.session(proto_of(model))
-        self.inputs = [i.name for i in self.sess.get_inputs()]
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        fixed = {i.shape[0] for i in self.sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+        self.sess = runtime.session(proto_of(model), role="deployed")
+        self.inputs = [i.name for i in self.sess.inputs]
+        self.outputs = [o.name for o in self.sess.outputs]
+        fixed = {i.shape[0] for i in self.sess.inputs if i.shape and isinstance(i.shape[0], int)}
         self.fixed_batch = fixed.pop() if len(fixed) == 1 and min(fixed) > 0 else None
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,8 +134,9 @@ class TopK:
                                  "scores [N, C] (drop 'labels' from the data, or name the logits output)")
         self.classes = scores.shape[1]
         if labels.size and (labels.min() < 0 or labels.max() >= self.classes):
-            raise OnnxPruneError(f"labels range over [{labels.min()}, {labels.max()}] but output "
-                                 f"'{self.output}' has {self.classes} classes")
+            bad = labels[(labels < 0) | (labels >= self.classes)]
+            raise OnnxPruneError(f"label {bad[0]} is out of range: output '{self.output}' has {self.classes} "
+                                 f"classes, so labels must be in [0, {self.classes - 1}]")
         s = np.nan_to_num(scores.astype(np.float64), nan=-np.inf)
         mine = s[np.arange(len(labels)), labels]
         rank = (s >= mine[:, None]).sum(axis=1) - 1  # other classes scoring at least as high
@@ -198,14 +201,16 @@ class Agreement:
 
 
 @dataclass
-class _Measured:
+class Measured:
+    """What one pass of a candidate (and a reference) over data measured."""
+
     accuracy: dict | None
     reference_accuracy: dict | None
     fidelity: dict[str, dict] | None
 
 
-def _measure(candidate: ModelLike, data: ArrayData, reference: ModelLike | None, *, batch_size: int,
-             output: str | None, want_accuracy: bool, limit: int | None = None) -> _Measured:
+def compare(candidate: ModelLike, data: ArrayData, reference: ModelLike | None, *, batch_size: int,
+            output: str | None, want_accuracy: bool, limit: int | None = None) -> Measured:
     """One pass over ``data``: accuracy of both models (when wanted) and fidelity (with a reference)."""
     runners = [_Runner(candidate)]
     if reference is not None:
@@ -227,7 +232,7 @@ def _measure(candidate: ModelLike, data: ArrayData, reference: ModelLike | None,
                 acc[1].update(outs[1][ref_out], labels)
         for c, r in pairs:
             agree[c].update(outs[0][c], outs[1][r])
-    return _Measured(
+    return Measured(
         accuracy=acc[0].result() if acc else None,
         reference_accuracy=acc[1].result() if acc and reference is not None else None,
         fidelity={c: a.result() for c, a in agree.items()} if reference is not None else None,
@@ -238,7 +243,7 @@ def accuracy(model: ModelLike, data: ArrayData, batch_size: int = 64, output: st
              limit: int | None = None) -> dict:
     """``{"top1", "top5", "n"}`` of ``model``'s output (the first unless named) against ``data.labels``,
     over the first ``limit`` samples (all by default)."""
-    return _measure(model, data, None, batch_size=batch_size, output=output, want_accuracy=True,
+    return compare(model, data, None, batch_size=batch_size, output=output, want_accuracy=True,
                     limit=limit).accuracy
 
 
@@ -246,8 +251,18 @@ def fidelity(candidate: ModelLike, reference: ModelLike, data: ArrayData, batch_
              limit: int | None = None) -> dict[str, dict]:
     """Per candidate output: top-1 agreement (classification-shaped outputs, else None), mean cosine
     similarity per sample, max and mean absolute error, and relative error ‖a-b‖/‖b‖."""
-    return _measure(candidate, data, reference, batch_size=batch_size, output=None,
+    return compare(candidate, data, reference, batch_size=batch_size, output=None,
                     want_accuracy=False, limit=limit).fidelity
+
+
+def points(candidate: ModelLike, reference: ModelLike, data: ArrayData, limit: int | None = 512) -> tuple[float, str]:
+    """Accuracy in points with labels, else top-1 agreement (or cosine) with the reference, in points."""
+    if data.labels is not None:
+        return 100.0 * accuracy(candidate, data, limit=limit)["top1"], "top-1 accuracy"
+    fid = next(iter(fidelity(candidate, reference, data, limit=limit).values()))
+    if fid.get("top1_agreement") is not None:
+        return 100.0 * fid["top1_agreement"], "top-1 agreement with the original"
+    return 100.0 * fid["cosine"], "cosine similarity with the original (x100)"
 
 
 @dataclass
@@ -323,7 +338,7 @@ def evaluate(candidate: ModelLike, data: ArrayData, reference: ModelLike | None 
     ``input_shapes`` fixes symbolic dimensions for counting MACs (they default to 1); ``limit``
     evaluates the first samples only.
     """
-    m = _measure(candidate, data, reference, batch_size=batch_size, output=output,
+    m = compare(candidate, data, reference, batch_size=batch_size, output=output,
                  want_accuracy=data.labels is not None, limit=limit)
     params, macs, size = size_stats(candidate, input_shapes)
     samples = data.num_samples if limit is None else min(limit, data.num_samples)

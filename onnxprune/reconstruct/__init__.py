@@ -48,8 +48,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..measure import quality as validate
-from ..data.readers import ArrayData
+from ..measure import quality
+from ..data import ArrayData
 from ..errors import OnnxPruneError
 from . import fits, layers, passes
 from .report import LayerResult, ReconstructReport
@@ -305,7 +305,7 @@ def _fidelity(original, before, after, data: ArrayData, batch_size: int, free: b
     (the original runs once; batches as in the passes)."""
     name = original.graph.output[0].name
     taps = [passes.Tapper(m, [name], free) for m in (original, before, after)]
-    agree = {"pruned": validate.Agreement(name), "reconstructed": validate.Agreement(name)}
+    agree = {"pruned": quality.Agreement(name), "reconstructed": quality.Agreement(name)}
     for feed in data.batches(batch_size):
         ref = taps[0](feed)[name]
         for a, tap in zip(agree.values(), taps[1:]):

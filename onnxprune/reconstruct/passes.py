@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import runtime
-from ..data.readers import ArrayData
+from .. import ir, runtime
+from ..data import ArrayData, fit_empty
 
 Progress = Callable[[Iterable, int, str], Iterable]
 
@@ -104,6 +104,7 @@ class Tapper:
 
     def __init__(self, proto: onnx.ModelProto, names: list[str], free: bool = False):
         feeds = {i.name for i in proto.graph.input}
+        self.declared = {i.name: ir.input_dims(i) for i in proto.graph.input}
         self.names = list(dict.fromkeys(names))
         self.fetch = [n for n in self.names if n not in feeds]
         self.sess = None
@@ -112,6 +113,7 @@ class Tapper:
             self.sess = runtime.session(free_batch(cut) if free else cut)
 
     def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {k: fit_empty(v, self.declared.get(k)) for k, v in feed.items()}   # empty KV caches
         got = runtime.run(self.sess, feed, self.fetch) if self.sess is not None else {}
         return {n: got[n] if n in got else feed[n] for n in self.names}
 

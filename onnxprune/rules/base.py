@@ -86,6 +86,15 @@ class RewriteView:
     def set_const(self, node: gs.Node, input_index: int, value: np.ndarray) -> None:
         raise NotImplementedError
 
+    def take(self, node: gs.Node, input_index: int, axis: int, positions: np.ndarray) -> None:
+        """Input ``input_index`` is read at ``positions`` of ``axis`` only (a Gather before the node)."""
+        raise NotImplementedError
+
+    def set_elements(self, node: gs.Node, input_index: int, value: np.ndarray, mask: np.ndarray) -> None:
+        """Input ``input_index`` takes ``value`` where ``mask`` is set and keeps its run-time value
+        elsewhere (a later call wins where masks overlap)."""
+        raise NotImplementedError
+
 
 class Unsupported(Exception):
     """Raised by a rule for a case it cannot prove; the driver turns it into a barrier."""
@@ -139,6 +148,21 @@ class NodeCtx:
         if isinstance(t, gs.Constant):
             return np.asarray(t.values)
         return self._a.static_value(t.name)
+
+    def elements(self, t: gs.Tensor | int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(value, mask of elements read at run time) of a constant or of a small computed tensor
+        (shape arithmetic) the analysis observed; elements outside the mask do not change with the
+        symbolic input dimensions. None when the value is unknown."""
+        t = self._t(t)
+        if isinstance(t, gs.Constant):
+            v = np.asarray(t.values)
+            return v, np.zeros(v.shape, dtype=bool)
+        return self._a.elements(t.name)
+
+    @property
+    def varies_note(self) -> str:
+        """How an element read at run time (see :meth:`elements`) is described in a reason."""
+        return self._a.vary_note
 
     def is_const(self, t: gs.Tensor | int) -> bool:
         return isinstance(self._t(t), gs.Constant)
@@ -224,6 +248,19 @@ class NodeCtx:
         if not isinstance(tensor, gs.Constant):
             raise Unsupported(f"input {idx} ('{tensor.name}') is not a constant")
         self._a.add_member(tensor.name, axis, np.asarray(ids, dtype=np.int64), kind, self.node, idx)
+
+    def take_kept(self, i: int, axis: int, out: int = 0) -> None:
+        """Input ``i``, a run-time tensor without channels whose ``axis`` lines up position by position
+        with output ``out``'s channel axis, is read only at the positions the output keeps."""
+        out_name, node = self.outputs[out].name, self.node
+
+        def fix(view):
+            view.take(node, i, axis, view.kept(out_name))
+        self.fixup(fix)
+
+    def note_structure(self, ids: np.ndarray, role: str) -> None:
+        """Say what these channels are (``head``, ``head_dim``), for the report."""
+        self._a.structure_notes.append((np.asarray(ids, dtype=np.int64), role))
 
     def read_channel_count(self, ids: np.ndarray, out: int = 0, position: int | None = None) -> None:
         """Output ``out`` holds these channels' count (Shape, Size): at element ``position``, or

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..groups import PARAM
 from . import rule
-from .base import NodeCtx
+from .base import FIXED, NodeCtx
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
@@ -43,7 +43,9 @@ BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Equal
 def broadcast(ctx: NodeCtx) -> None:
     """Numpy broadcasting: all inputs that span the channel axis are coupled position by position.
 
-    A constant spanning it is sliced; a run-time tensor spanning it without channels freezes them.
+    A constant spanning it is sliced. A run-time tensor spanning it without channels of its own
+    (RoPE's cos/sin tables, a mask) is sliced where it is used: the rewrite reads only the kept
+    positions of it (a Gather), which is exact for an elementwise op.
     """
     out = ctx.outputs[0]
     ro = ctx.rank(out)
@@ -61,7 +63,7 @@ def broadcast(ctx: NodeCtx) -> None:
         return
     (axis, _), = axes.items()
     ids = None
-    consts = []
+    consts, runtime = [], []
     for i in idx:
         ax = axis - (ro - ctx.rank(i))
         if ax < 0 or ctx.shape(i)[ax] == 1:
@@ -70,6 +72,9 @@ def broadcast(ctx: NodeCtx) -> None:
             consts.append((i, ax))
             continue
         cur = ctx.ids_on(i, ax)
+        if ctx.label(i) is None and not (cur != FIXED).any():
+            runtime.append((i, ax))
+            continue
         if ids is None:
             ids = cur
         else:
@@ -79,3 +84,5 @@ def broadcast(ctx: NodeCtx) -> None:
     for i, ax in consts:
         ctx.member(i, ax, ids, PARAM)
     ctx.set(0, axis, ids)
+    for i, ax in runtime:
+        ctx.take_kept(i, ax)

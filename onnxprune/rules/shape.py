@@ -68,6 +68,9 @@ def fold(ctx: NodeCtx, in_shape: list[int], out_shape: list[int]) -> int | None:
         return None
     out_axis = rb[carrier]
     ctx.set(0, out_axis, ids)
+    if len([k for k in rb if out_shape[k] > 1]) > 1:   # a split: outer axis = heads, inner = within a head
+        ctx.note_structure(ids, "head" if carrier == min(range(len(rb)), key=lambda c: (out_shape[rb[c]] == 1, c))
+                           else "head_dim")
     return out_axis
 
 
@@ -90,71 +93,45 @@ def reshape(ctx: NodeCtx) -> None:
     if ctx.label(0) is None:
         return
     in_shape, out_shape = ctx.shape(0), ctx.shape(ctx.outputs[0])
-    target = ctx.static(1)
-    site = None
-    if target is None:
-        site = _trace_shape_entry(ctx)  # checked after we know the axis
     out_axis = fold(ctx, in_shape, out_shape)
     if out_axis is None:
         return
-    out_name = ctx.outputs[0].name
     in_axis = ctx.label(0).axis
-    node = ctx.node
     allowzero = int(ctx.attr("allowzero", 0))
-
-    if target is not None:
-        if target[out_axis] == -1:
-            return
-
-        def fix(view):
-            t = np.array(target, dtype=np.int64).copy()
-            if t[out_axis] == 0 and not allowzero and in_axis == out_axis:
-                return
-            t[out_axis] = view.new_size(out_name)
-            view.set_const(node, 1, t)
-        ctx.fixup(fix)
-        return
-    piece_node, piece_index, offset, value = site(out_axis)
-    if value == -1 or (value == 0 and not allowzero and in_axis == out_axis):
-        return
-
-    def fix_piece(view):
-        t = np.array(piece_node.inputs[piece_index].values, dtype=np.int64).copy().reshape(-1)
-        t[offset] = view.new_size(out_name)
-        view.set_const(piece_node, piece_index, t.reshape(np.shape(piece_node.inputs[piece_index].values)))
-    ctx.fixup(fix_piece)
+    target = _shape_element(ctx, 1, out_axis, "Reshape target")
+    if target is None or target == -1 or (target == 0 and not allowzero and in_axis == out_axis):
+        return  # the size is inferred or copied from the (pruned) input
+    _set_size(ctx, 1, out_axis)
 
 
-def _trace_shape_entry(ctx: NodeCtx):
-    """For a computed Reshape target, find where entry ``axis`` comes from: a constant in a Concat."""
-    def site(axis: int):
-        t = ctx.inputs[1]
-        pos = axis
-        while True:
-            prod = t.inputs[0] if t.inputs else None
-            if isinstance(t, gs.Constant):
-                raise Unsupported("computed Reshape target ends in a shared constant")
-            if prod is None:
-                raise Unsupported("Reshape target is a graph input")
-            if prod.op == "Concat":
-                for i, piece in enumerate(prod.inputs):
-                    n = int(np.prod(ctx.shape(piece) or [1]))
-                    if pos < n:
-                        if isinstance(piece, gs.Constant):
-                            v = int(np.asarray(piece.values).reshape(-1)[pos])
-                            if len(piece.outputs) > 1 and v not in (-1, 0):
-                                raise Unsupported("Reshape target piece is a constant shared with other nodes")
-                            return prod, i, pos, v
-                        t = piece
-                        break
-                    pos -= n
-                else:
-                    raise Unsupported("cannot locate Reshape target entry")
-            elif prod.op in ("Unsqueeze", "Squeeze", "Cast", "Identity") and pos == 0:
-                t = prod.inputs[0]
-            else:
-                raise Unsupported(f"Reshape target computed by {prod.op} '{prod.name}'")
-    return site
+def _shape_element(ctx: NodeCtx, i: int, k: int, what: str) -> int | None:
+    """Element ``k`` of shape input ``i`` (None when ``k`` is outside it). A run-time shape is fine as
+    long as that element does not change with the symbolic input dimensions (batch, sequence):
+    the rewrite sets it and leaves the others to be computed at run time."""
+    el = ctx.elements(i)
+    if el is None:
+        raise Unsupported(f"{what} computed at run time")
+    value, varies = el
+    value, varies = value.reshape(-1), varies.reshape(-1)
+    if not 0 <= k < len(value):
+        return None
+    if varies[k]:
+        raise Unsupported(f"{what} element {k} (the channel axis) {ctx.varies_note}")
+    return int(value[k])
+
+
+def _set_size(ctx: NodeCtx, i: int, k: int, out: int = 0) -> None:
+    """At rewrite time, element ``k`` of shape input ``i`` becomes the new size of output ``out``'s channel axis."""
+    value = ctx.elements(i)[0].astype(np.int64)
+    out_name, node = ctx.outputs[out].name, ctx.node
+    mask = np.zeros(value.shape, dtype=bool)
+    mask.reshape(-1)[k] = True
+
+    def fix(view):
+        v = value.copy()
+        v.reshape(-1)[k] = view.new_size(out_name)
+        view.set_elements(node, i, v, mask)
+    ctx.fixup(fix)
 
 
 @rule("Flatten")
@@ -262,23 +239,27 @@ def split(ctx: NodeCtx) -> None:
 
 
 def _slice_args(ctx: NodeCtx, rank: int):
+    """(starts, ends, axes, steps, read-at-run-time masks of starts/ends/steps, bounds are inputs)."""
     if ctx.opset < 10:
         starts, ends = ctx.attr("starts"), ctx.attr("ends")
         axes = ctx.attr("axes", list(range(len(starts))))
-        return list(starts), list(ends), list(axes), [1] * len(starts), False
-    vals = []
+        still = np.zeros(len(starts), dtype=bool)
+        return list(starts), list(ends), list(axes), [1] * len(starts), (still, still, still), False
+    vals, varies = [], []
     for i in (1, 2, 3, 4):
-        if ctx.present(i):
-            v = ctx.static(i)
-            if v is None:
-                raise Unsupported("slice bounds computed at run time")
-            vals.append(v.tolist())
-        else:
-            vals.append(None)
+        el = ctx.elements(i) if ctx.present(i) else None
+        if ctx.present(i) and el is None:
+            raise Unsupported("slice bounds computed at run time")
+        vals.append(None if el is None else el[0].reshape(-1).tolist())
+        varies.append(None if el is None else el[1].reshape(-1))
     starts, ends, axes, steps = vals
+    if varies[2] is not None and varies[2].any():
+        raise Unsupported(f"slice axes: {ctx.varies_note}")
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
-    return starts, ends, axes, steps, True
+    still = np.zeros(len(starts), dtype=bool)
+    masks = tuple(still if m is None else m for m in (varies[0], varies[1], varies[3]))
+    return starts, ends, axes, steps, masks, True
 
 
 @rule("Slice")
@@ -287,12 +268,14 @@ def slice_(ctx: NodeCtx) -> None:
     if lab is None:
         return
     rank = ctx.rank(0)
-    starts, ends, axes, steps, as_inputs = _slice_args(ctx, rank)
+    starts, ends, axes, steps, varies, as_inputs = _slice_args(ctx, rank)
     axes = [a % rank for a in axes]
     if lab.axis not in axes:
         ctx.passthrough(0, 0)
         return
     k = axes.index(lab.axis)
+    if any(m[k] for m in varies):
+        raise Unsupported(f"slice bounds of the channel axis: {ctx.varies_note}")
     n = len(lab.ids)
     picked = np.arange(n)[slice(int(starts[k]), int(ends[k]), int(steps[k]))]
     if len(picked) == n and steps[k] == 1:
@@ -304,19 +287,23 @@ def slice_(ctx: NodeCtx) -> None:
     ctx.set(0, lab.axis, lab.ids[picked])
     in_name, node, first = ctx.inputs[0].name, ctx.node, int(picked[0]) if len(picked) else 0
     out_name = ctx.outputs[0].name
+    mask = np.zeros(len(starts), dtype=bool)
+    mask[k] = True
 
     def fix(view):
         kept = view.kept(in_name)
         new_start = int(np.searchsorted(kept, first))
         new_end = new_start + view.new_size(out_name)
-        s, e = list(starts), list(ends)
+        s, e = np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
         s[k], e[k] = new_start, new_end
         if as_inputs:
-            view.set_const(node, 1, np.array(s, dtype=np.int64))
-            view.set_const(node, 2, np.array(e, dtype=np.int64))
+            view.set_elements(node, 1, s.reshape(np.shape(ctx_starts)), mask.reshape(np.shape(ctx_starts)))
+            view.set_elements(node, 2, e.reshape(np.shape(ctx_ends)), mask.reshape(np.shape(ctx_ends)))
         else:
-            view.set_attr(node, "starts", s)
-            view.set_attr(node, "ends", e)
+            view.set_attr(node, "starts", s.tolist())
+            view.set_attr(node, "ends", e.tolist())
+    ctx_starts = ctx.elements(1)[0] if as_inputs else None
+    ctx_ends = ctx.elements(2)[0] if as_inputs else None
     ctx.fixup(fix)
 
 
@@ -377,21 +364,16 @@ def expand(ctx: NodeCtx) -> None:
         return
     ro, ri = ctx.rank(ctx.outputs[0]), ctx.rank(0)
     axis = lab.axis + ro - ri
-    target = ctx.static(1)
-    if target is None:
+    el = ctx.elements(1)
+    if el is None:
         ctx.fix(lab.ids, "expanded to a shape computed at run time")
         return
     ctx.set(0, axis, lab.ids)
-    k = axis - (ro - len(target))
-    if k < 0 or target[k] in (1, -1):
+    k = axis - (ro - el[0].size)
+    target = _shape_element(ctx, 1, k, "Expand shape")
+    if target is None or target in (1, -1):
         return
-    out_name, node = ctx.outputs[0].name, ctx.node
-
-    def fix(view):
-        t = np.array(target, dtype=np.int64).copy()
-        t[k] = view.new_size(out_name)
-        view.set_const(node, 1, t)
-    ctx.fixup(fix)
+    _set_size(ctx, 1, k)
 
 
 @rule("Tile")

@@ -31,22 +31,32 @@ def carrier(*ops: str):
 
 def carry(node: gs.Node, i: int, pos: Positions, value_of, shape_of) -> Positions:
     """Positions of ``node``'s first output that hold the count, given those of input ``i``."""
-    if pos is None or node.op not in CARRIERS:
+    fn = CARRIERS.get(node.op)
+    if fn is None or (pos is None and fn is not _count_only):
         return None
-    return CARRIERS[node.op](node, i, pos, value_of, shape_of)
+    return fn(node, i, pos, value_of, shape_of)
 
 
-@carrier("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Floor", "Ceil", "Neg", "Abs", "Sqrt")
+@carrier("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Floor", "Ceil", "Neg", "Abs", "Sqrt",
+         "Reciprocal", "Not")
 def _same(node, i, pos, value_of, shape_of) -> Positions:
     """Elementwise or a row-major re-view of the data input: positions stay."""
     return pos if i == 0 else None
 
 
-@carrier("Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Equal", "Where")
+@carrier("Shape", "Size", "ConstantOfShape")
+def _count_only(node, i, pos, value_of, shape_of) -> Positions:
+    """The result depends on how many elements the input has, not on their values."""
+    return frozenset()
+
+
+@carrier("Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Equal", "Where", "Pow", "Less", "Greater", "And",
+         "Or")
 def _elementwise(node, i, pos, value_of, shape_of) -> Positions:
-    """Positions stay unless the tainted input is broadcast over the output (Where's condition never)."""
+    """Element k of the output reads element k of every input of the same size (Where's condition
+    too): positions stay unless the tainted input is broadcast over the output."""
     n_in, n_out = _size(shape_of(node.inputs[i])), _size(shape_of(node.outputs[0]))
-    if (node.op == "Where" and i == 0) or n_in is None or n_in != n_out:
+    if n_in is None or n_in != n_out:
         return None
     return pos
 

@@ -1,63 +1,150 @@
-"""onnxruntime sessions: one place that builds them, runs batches and taps intermediate tensors."""
+"""The one place models are run: a small runner interface, onnxruntime (any execution providers,
+any session options) and OpenVINO behind it. No module outside this package imports a runtime.
+
+    with runtime.use(runtime.Target(providers=["CPUExecutionProvider"],
+                                    options={"intra_op_num_threads": 1})):
+        result = onnxprune.prune("model.onnx")     # every session it opens gets these
+
+A :class:`Target` says where models run; :func:`use` makes it current for a block, so the
+sessions that calibration, scoring, reconstruction, verification, fine-tuning and measurement
+open deep inside the pipeline all get it without passing it down. Each session opened is
+counted under its role and the providers and options it really got (read back from it):
+``Target.to_json()`` is the report's ``runtime`` entry.
+
+Roles: ``compute`` sessions compute (calibration taps, gradients, constant folding) and run in
+onnxruntime with the target's providers; ``deployed`` sessions run the model as it will be
+deployed (latency, accuracy, verification's check of the pruned model's outputs on the target)
+on the target's runtime; ``reference`` sessions are verification's exact check (the pruned model
+with its taps and the masked original), always onnxruntime on the CPU, so an accelerator's
+different numerics are measured against a fixed reference.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import Iterable, Iterator
+import contextlib
+import contextvars
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .. import ir
 from ..errors import OnnxPruneError
+from . import ort as _ort
+from .base import Port, Runner
+
+RUNTIMES = ("onnxruntime", "openvino")
+CPU = "CPUExecutionProvider"
+ROLES = ("compute", "deployed", "reference")
 
 
-def session(proto: onnx.ModelProto | bytes, *, threads: int | None = None, optimize: bool = True,
-            sequential: bool = True, weights: onnx.ModelProto | None = None, spinning: bool = True,
-            layout: bool = True, external_dir: str | None = None) -> ort.InferenceSession:
-    """A CPU session for ``proto`` (a model, or one serialized); ``optimize=False`` keeps every
-    tensor name intact. ``external_dir``: where a serialized model's external data files are.
+@dataclass
+class Target:
+    """Where models run: a runtime, onnxruntime's execution providers and session options, and the
+    OpenVINO device. ``opened`` counts the sessions opened under it (see :meth:`to_json`)."""
 
-    ``layout=False`` skips the layout transforms (NCHWc), which can drop a tensor exposed as an
-    extra graph output (onnxruntime 1.32) and then fail to load the model.
+    runtime: str = "onnxruntime"
+    providers: Sequence[str] = (CPU,)
+    options: Mapping[str, object] = field(default_factory=dict)
+    device: str = "CPU"
+    opened: Counter = field(default_factory=Counter, repr=False, compare=False)
+    outer: "Target | None" = field(default=None, repr=False, compare=False)  # also counts what this one opens
 
-    ``spinning=False`` stops idle worker threads from busy-waiting, so two sessions timed in turn
-    (interleaved benchmarks) do not steal each other's cores.
+    def __post_init__(self):
+        self.providers = tuple(self.providers or (CPU,))
+        self.options = dict(self.options or {})
 
-    ``weights``: a model whose initializers fill in those ``proto`` reads but lacks (a
-    weight-free variant of a large model shares the original's weights, never a copy).
-    Models over 2 GB, and those, go through a temporary file with external data.
-    """
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # failures become our one-line errors, not onnxruntime log lines
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if sequential:
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    elif not layout:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    providers = ["CPUExecutionProvider"]
-    if external_dir is not None:
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", external_dir)
+    def check(self) -> "Target":
+        """Raise :class:`OnnxPruneError` (one line, listing what is available) for a bad setting."""
+        if self.runtime not in RUNTIMES:
+            raise OnnxPruneError(f"--runtime {self.runtime}: expected one of {', '.join(RUNTIMES)}")
+        _ort.check_providers(self.providers)
+        _ort.check_options(self.options)
+        if self.runtime == "openvino":
+            from . import openvino as _ov
+            _ov.check(self.device)
+        return self
+
+    @property
+    def cpu_only(self) -> bool:
+        return self.runtime == "onnxruntime" and self.providers == (CPU,)
+
+    def record(self, role: str, runner: Runner) -> None:
+        if isinstance(runner, _ort.OrtRunner):
+            seen = runner.observed(list(self.options))
+            key = (role, "onnxruntime", tuple(runner.providers), tuple(sorted((k, str(v)) for k, v in seen.items())))
+        else:
+            key = (role, runner.runtime, (runner.device,), (("threads", str(runner.threads)),))
+        t = self
+        while t is not None:
+            t.opened[key] += 1
+            t = t.outer
+
+    def to_json(self) -> dict:
+        """The settings asked for and, per role, the sessions opened with what each really got."""
+        return {"runtime": self.runtime, "providers": list(self.providers),
+                "session_options": {k: str(v) for k, v in self.options.items()},
+                "device": self.device if self.runtime == "openvino" else None,
+                "sessions": [{"role": role, "runtime": rt, "providers": list(prov), "options": dict(opts),
+                              "count": n} for (role, rt, prov, opts), n in sorted(self.opened.items())]}
+
+
+_current: contextvars.ContextVar[Target] = contextvars.ContextVar("onnxprune_target", default=Target())
+
+
+def current() -> Target:
+    return _current.get()
+
+
+@contextlib.contextmanager
+def use(target: Target | None = None, **settings) -> Iterator[Target]:
+    """Make ``target`` (or ``Target(**settings)``) the current one inside the block; checked first."""
+    t = (target or Target(**settings)).check()
+    token = _current.set(t)
     try:
-        if isinstance(proto, bytes):
-            return ort.InferenceSession(proto, so, providers=providers)
-        if weights is None and ir.proto_bytes(proto) < ir.TWO_GB and not ir.is_lazy(proto):
-            return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
-        with tempfile.TemporaryDirectory() as d:
-            f = os.path.join(d, "m.onnx")
-            ir.write_external(proto, f, "m.data", extra=weights)
-            return ort.InferenceSession(f, so, providers=providers)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise OnnxPruneError(f"onnxruntime cannot load the model: {msg}") from None
+        yield t
+    finally:
+        _current.reset(token)
+
+
+def session(proto: onnx.ModelProto | bytes | str, *, role: str = "compute", threads: int | None = None,
+            optimize: bool = True, sequential: bool = True, weights: onnx.ModelProto | None = None,
+            spinning: bool = True, layout: bool = True, external_dir: str | None = None) -> Runner:
+    """A runner for ``proto`` (a model, one serialized, or a path) on the current target, in ``role``.
+
+    ``optimize=False`` keeps every tensor name intact. ``external_dir``: where a serialized model's
+    external data files are. ``layout=False`` skips onnxruntime's layout transforms (NCHWc), which
+    can drop a tensor exposed as an extra graph output (onnxruntime 1.32) and then fail to load it.
+    ``spinning=False`` stops idle worker threads from busy-waiting, so two sessions timed in turn
+    (interleaved benchmarks) do not steal each other's cores. ``weights``: a model whose
+    initializers fill in those ``proto`` reads but lacks (a weight-free variant of a large model
+    shares the original's weights, never a copy); models over 2 GB, and those, go through a
+    temporary file with external data.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}")
+    t = current()
+    if role == "deployed" and t.runtime == "openvino":
+        from . import openvino as _ov
+        runner = _ov.load(proto, t.device, threads=threads, weights=weights, external_dir=external_dir)
+    else:
+        providers = (CPU,) if role == "reference" else t.providers
+        runner = _ort.load(proto, providers, t.options, threads=threads, optimize=optimize, sequential=sequential,
+                           weights=weights, spinning=spinning, layout=layout, external_dir=external_dir)
+    t.record(role, runner)
+    return runner
+
+
+def tapped(proto: onnx.ModelProto, names: Iterable[str], types: dict[str, onnx.TypeProto] | None = None,
+           ) -> Runner:
+    """A compute runner for ``proto`` with ``names`` as extra outputs, graph optimisations off so they survive."""
+    return session(with_outputs(proto, names, types), optimize=False)
+
+
+def available_providers() -> list[str]:
+    return _ort.available_providers()
 
 
 def tensor_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -88,13 +175,16 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str], types: dict[str, 
     return m
 
 
-def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str] | None = None
-        ) -> dict[str, np.ndarray]:
-    names = outputs or [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feed)))
+def run(runner: Runner, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    names = outputs or [o.name for o in runner.outputs]
+    return dict(zip(names, runner.run(names, feed)))
 
 
-def run_batches(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]],
+def run_batches(runner: Runner, batches: Iterable[dict[str, np.ndarray]],
                 outputs: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
     for feed in batches:
-        yield run(sess, feed, outputs)
+        yield run(runner, feed, outputs)
+
+
+__all__ = ["Target", "Runner", "Port", "use", "current", "session", "tapped", "run", "run_batches",
+           "with_outputs", "tensor_types", "available_providers", "RUNTIMES"]

@@ -11,7 +11,7 @@ Channel counts follow ``round_to``, so latency really falls where MACs do.
 Per-layer ratios from ``onnxprune sensitivity`` (``--ratios-from``) are kept as given.
 
 ``allocation="latency"`` searches one strength too, but spreads it over the
-groups by the cost model of :mod:`onnxprune.allocation`: groups whose channels
+groups by the cost model of :mod:`onnxprune.search.allocation`: groups whose channels
 cost more time than their MACs say (the expanded width of inverted residual
 blocks, wide classifier inputs) lose more, so latency falls with MACs.
 """
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 
 from . import allocation as alloc
 from ..measure import latency
-from ..measure import quality as validate
-from ..data.readers import ArrayData
+from ..measure import quality
+from ..data import ArrayData
 from ..errors import OnnxPruneError
 from ..plan import Policy
 
@@ -92,16 +92,6 @@ class Strength:
         for gid, r in alloc.ratios(strength, self.weights, self.cap).items():
             ratio_for.setdefault(self.labels[gid], r)
         return replace(self.policy, ratio=min(strength, self.cap), ratio_for=ratio_for)
-
-
-def quality(candidate, reference, data: ArrayData, limit: int | None = 512) -> tuple[float, str]:
-    """Accuracy in points with labels, else top-1 agreement (or cosine) with the reference, in points."""
-    if data.labels is not None:
-        return 100.0 * validate.accuracy(candidate, data, limit=limit)["top1"], "top-1 accuracy"
-    fid = next(iter(validate.fidelity(candidate, reference, data, limit=limit).values()))
-    if fid.get("top1_agreement") is not None:
-        return 100.0 * fid["top1_agreement"], "top-1 agreement with the original"
-    return 100.0 * fid["cosine"], "cosine similarity with the original (x100)"
 
 
 def _fractions(pruner, policy: Policy, budget: Budget, runs: int) -> dict:
@@ -172,8 +162,8 @@ def _within_floor(pruner, at: Strength, ratio: float, result, max_drop: float, d
                   outcome: Outcome, *, steps: int, reconstruct: str):
     """Keep ``result`` if it loses at most ``max_drop`` points, else bisect for the strongest strength that does."""
     original = pruner.original.proto
-    base, kind = quality(original, original, data)
-    q, _ = quality(result.proto, original, data)
+    base, kind = quality.points(original, original, data)
+    q, _ = quality.points(result.proto, original, data)
     outcome.achieved.update({"quality_kind": kind, "quality_before": base})
     chosen = at.at(ratio)
     if base - q > max_drop:
@@ -183,7 +173,7 @@ def _within_floor(pruner, at: Strength, ratio: float, result, max_drop: float, d
         for _ in range(steps):
             mid = (lo + hi) / 2
             cand = pruner.finish(pruner.plan(at.at(mid)), reconstruct=reconstruct)
-            qm, _ = quality(cand.proto, original, data)
+            qm, _ = quality.points(cand.proto, original, data)
             outcome.log.append({"ratio": mid, "quality": qm})
             if base - qm <= max_drop:
                 good, good_result, lo = mid, cand, mid
@@ -193,6 +183,6 @@ def _within_floor(pruner, at: Strength, ratio: float, result, max_drop: float, d
                            f"impossible: saved the strongest model that meets it (ratio {good:.3f})")
         chosen = at.at(good)
         result = good_result or pruner.finish(pruner.plan(chosen), reconstruct=reconstruct)
-        q, _ = quality(result.proto, original, data)
+        q, _ = quality.points(result.proto, original, data)
     outcome.achieved["quality_after"] = q
     return chosen, result

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .budget import quality
-from ..data.readers import ArrayData
+from ..measure import quality
+from ..data import ArrayData
 from ..plan import Plan
 
 
@@ -43,7 +43,7 @@ def analyze_sensitivity(pruner, data: ArrayData, ratios: list[float], *, thresho
                         limit: int | None = 512, progress=None) -> Sensitivity:
     """Prune every prunable group alone at each ratio; record the drop in points."""
     original = pruner.original.proto
-    baseline, metric = quality(original, original, data, limit)
+    baseline, metric = quality.points(original, original, data, limit)
     groups = [g for g in pruner.analysis.prunable if g.id in pruner.scores]
     before = pruner.before
     jobs = [(g, r) for g in groups for r in ratios]
@@ -60,7 +60,7 @@ def analyze_sensitivity(pruner, data: ArrayData, ratios: list[float], *, thresho
         order = np.argsort(pruner.scores[g.id], kind="stable")
         plan = Plan({g.id: np.sort(order[:k])})
         result, stats = pruner.candidate(plan)
-        q, _ = quality(result.proto, original, data, limit)
+        q, _ = quality.points(result.proto, original, data, limit)
         row["drops"].append(round(baseline - q, 4))
         row["macs_saved"].append(round(1.0 - stats.macs / max(before.macs, 1), 5))
     return Sensitivity(metric, baseline, list(ratios), list(rows.values()), threshold)

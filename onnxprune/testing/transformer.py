@@ -139,7 +139,10 @@ def decoder(*, vocab: int = 96, d: int = 32, heads: int = 4, kv_heads: int | Non
         x = g.op("Add", [x, g.attention(g.norm(x, d, norm, spelled), d, heads, kv_heads or heads, True, bias)])
         x = g.op("Add", [x, g.mlp(g.norm(x, d, norm, spelled), d, ffn, gated, bias)])
     x = g.norm(x, d, norm, spelled)
-    if tied:
+    if tied == "copy":   # tied in the source model, stored twice (torch's legacy exporter)
+        E = next(numpy_helper.to_array(t) for t in g.inits if t.name == table)
+        g.op("MatMul", [x, g.const(np.ascontiguousarray(E.T), "lm_head")])
+    elif tied:
         g.op("MatMul", [x, g.op("Transpose", [table], perm=[1, 0])])
     else:
         g.op("MatMul", [x, g.w([d, vocab])])

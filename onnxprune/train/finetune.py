@@ -3,8 +3,8 @@
     run = finetune(pruned, data, teacher=original, config=FinetuneConfig(steps=300, lr=1e-3))
     ir.save(run.proto, "out.onnx")          # the best checkpoint, same initializer names and shapes
 
-One gradient graph (:mod:`onnxprune.autodiff`, weights as graph inputs, its
-convolutions lowered to onnxruntime's blocked kernels by :mod:`~onnxprune.autodiff.nchwc`)
+One gradient graph (:mod:`onnxprune.train.autodiff`, weights as graph inputs, its
+convolutions lowered to onnxruntime's blocked kernels by :mod:`~onnxprune.train.autodiff.nchwc`)
 and one onnxruntime session are built once; the weights live as numpy arrays that Adam
 or SGD (momentum) updates in place. Per batch the teacher's output comes from
 its own session. The loss on the first output is
@@ -16,7 +16,7 @@ its own session. The loss on the first output is
 
 A held-out split of the data (``holdout``) is evaluated every ``eval_every`` steps
 (top-1 accuracy with labels, else top-1 agreement with the teacher, else relative
-error) with :mod:`onnxprune.validate`; the best checkpoint, step 0 included, is kept.
+error) with :mod:`onnxprune.measure.quality`; the best checkpoint, step 0 included, is kept.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import onnx
 from onnx import numpy_helper
 
 from .. import ir, runtime
-from ..measure import quality as validate
+from ..measure import quality
 from .autodiff import build_gradient_model, differentiable
 from .autodiff import nchwc
-from ..data.readers import ArrayData
+from ..data import ArrayData
 from ..errors import OnnxPruneError
-from ..pipeline import _timed
+from ..measure.clock import stage_time
 
 # parameters a fine-tune may change: op -> indices of its inputs that are weights (float, more than one value)
 TRAINABLE: dict[str, tuple[int, ...]] = {
@@ -65,10 +65,15 @@ class FinetuneConfig:
 
     def check(self, prefix: str = "") -> None:
         """Raise :class:`OnnxPruneError` for values out of range, naming the option (``--{prefix}lr``...)."""
-        bad = (("steps", self.steps < 0, "must be 0 or more"), ("lr", self.lr <= 0, "must be positive"),
+        for name, v in (("lr", self.lr), ("alpha", self.alpha), ("temperature", self.temperature),
+                        ("weight-decay", self.weight_decay), ("holdout", self.holdout)):
+            if not math.isfinite(v):
+                raise OnnxPruneError(f"--{prefix}{name} {v}: must be a finite number")
+        bad = (("steps", self.steps < 0, "must be 0 or more"), ("lr", not self.lr > 0, "must be positive"),
+               ("lr", self.lr > 10, "above 10 diverges; typical values are 1e-4 to 1e-2"),
                ("batch", self.batch_size < 1, "must be at least 1"),
                ("alpha", not 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
-               ("temperature", self.temperature <= 0, "must be positive"),
+               ("temperature", not self.temperature > 0, "must be positive"),
                ("optimizer", self.optimizer not in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
                ("schedule", self.schedule not in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
                ("weight-decay", self.weight_decay < 0, "must be 0 or more"),
@@ -186,13 +191,13 @@ class _Trainer:
     def run(self, feed: dict[str, np.ndarray], labels: np.ndarray | None, seconds: dict) -> tuple[float, dict]:
         extra = {}
         if "teacher" in self.roles:
-            with _timed(seconds, "teacher"):
+            with stage_time(seconds, "teacher"):
                 extra[self.roles["teacher"]] = self.teacher.run([self.teacher_output], feed)[0]
         if "labels" in self.roles:
             extra[self.roles["labels"]] = labels
         if "alpha" in self.roles:
             extra[self.roles["alpha"]] = np.asarray(self.alpha, dtype=np.float32)
-        with _timed(seconds, "gradient"):
+        with stage_time(seconds, "gradient"):
             out = self.sess.run(self.fetch, {**feed, **self.params, **extra})
         return float(out[0]), dict(zip(self.params, out[1:]))
 
@@ -236,9 +241,9 @@ def _trainer(student: onnx.ModelProto, teacher: onnx.ModelProto | None, data: Ar
                               temperature=cfg.temperature)
     t_sess, t_out = None, ""
     if teacher is not None and loss != "cross_entropy":
-        validate.check_same_inputs(student, teacher)
+        quality.check_same_inputs(student, teacher)
         t_sess = runtime.session(teacher)
-        names = [o.name for o in t_sess.get_outputs()]
+        names = [o.name for o in t_sess.outputs]
         t_out = output if output in names else names[0]
     params_values = {k: np.array(gm.param_values[k], copy=True) for k in gm.param_inputs}
     fetch = [gm.loss_name] + [gm.grad_names[k] for k in params_values]
@@ -300,9 +305,9 @@ class _Selector:
             return None
         model = with_weights(self.proto, params)
         if self.metric == "top1":
-            value = validate.accuracy(model, self.held, self.batch_size)["top1"]
+            value = quality.accuracy(model, self.held, self.batch_size)["top1"]
         else:
-            fid = next(iter(validate.fidelity(model, self.teacher, self.held, self.batch_size).values()))
+            fid = next(iter(quality.fidelity(model, self.teacher, self.held, self.batch_size).values()))
             if fid["top1_agreement"] is None:
                 self.metric = "rel_error"
             value = fid["top1_agreement"] if self.metric == "agreement" else fid["rel_error"]
@@ -329,11 +334,11 @@ def finetune(student: onnx.ModelProto, data: ArrayData, *, teacher: onnx.ModelPr
     if batch > train.num_samples:
         raise OnnxPruneError(f"the model's batch dimension is fixed at {batch}, larger than the "
                              f"{train.num_samples} training samples")
-    with _timed(seconds, "build"):
+    with stage_time(seconds, "build"):
         trainer, loss_name = _trainer(student, teacher, train, cfg, batch)
     sel = _Selector(student, teacher, held, max(batch, 64))
     opt = Optimizer(trainer.params, cfg)
-    with _timed(seconds, "evaluate"):
+    with stage_time(seconds, "evaluate"):
         before = sel.evaluate(0, trainer.params, None)
     _say(log, sel, 0, None)
     steps = range(1, cfg.steps + 1)
@@ -343,12 +348,12 @@ def finetune(student: onnx.ModelProto, data: ArrayData, *, teacher: onnx.ModelPr
         feed, labels = next(batches)
         loss, grads = trainer.run(feed, labels, seconds)
         running = loss if running is None else 0.9 * running + 0.1 * loss
-        with _timed(seconds, "update"):
+        with stage_time(seconds, "update"):
             opt.step(trainer.params, grads)
         if not math.isfinite(loss):
             raise OnnxPruneError(f"the loss became {loss} at step {step}; lower --lr")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            with _timed(seconds, "evaluate"):
+            with stage_time(seconds, "evaluate"):
                 sel.evaluate(step, trainer.params, running)
             _say(log, sel, step, running)
     seconds["total"] = round(time.perf_counter() - t0, 4)

@@ -5,12 +5,12 @@
     sess = runtime.session(gm.proto)
     loss, g_w, g_a = sess.run([gm.loss_name, *gm.grad_names.values()], {"input": x, "labels": y})
 
-One reverse-mode rule per op type lives in :data:`RULES`; an op on the path
+One reverse-mode rule per op type lives in :data:`BACKWARD`; an op on the path
 without a rule raises :class:`~onnxprune.errors.OnnxPruneError` naming it.
 """
 
 from .build import GradientModel, build_gradient_model, differentiable
 from .losses import LOSSES
-from .rules import RULES
+from .backward import BACKWARD
 
-__all__ = ["GradientModel", "LOSSES", "RULES", "build_gradient_model", "differentiable"]
+__all__ = ["BACKWARD", "GradientModel", "LOSSES", "build_gradient_model", "differentiable"]

@@ -18,7 +18,7 @@ from ... import ir, runtime
 from ...errors import OnnxPruneError
 from .emit import Emitter, RuleContext
 from .losses import LOSSES, LossInput
-from .rules import NEEDS_OPSET, RULES
+from .backward import BACKWARD, NEEDS_OPSET
 
 MIN_OPSET = 13
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -134,12 +134,12 @@ def _plan(model: onnx.ModelProto, wrt: list[str], output: str) -> _Plan:
     relevant = downstream & upstream
     on_path = [n for n in nodes if any(t in relevant for t in n.output) and any(t in relevant for t in n.input)]
     for node in on_path:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in BACKWARD:
             op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             raise OnnxPruneError(
                 f"no gradient rule for {op} (node {node.name or node.output[0]}); it lies between the "
                 f"requested tensors and the loss: ask for gradients of tensors after it, or add a rule to "
-                f"onnxprune.train.autodiff.RULES")
+                f"onnxprune.train.autodiff.BACKWARD")
     return _Plan(relevant, on_path, types)
 
 
@@ -157,7 +157,7 @@ def differentiable(proto: onnx.ModelProto, output: str | None = None) -> set[str
     blocked: set[str] = set()
     for node in reversed(nodes):
         outs = [t for t in node.output if t in floats and t in upstream]
-        ruled = node.domain in ("", "ai.onnx") and node.op_type in RULES
+        ruled = node.domain in ("", "ai.onnx") and node.op_type in BACKWARD
         if outs and (not ruled or any(t in blocked for t in outs)):
             blocked |= set(node.input)
     names = {t for n in nodes for t in n.output} | {i.name for i in proto.graph.input}
@@ -212,7 +212,7 @@ def _backward(e: Emitter, model: onnx.ModelProto, plan: _Plan, output: str, seed
         if not any(gys):
             continue
         needed = frozenset(i for i, t in enumerate(node.input) if t in plan.relevant)
-        gxs = RULES[node.op_type](RuleContext(node, e, shapes, values, needed), gys)
+        gxs = BACKWARD[node.op_type](RuleContext(node, e, shapes, values, needed), gys)
         for i in sorted(needed):
             if i < len(gxs) and gxs[i]:
                 contributions.setdefault(node.input[i], []).append(gxs[i])
