@@ -51,13 +51,14 @@ class HiddenResult:
                 "seconds": self.seconds}
 
 
-def name_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with a unique name on every node (a copy when any was missing or repeated)."""
+def name_nodes(proto: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
+    """``proto`` with a unique name on every node (a copy when any was missing or repeated, unless ``inplace``)."""
     names = [n.name for n in proto.graph.node]
     if all(names) and len(set(names)) == len(names):
         return proto
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
+    m = proto if inplace else onnx.ModelProto()
+    if not inplace:
+        m.CopyFrom(proto)
     seen: set[str] = set()
     for i, n in enumerate(m.graph.node):
         if not n.name or n.name in seen:
@@ -66,7 +67,7 @@ def name_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
+def drop_noop_casts(proto: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
     """``proto`` without Casts to the type their input already has (torch's RMSNorm casts the stream to
     float32 in a float32 model, and the residual then reads the cast): their readers read the input."""
     types = {k: t for k, (_, t) in ir.infer(proto).items()}
@@ -76,8 +77,9 @@ def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
             and any(a.name == "to" and a.i == types[n.input[0]] for a in n.attribute)}
     if not same:
         return proto
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
+    m = proto if inplace else onnx.ModelProto()
+    if not inplace:
+        m.CopyFrom(proto)
     keep = [n for n in m.graph.node if n.output[0] not in same or n.op_type != "Cast"]
     for n in keep:
         for k, i in enumerate(n.input):
@@ -94,7 +96,14 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
     """Per segment of the stream, ``sum z z^T / |z|^2`` over its norms' inputs and every real token of
     ``data`` (float64 ``[d, d]``)."""
     taps = list(dict.fromkeys(n.x for n in stream.norms))
-    sess = runtime.session(runtime.with_outputs(proto, taps), layout=False)
+    have = {o.name for o in proto.graph.output}
+    extra = [t for t in taps if t not in have]
+    for t in extra:   # outputs for the session only: a tapped copy would copy the weights
+        proto.graph.output.add().name = t
+    try:
+        sess = runtime.session(proto, layout=False)
+    finally:
+        del proto.graph.output[len(proto.graph.output) - len(extra):]
     inputs = [i.name for i in sess.inputs]
     d = stream.width
     cov = [np.zeros((d, d)) for _ in range(stream.segments)]
@@ -177,14 +186,18 @@ def _dims(proto, name):
 def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = None, *, width: int | None = None,
                  keep: float | None = None, round_to: int = 8, verify: bool = True, rtol: float = 1e-4,
                  batch_size: int = 8, limit: int | None = None, progress=None,
-                 cov: list[np.ndarray] | None = None, per_segment: bool = True) -> HiddenResult:
+                 cov: list[np.ndarray] | None = None, per_segment: bool = True, inplace: bool = False
+                 ) -> HiddenResult:
     """Rotate ``model``'s residual stream (PCA of ``calib``, or a random rotation without data), verify the
     rotation, and keep ``width`` directions (or ``keep`` of the width, rounded to ``round_to``).
 
     ``per_segment``: each part of the stream between post-norm blocks gets the principal directions of
     its own norm's input (free: those parts already meet through a matrix); False uses one basis for
-    all (the same thing for pre-norm models, which have one part)."""
-    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model))
+    all (the same thing for pre-norm models, which have one part). ``inplace``: node names and no-op
+    casts are fixed in ``model`` itself (the same function) rather than in a copy."""
+    given = model.proto if isinstance(model, ir.Model) else model
+    named = name_nodes(given, inplace)
+    proto = drop_noop_casts(named, inplace=inplace or named is not given)   # a copy made here is ours
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     stream = find_stream(proto)
@@ -233,7 +246,8 @@ def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = No
 
 
 def width_for_budget(model: onnx.ModelProto | ir.Model, *, params: float | None = None, macs: float | None = None,
-                     input_shapes: dict[str, list[int]] | None = None, round_to: int = 8) -> tuple[int, dict]:
+                     input_shapes: dict[str, list[int]] | None = None, round_to: int = 8,
+                     inplace: bool = False) -> tuple[int, dict]:
     """The widest stream (a multiple of ``round_to``) whose sliced model keeps at most ``params`` of the
     parameters and ``macs`` of the MACs (fractions of the original's), and the fractions it keeps.
 
@@ -242,7 +256,7 @@ def width_for_budget(model: onnx.ModelProto | ir.Model, *, params: float | None 
     give them exactly at every width."""
     from ..measure import counts
 
-    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model))
+    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model, inplace), inplace)
     stream = find_stream(proto)
     if isinstance(stream, NoStream):
         raise OnnxPruneError(f"--slice-hidden: no residual stream to rotate ({stream.reason})")
