@@ -89,12 +89,13 @@ def curve(args) -> None:
         ref = np.load(args.reference)["embeddings"]
     for i, k in enumerate(args.keep):
         t = time.perf_counter()
-        h = hidden.slice_hidden(prep, None, keep=k, cov=cov, verify=i == 0, round_to=args.round_to)
+        h = hidden.slice_hidden(prep, calib, keep=k, cov=cov, verify=i == 0, round_to=args.round_to,
+                                refit_ls=args.refit)
         secs = time.perf_counter() - t
         n = counts.summarize(h.proto).params
         row = {"keep": k, "width": h.width_after, "params": n, "params_kept_onnx": n / base,
                "slice_seconds": round(secs, 1), "calib_seconds": round(cov_s, 1), "load": round(load(), 1),
-               "variance_kept": h.variance_kept, "rotation_verified": None if h.rotation is None else
+               "variance_kept": h.variance_kept, "refit": h.refit, "rotation_verified": None if h.rotation is None else
                bool(h.rotation.passed)}
         if args.tied_params:
             row["params_kept"] = n / args.tied_params
@@ -111,7 +112,7 @@ def curve(args) -> None:
         print(json.dumps(row), flush=True)
     path = ROOT / args.out
     old = json.loads(path.read_text()) if path.exists() else {}
-    old[f"{args.kind}_curve"] = rows
+    old[f"{args.kind}_curve" + ("_refit" if args.refit else "")] = rows
     old[f"{args.kind}_curve_seconds"] = round(time.perf_counter() - t0, 1)
     path.write_text(json.dumps(old, indent=1) + "\n")
 
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/bench_hidden.json")
     ap.add_argument("--curve", action="store_true", help="one calibration pass, every --keep from it (API)")
     ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--refit", action="store_true", help="curve: least-squares refit of the sliced norms' maps")
     ap.add_argument("--limit", type=int, help="evaluate the first N sequences only")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     ap.add_argument("--tied-params", type=int, help="the model's parameter count with tied tables counted once")

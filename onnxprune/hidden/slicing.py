@@ -38,12 +38,14 @@ class HiddenResult:
     basis: str                      # "calibration" (PCA) or "random" (no data: rotation only)
     variance_kept: float            # share of the normalised stream's variance in the kept directions
     seconds: dict[str, float] = field(default_factory=dict)
+    refit: bool = False             # the sliced norms' maps were re-fitted by least squares
 
     def to_json(self) -> dict:
         return {"width_before": self.width_before, "width_after": self.width_after,
                 "norms": len(self.stream.norms), "writers": len(self.stream.writers),
                 "readers": len(self.stream.readers), "tied": self.stream.tied, "norm_kind": self.stream.kind,
                 "basis": self.basis, "segments": self.stream.segments, "variance_kept": self.variance_kept,
+                "refit": "least squares" if self.refit else "none",
                 "rotation_verified": bool(self.rotation.passed) if self.rotation is not None else None,
                 "rotation_verification": self.rotation.to_json() if self.rotation is not None else None,
                 "contract": "the rotation is verified exact against the original; removing hidden directions "
@@ -96,14 +98,7 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
     """Per segment of the stream, ``sum z z^T / |z|^2`` over its norms' inputs and every real token of
     ``data`` (float64 ``[d, d]``)."""
     taps = list(dict.fromkeys(n.x for n in stream.norms))
-    have = {o.name for o in proto.graph.output}
-    extra = [t for t in taps if t not in have]
-    for t in extra:   # outputs for the session only: a tapped copy would copy the weights
-        proto.graph.output.add().name = t
-    try:
-        sess = runtime.session(proto, layout=False)
-    finally:
-        del proto.graph.output[len(proto.graph.output) - len(extra):]
+    sess = _tapped_session(proto, taps)
     inputs = [i.name for i in sess.inputs]
     d = stream.width
     cov = [np.zeros((d, d)) for _ in range(stream.segments)]
@@ -128,6 +123,60 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
         if progress is not None:
             progress("calibration statistics", min(start + batch_size, n), n)
     return cov
+
+
+def _tapped_session(proto: onnx.ModelProto, taps: list[str]):
+    """A session that also outputs ``taps`` (added to ``proto`` for the session only: no copy of the weights)."""
+    have = {o.name for o in proto.graph.output}
+    extra = [t for t in dict.fromkeys(taps) if t not in have]
+    for t in extra:
+        proto.graph.output.add().name = t
+    try:
+        return runtime.session(proto, layout=False)
+    finally:
+        del proto.graph.output[len(proto.graph.output) - len(extra):]
+
+
+def refit(proto: onnx.ModelProto, stream: Stream, sliced: onnx.ModelProto, rms_names: dict[int, str],
+          data: ArrayData, *, batch_size: int = 8, limit: int | None = None, ridge: float = 1e-3,
+          progress=None) -> dict[int, np.ndarray]:
+    """Per norm ``i``, the affine map ``[A; c]`` (``[d'+1, d]``) that best rebuilds the original norm's output
+    ``y`` from the sliced model's RMSNorm ``r`` on ``data`` (least squares, ridge ``ridge`` relative to the
+    mean diagonal): what the linear layers reading ``y`` then see is as close to the original as one linear
+    map of the kept directions allows. Both models run on the same batches, one pass."""
+    so = _tapped_session(proto, [n.y for n in stream.norms])
+    ss = _tapped_session(sliced, [rms_names[i] for i in range(len(stream.norms))])
+    ins_o, ins_s = [i.name for i in so.inputs], [i.name for i in ss.inputs]
+    d = stream.width
+    gram: dict[int, np.ndarray] = {}
+    cross: dict[int, np.ndarray] = {}
+    mask_all = data.meta.get("mask") if data.kind == "tokens" else None
+    n = data.num_samples if limit is None else min(limit, data.num_samples)
+    for start, feed in zip(range(0, n, batch_size), data.batches(batch_size, limit)):
+        mask = feed.get("attention_mask")
+        if mask is None and mask_all is not None:
+            mask = mask_all[start:start + batch_size]
+        yo = runtime.run(so, {k: feed[k] for k in ins_o}, [nm.y for nm in stream.norms])
+        ys = runtime.run(ss, {k: feed[k] for k in ins_s}, [rms_names[i] for i in range(len(stream.norms))])
+        for i, nm in enumerate(stream.norms):
+            y, r = np.asarray(yo[nm.y], np.float64), np.asarray(ys[rms_names[i]], np.float64)
+            if mask is not None and y.ndim == 3 and y.shape[:2] == mask.shape:
+                keep = np.asarray(mask) != 0
+                y, r = y[keep], r[keep]
+            y, r = y.reshape(-1, d), r.reshape(len(y.reshape(-1, d)), -1)
+            a = np.concatenate([r, np.ones((len(r), 1))], axis=1)
+            gram[i] = gram.get(i, 0) + a.T @ a
+            cross[i] = cross.get(i, 0) + a.T @ y
+        del yo, ys
+        if progress is not None:
+            progress("refitting the sliced norms", min(start + batch_size, n), n)
+    fits = {}
+    for i, g in gram.items():
+        lam = ridge * float(np.trace(g[:-1, :-1])) / max(len(g) - 1, 1)
+        reg = np.eye(len(g)) * lam
+        reg[-1, -1] = 0.0   # the bias is not shrunk
+        fits[i] = np.linalg.solve(g + reg, cross[i])
+    return fits
 
 
 def pca_basis(cov: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -186,15 +235,17 @@ def _dims(proto, name):
 def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = None, *, width: int | None = None,
                  keep: float | None = None, round_to: int = 8, verify: bool = True, rtol: float = 1e-4,
                  batch_size: int = 8, limit: int | None = None, progress=None,
-                 cov: list[np.ndarray] | None = None, per_segment: bool = True, inplace: bool = False
-                 ) -> HiddenResult:
+                 cov: list[np.ndarray] | None = None, per_segment: bool = True, inplace: bool = False,
+                 refit_ls: bool = True) -> HiddenResult:
     """Rotate ``model``'s residual stream (PCA of ``calib``, or a random rotation without data), verify the
     rotation, and keep ``width`` directions (or ``keep`` of the width, rounded to ``round_to``).
 
     ``per_segment``: each part of the stream between post-norm blocks gets the principal directions of
     its own norm's input (free: those parts already meet through a matrix); False uses one basis for
     all (the same thing for pre-norm models, which have one part). ``inplace``: node names and no-op
-    casts are fixed in ``model`` itself (the same function) rather than in a copy."""
+    casts are fixed in ``model`` itself (the same function) rather than in a copy. ``refit_ls``: with
+    calibration data, the maps from each sliced norm to the layers it feeds are re-fitted by least squares
+    (:func:`refit`, one more pass over the data)."""
     given = model.proto if isinstance(model, ir.Model) else model
     named = name_nodes(given, inplace)
     proto = drop_noop_casts(named, inplace=inplace or named is not given)   # a copy made here is ours
@@ -239,10 +290,18 @@ def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = No
                                      for o in ver.outputs if not o.passed), "")
             raise VerificationError(f"the rotated model differs from the original: {bad}")
     t = time.perf_counter()
-    sliced = rotate.apply(proto, stream, [q[:, :width] for q in Q])
+    names: dict[int, str] = {}
+    sliced = rotate.apply(proto, stream, [q[:, :width] for q in Q], rms_names=names)
     seconds["slice"] = round(time.perf_counter() - t, 3)
+    fitted = bool(refit_ls and calib is not None and calib.kind != "random" and width < full)
+    if fitted:
+        t = time.perf_counter()
+        fits = refit(proto, stream, sliced, names, calib, batch_size=batch_size, limit=limit, progress=progress)
+        del sliced
+        sliced = rotate.apply(proto, stream, [q[:, :width] for q in Q], fits=fits)
+        seconds["refit"] = round(time.perf_counter() - t, 3)
     kept = float(var[:width].sum() / var.sum()) if var.sum() > 0 else 1.0
-    return HiddenResult(sliced, stream, d, width, ver, basis, kept, seconds)
+    return HiddenResult(sliced, stream, d, width, ver, basis, kept, seconds, refit=fitted)
 
 
 def width_for_budget(model: onnx.ModelProto | ir.Model, *, params: float | None = None, macs: float | None = None,
