@@ -236,7 +236,7 @@ def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = No
                  keep: float | None = None, round_to: int = 8, verify: bool = True, rtol: float = 1e-4,
                  batch_size: int = 8, limit: int | None = None, progress=None,
                  cov: list[np.ndarray] | None = None, per_segment: bool = True, inplace: bool = False,
-                 refit_ls: bool = True) -> HiddenResult:
+                 refit_ls: bool = False) -> HiddenResult:
     """Rotate ``model``'s residual stream (PCA of ``calib``, or a random rotation without data), verify the
     rotation, and keep ``width`` directions (or ``keep`` of the width, rounded to ``round_to``).
 
@@ -245,7 +245,8 @@ def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = No
     all (the same thing for pre-norm models, which have one part). ``inplace``: node names and no-op
     casts are fixed in ``model`` itself (the same function) rather than in a copy. ``refit_ls``: with
     calibration data, the maps from each sliced norm to the layers it feeds are re-fitted by least squares
-    (:func:`refit`, one more pass over the data)."""
+    (:func:`refit`, one more pass over the data). Off by default: in one pass each fit sees inputs its
+    upstream fits then change, and on MiniLM it lowered the mean cosine at 0.80x params from 0.945 to 0.896."""
     given = model.proto if isinstance(model, ir.Model) else model
     named = name_nodes(given, inplace)
     proto = drop_noop_casts(named, inplace=inplace or named is not given)   # a copy made here is ours
