@@ -36,6 +36,7 @@ SHAPE_ARITH = {"Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cas
                "Slice", "Identity", "Floor", "Ceil", "Mod", "Max", "Min", "ReduceProd", "Neg", "Abs", "Sqrt",
                "Reshape", "Equal", "Where", "Pow", "Reciprocal", "ConstantOfShape", "Range", "Expand", "Tile",
                "Less", "Greater", "Not", "And", "Or"}
+VARIES = "changes with a symbolic input dimension"
 SMALL = 64  # elements: shape arithmetic produces a handful of numbers; anything bigger is data
 
 # why common ops without a rule stop channels (the default reason is "no rule for this op")
@@ -77,6 +78,9 @@ class _Driver:
         self.static: set[str] = set()
         self.varies: dict[str, np.ndarray] = {}   # observed value -> mask of elements read at run time
         self.shape_valued: set[str] = set()       # small tensors computed only from shapes and constants
+        self.vary_note = VARIES                    # how an element read at run time is described
+        self.read_runtime_values = False           # a rule or a fold used an observed value
+        self.structure_notes: list[tuple[np.ndarray, str]] = []   # (ids, head | head_dim) from split axes
         # values read from these channels' count: (ids, where, element positions holding it or None = any)
         self.taint: dict[str, list[tuple[np.ndarray, str, frozenset | None]]] = {}
         self.opset = opset
@@ -95,12 +99,22 @@ class _Driver:
         The input gets its own ids (a label on that axis, recorded as a member), so the group it
         joins can shrink it when ``kv_cache`` is on; without it the ids are fixed with a reason
         naming the flag. None for any other tensor."""
-        if t.name not in self.graph_inputs or not KV_INPUT.match(t.name) or t.name in self.labels:
+        chain = [t]   # the input itself, or a copy of it (Identity, Cast, a one-input Concat)
+        while chain[-1].inputs and len(chain[-1].inputs) == 1:
+            prod = chain[-1].inputs[0]
+            live = [x for x in prod.inputs if x.name]
+            if prod.op not in ("Identity", "Cast", "Concat") or len(live) != 1:
+                break
+            chain.append(live[0])
+        src = chain[-1]
+        if src.name not in self.graph_inputs or not KV_INPUT.match(src.name) or \
+                any(x.name in self.labels for x in chain):
             return None
-        ids = self.uf.new(self.shape_of(t)[axis])
-        self.set_label(t, axis, ids, node)
+        ids = self.uf.new(self.shape_of(src)[axis])
+        for x in reversed(chain):
+            self.set_label(x, axis, ids, x.inputs[0] if x.inputs else node)
         if not self.options.kv_cache:
-            self.fix(ids, f"KV-cache input '{t.name}' keeps its shape ({KV_FLAG} lets it shrink with its heads)")
+            self.fix(ids, f"KV-cache input '{src.name}' keeps its shape ({KV_FLAG} lets it shrink with its heads)")
         return ids
 
     # -------------------------------------------------- services for NodeCtx
@@ -123,6 +137,7 @@ class _Driver:
         v = self.observed.get(name)
         if v is None:
             return None
+        self.read_runtime_values = True
         return v, self.varies.get(name, np.zeros(v.shape, dtype=bool))
 
     def read_channel_count(self, out: gs.Tensor, ids: np.ndarray, where: str, position: int | None = None) -> None:
@@ -252,8 +267,8 @@ class _Driver:
             sel = np.ones(value.size, dtype=bool) if pos is None else \
                 np.isin(np.arange(value.size), np.fromiter(pos, dtype=np.int64, count=len(pos)))
             if (sel & varies.reshape(-1)).any():
-                self.fix(ids, f"{where}: its channel count is combined with a run-time dimension in the "
-                              f"input of {use}")
+                self.fix(ids, f"{where}: its channel count is combined with a value that {self.vary_note}, "
+                              f"in the input of {use}")
             else:
                 mask |= sel
         if not mask.any():
@@ -274,6 +289,22 @@ class _Driver:
             self.barriers.append(Barrier(node.name, node.op, reason))
 
     # -------------------------------------------------- groups
+    def _roles(self, roots: np.ndarray, comp: np.ndarray) -> dict[int, str]:
+        """Component -> head | kv_head | head_dim from the split notes. A head split whose positions were
+        merged by coupling (several query heads reading one KV head) marks KV heads."""
+        roles: dict[int, str] = {}
+        for ids, role in self.structure_notes:
+            live = ids[ids != FIXED]
+            if not len(live):
+                continue
+            r = roots[live]
+            if role == "head" and len(np.unique(r)) < len(r):
+                role = "kv_head"
+            for c in set(comp[r].tolist()):
+                if roles.get(c) not in ("kv_head", "head"):
+                    roles[c] = role
+        return roles
+
     def groups(self) -> list[Group]:
         n = len(self.uf.parent)
         if n <= 1:
@@ -310,11 +341,25 @@ class _Driver:
                 index = np.where(live & (cs == c), chan[r], -1).astype(np.int64)
                 g.members.append(Member(rec.tensor, rec.axis, index, rec.kind, rec.node, rec.op, rec.input_index))
         groups = list(by_comp.values())
+        roles = self._roles(roots, comp)
+        comp_of = {g.id: c for c, g in by_comp.items()}
         for g in groups:
             g.label = next((m.node for m in g.members if m.kind == "weight_out"), g.members[0].node)
+            g.structure = _structure(g, roles.get(comp_of[g.id], ""))
             if g.frozen and not g.reasons:
                 g.reasons = ["coupled with fixed channels"]
         return groups
+
+
+def _structure(g: Group, role: str) -> str:
+    """What a group's channels are: attention heads (kv_head when query heads share them), dimensions
+    within every head, convolution channels, or units of a dense layer (ffn)."""
+    if role:
+        return role
+    ops = {m.op for m in g.members if m.kind == "weight_out"}
+    if ops & {"Conv", "ConvTranspose"}:
+        return "conv_channel"
+    return "ffn" if ops & {"MatMul", "Gemm"} else "channel"
 
 
 def _components(space: np.ndarray, roots: np.ndarray) -> np.ndarray:
@@ -377,6 +422,7 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
                if t.name and (shapes.get(t.name) is None or any(d is None for d in shapes[t.name]))}
     observed: dict[str, np.ndarray] = {}
     varies: dict[str, np.ndarray] = {}
+    vary_note, ran = VARIES, None
     need = sorted(want_values | unknown)
     if need:  # only graphs whose shapes depend on run-time values pay for an onnxruntime run
         fixed = ir.with_input_shapes(proto, shapes_in)
@@ -392,40 +438,61 @@ def prepare(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
             shapes[name] = list(v.shape)
             if name in want_values and v.size <= SMALL and v.dtype.kind in "iufb":
                 observed[name] = v
-        varies = _varying_elements(proto, shapes_in, observed)
-    return graph, shapes, observed, varies, shapes_in
+        varies, vary_note, ran = _varying_elements(proto, shapes_in, observed)
+    return graph, shapes, observed, (varies, vary_note, ran), shapes_in
 
 
-def _varying_elements(proto: onnx.ModelProto, shapes_in: dict, observed: dict) -> dict[str, np.ndarray]:
+def _varying_elements(proto: onnx.ModelProto, shapes_in: dict, observed: dict
+                      ) -> tuple[dict[str, np.ndarray], str, dict | None]:
     """For each observed value, the elements that change when the symbolic input dimensions do
-    (the others are safe to fold).
+    (the others are safe to fold), and how such an element is described in a reason.
 
     A size given with --input-shape is where the analysis runs, not a promise: the saved model
-    keeps the symbolic dimension, so it is varied too (doubled, which keeps strides dividing it)."""
-    varied, changed = {}, False
+    keeps the symbolic dimension, so it is varied too (doubled, which keeps strides dividing it).
+    All symbolic dimensions are doubled at once; if the model cannot run so (an image whose channel
+    count is symbolic too), each dimension (by name) is doubled alone, and one the model cannot run
+    with doubled is taken as fixed when the sizes given for it agree (then the model only runs at
+    that size); sizes that disagree leave every element as possibly varying."""
+    dims_of: dict[str, list[tuple[str, int]]] = {}   # dimension name -> (input, axis) positions
     for vi in ir.graph_inputs(proto):
-        dims = ir.input_dims(vi)
-        shape = list(shapes_in[vi.name])
-        for k, d in enumerate(dims):
+        for k, d in enumerate(ir.input_dims(vi)):
             if not (isinstance(d, int) and d > 0):
-                shape[k] *= 2
-                changed = True
-        varied[vi.name] = shape
-    if not changed or not observed:
-        return {n: np.zeros(v.shape, dtype=bool) for n, v in observed.items()}
+                dims_of.setdefault(d if isinstance(d, str) and d else f"{vi.name}:{k}", []).append((vi.name, k))
+    none = {n: np.zeros(v.shape, dtype=bool) for n, v in observed.items()}
+    if not dims_of or not observed:
+        return none, VARIES, None
     names = sorted(observed)
-    try:
-        fixed = ir.with_input_shapes(proto, varied)
-        sess = runtime.session(runtime.with_outputs(fixed, names), optimize=False)
-        vals = runtime.run(sess, random_feed(fixed, varied), names)
-    except Exception:
-        return {n: np.ones(v.shape, dtype=bool) for n, v in observed.items()}
-    out = {}
-    for n in names:
-        a, b = observed[n], vals[n]
-        out[n] = (a != b) if a.shape == b.shape and a.dtype.kind != "f" else \
-            (~np.isclose(a, b, rtol=1e-6, atol=0) if a.shape == b.shape else np.ones(a.shape, dtype=bool))
-    return out
+
+    def changed(which: list[str]):
+        shapes = {k: list(v) for k, v in shapes_in.items()}
+        for d in which:
+            for name, k in dims_of[d]:
+                shapes[name][k] *= 2
+        try:
+            fixed = ir.with_input_shapes(proto, shapes)
+            sess = runtime.session(runtime.with_outputs(fixed, names), optimize=False)
+            vals = runtime.run(sess, random_feed(fixed, shapes), names)
+        except Exception as e:
+            return None, (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        return {n: _differ(observed[n], vals[n]) for n in names}, shapes
+
+    out, ran = changed(list(dims_of))
+    if out is not None:
+        return out, VARIES, ran
+    consistent = all(len({shapes_in[name][k] for name, k in pos}) == 1 for pos in dims_of.values())
+    runs = [changed([d]) for d in dims_of] if len(dims_of) > 1 and consistent else []
+    ok = [r for r in runs if r[0] is not None]
+    if not ok:
+        note = f"may change with a symbolic input dimension: the model did not run with them doubled " \
+               f"({ran}); --input-shape with consistent sizes may help"
+        return {n: np.ones(v.shape, dtype=bool) for n, v in observed.items()}, note, None
+    return {n: np.logical_or.reduce([r[n] for r, _ in ok]) for n in names}, VARIES, ok[0][1]
+
+
+def _differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.shape != b.shape:
+        return np.ones(a.shape, dtype=bool)
+    return ~np.isclose(a, b, rtol=1e-6, atol=0) if a.dtype.kind == "f" else a != b
 
 
 def analyze(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
@@ -436,14 +503,15 @@ def analyze(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, list[int]
     (``past_key_values.*``, ``past_*``) and outputs (``present.*``) then shrink with the heads
     they carry, and the pruned model declares their new shapes."""
     proto = model.proto if isinstance(model, ir.Model) else model
-    graph, shapes, observed, varies, shapes_in = prepare(proto, input_shapes)
+    graph, shapes, observed, (varies, vary_note, ran), shapes_in = prepare(proto, input_shapes)
     opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), 0)
     if split_carrier not in ("largest", "outer"):
         raise OnnxPruneError(f"split carrier '{split_carrier}': expected largest or outer")
     d = _Driver(graph, shapes, observed, opset, Options(split_carrier=split_carrier, kv_cache=kv_cache))
-    d.varies = varies
+    d.varies, d.vary_note = varies, vary_note
     d.static = {n for n, m in varies.items() if not m.any()}
     d.run()
     groups = d.groups()
     return Analysis(groups=groups, barriers=d.barriers, shapes=shapes, input_shapes=shapes_in,
-                    channel_axes=d.labels, fixups=d.fixups, kv_cache=kv_cache)
+                    channel_axes=d.labels, fixups=d.fixups, kv_cache=kv_cache,
+                    varied_shapes=ran if d.read_runtime_values else None)

@@ -7,6 +7,9 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class OnnxPruneError(Exception):
     """A problem with the user's input: a bad path, model, argument or data file.
@@ -17,3 +20,11 @@ class OnnxPruneError(Exception):
 
 class VerificationError(Exception):
     """The pruned model does not match the masked original: a bug, never a warning."""
+
+
+def unknown_name(what: str, name: str, known: Iterable[str]) -> OnnxPruneError:
+    """The error for a layer or weight name the model does not have, with the closest names it does have."""
+    close = difflib.get_close_matches(name, sorted(set(known)), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+        "; list the layers with 'onnxprune inspect MODEL'"
+    return OnnxPruneError(f"{what} '{name}' names no layer or weight of this model{hint}")

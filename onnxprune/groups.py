@@ -63,6 +63,7 @@ class Group:
     frozen: bool = False
     reasons: list[str] = field(default_factory=list)   # why frozen (node and rule), for the report
     label: str = ""                             # a readable name: the first producing layer
+    structure: str = ""                         # head, kv_head, head_dim, ffn, conv_channel or channel
 
     def of_kind(self, *kinds: str) -> list[Member]:
         return [m for m in self.members if m.kind in kinds]
@@ -105,6 +106,9 @@ class Analysis:
     # (node of the analysed graph, edit) pairs the rewrite runs in order after slicing constants
     fixups: list[tuple["gs.Node", "Fixup"]] = field(default_factory=list)
     kv_cache: bool = False                      # KV-cache graph inputs/outputs were allowed to shrink
+    # input shapes with the symbolic dimensions changed, at which the model ran (None: none found);
+    # shape values folded by the analysis are checked there too
+    varied_shapes: dict[str, list[int]] | None = None
 
     @property
     def prunable(self) -> list[Group]:

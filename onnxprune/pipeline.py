@@ -1,7 +1,11 @@
 """The prune pipeline: load -> analyze -> score -> plan -> rewrite -> verify -> (reconstruct) -> measure.
 
-``prune()`` is the Python API behind ``onnxprune prune``; each step lives in
-its own module and this file only wires them together and times them.
+:class:`Pruner` is the engine: it loads, analyses and scores a model once, then makes plans and
+verified results from it. ``prune()`` is the Python API (one policy or plan, one result);
+``onnxprune prune`` and ``onnxprune sensitivity`` drive a ``Pruner`` themselves, because budget
+search and sensitivity make many results from one analysis (see ``search/``). Each step lives in
+its own module; this file only wires them together and times them. Every report format is built
+from the one :class:`PruneResult` (``report()`` for JSON, :mod:`onnxprune.report` for Markdown).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from .measure.clock import peak_rss_mb, stage_time
 from .analysis import analyze
 from .data import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
-from .ir.ortops import ort_load
+from .ir.ortops import FLOAT_NOTE, float_activations, int8_activations, ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
 from .train.finetune import finetune as train_finetune
@@ -66,7 +70,7 @@ class PruneResult:
             "input_shapes": a.input_shapes,
             "kv_cache": a.kv_cache,
             "groups": self.rewrite.groups,
-            "frozen": [{"group": g.id, "label": g.label, "size": g.size, "reasons": g.reasons}
+            "frozen": [{"group": g.id, "label": g.label, "structure": g.structure, "size": g.size, "reasons": g.reasons}
                        for g in a.frozen if g.size > 1],
             "barriers": [{"node": b.node, "op": b.op, "reason": b.reason} for b in a.barriers],
             "notes": self.plan.notes,
@@ -109,6 +113,7 @@ class Pruner:
         self.criterion, self.progress = criterion, progress
         with stage_time(self.seconds, "load", self.peaks):
             self.original = model if isinstance(model, ir.Model) else ir.load(model, lazy=True)
+            ir.checks.check_finite(self.original.proto)  # NaN/inf weights: the model's problem, named
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with stage_time(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
@@ -159,17 +164,28 @@ class Pruner:
         if verify:
             with stage_time(seconds, "verify", peaks):
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
-                ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
-                                        feeds, rtol=rtol, pruned_bytes=data_bytes)
+                if analysis.varied_shapes:  # shape values were folded: check at other symbolic sizes too
+                    feeds.append(random_feed(original.proto, analysis.varied_shapes, seed=1))
+                int8 = int8_activations(original.proto)   # int8-rounded activations compare at float
+                ver = verify_mod.verify(float_activations(original.proto) if int8 else original,
+                                        float_activations(result.proto) if int8 else result.proto,
+                                        result.removed_positions, analysis.shapes, feeds, rtol=rtol,
+                                        pruned_bytes=None if int8 else data_bytes)
             if not ver.passed:
+                _blame_target(ver, lambda: verify_mod.verify(original, result.proto, result.removed_positions,
+                                                             analysis.shapes, feeds, rtol=rtol,
+                                                             pruned_bytes=data_bytes))
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
+        if verify and int8:
+            extra["validity"] = [FLOAT_NOTE]
         if original.meta.get("validity"):   # contrib ops: onnxruntime's load checks what the checker cannot
             if not verify:
                 ort_load(data_bytes if data_bytes is not None else result.proto.SerializeToString(), "pruned model")
-            extra["validity"] = [original.meta["validity"] + " and the pruned model (" +
-                                 ("its verification ran there)" if verify else "loaded, not verified)")]
+            extra.setdefault("validity", []).append(original.meta["validity"] + " and the pruned model (" +
+                                                    ("its verification ran there)" if verify else
+                                                     "loaded, not verified)"))
         final = result.proto
         no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
         mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None
@@ -228,7 +244,7 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     """
     here = runtime.current()  # its settings, with a count of this call's sessions alone
     target = runtime.Target(here.runtime, providers or here.providers, {**here.options, **(session_options or {})},
-                            here.device)
+                            here.device, outer=here)
     with runtime.use(target):
         if slice_hidden:
             result = prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
@@ -306,7 +322,7 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     return result
 
 
-def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
+def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
     """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
     :func:`measure.perplexity.token_data`), and interleaved latency.
 
@@ -342,7 +358,7 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
 def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None, log=None) -> dict:
     """Fine-tune the pruned model against the original (distillation, plus cross-entropy when ``data``
-    has labels; see :mod:`onnxprune.finetune`). ``result.proto`` becomes the best checkpoint and
+    has labels; see :mod:`onnxprune.train.finetune`). ``result.proto`` becomes the best checkpoint and
     ``result.extra["finetune"]`` the run summary, which is returned."""
     with stage_time(result.seconds, "finetune"):
         teacher = ir.materialize(result.original).proto  # a lazily loaded model's weights, all in memory
@@ -368,6 +384,21 @@ def _check_like(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise VerificationError(f"the pruned model fails onnx.checker: {first}") from None
+
+
+def _blame_target(ver: verify_mod.Verification, again) -> None:
+    """A failure on a target other than onnxruntime's CPU provider is checked again there: when the
+    pruned model is right on the CPU, the target computes the graph differently, and the error says so."""
+    if runtime.current().cpu_only:
+        return
+    with runtime.use(runtime.Target(outer=runtime.current())):
+        cpu = again()
+    if cpu.passed:
+        raise VerificationError(f"the pruned model matches its masked original in onnxruntime on the CPU "
+                                f"(worst relative error {cpu.needed_rtol:.1e}) but not in "
+                                f"{ver.checked_by.get('deployed', 'the target runtime')}: {_describe_failure(ver)}; "
+                                "the target runtime computes this graph differently (run its own accuracy check "
+                                "with --data, or prune for --runtime onnxruntime)")
 
 
 def _describe_failure(ver: verify_mod.Verification) -> str:
@@ -405,11 +436,13 @@ def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
     """Write the pruned model (the bytes verification ran, when it ran on this very model), and beside
-    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs)."""
+    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs).
+    The report then names the file (``output``) and its size (``file_bytes_after``); returns the size."""
     from . import configs
 
     size = ir.save(result.proto, path, source=result.original.path, external=result.original.external,
                    data=result.proto_bytes())
+    result.extra.update(output=str(path), file_bytes_after=size)
     notes = configs.write_beside(result.original.proto, result.proto, result.original.path, Path(path))
     if notes:
         result.extra["configs"] = notes

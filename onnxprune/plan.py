@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, unknown_name
 from .groups import ACTIVATION, WEIGHT_IN, WEIGHT_OUT, Analysis, Group
 
 
@@ -48,8 +48,8 @@ class Plan:
     @classmethod
     def from_json(cls, data: dict, analysis: Analysis) -> "Plan":
         removed = {}
-        for entry in data.get("groups", []):
-            gid = int(entry["group"])
+        for entry in plan_entries(data):
+            gid = entry["group"]
             if gid >= len(analysis.groups) or analysis.groups[gid].label != entry.get("label"):
                 raise OnnxPruneError(f"plan group {gid} ('{entry.get('label')}') does not match this model")
             g = analysis.groups[gid]
@@ -61,6 +61,36 @@ class Plan:
 
     def count(self) -> int:
         return sum(1 for r in self.removed.values() if len(r))
+
+
+def plan_entries(data) -> list[dict]:
+    """The ``groups`` of a plan, checked against the schema ``{"groups": [{"group": int, "label": str,
+    "removed": [int, ...]}, ...], "notes": [...]}`` that ``Plan.to_json`` writes."""
+    def bad(why: str):
+        return OnnxPruneError(f"not a pruning plan: {why} (write one with --save-plan)")
+    if not isinstance(data, dict):
+        raise bad(f"a JSON {type(data).__name__} instead of an object with 'groups'")
+    groups = data.get("groups", [])
+    if not isinstance(groups, list):
+        raise bad(f"'groups' is a {type(groups).__name__}, expected a list")
+    for i, entry in enumerate(groups):
+        if not isinstance(entry, dict) or not {"group", "removed"} <= set(entry):
+            raise bad(f"groups[{i}] is not an object with 'group' and 'removed'")
+        ints = [entry["group"]] + (entry["removed"] if isinstance(entry["removed"], list) else [None])
+        wrong = next((v for v in ints if not isinstance(v, int) or isinstance(v, bool) or v < 0), "")
+        if wrong != "":
+            raise bad(f"groups[{i}]: {wrong!r} is not a channel or group index (non-negative integers only)")
+    return groups
+
+
+def check_names(analysis: Analysis, names, what: str) -> None:
+    """Every layer or weight name given (to ignore, or with its own ratio) names something in this model's
+    channel groups; a typo is an error listing the closest names, never silently nothing."""
+    known = {n for g in analysis.groups for n in (g.label, *g.layers,
+                                                 *(m.tensor for m in g.members if m.kind != ACTIVATION))}
+    for name in names:
+        if name not in known:
+            raise unknown_name(what, name, known)
 
 
 def matches(group: Group, names: list[str]) -> bool:
@@ -87,6 +117,8 @@ def _rounded_keep(size: int, keep: int, round_to: int | None) -> int:
 def make_plan(analysis: Analysis, scores: dict[int, np.ndarray], policy: Policy) -> Plan:
     """Remove the lowest-scoring channels of every prunable group according to ``policy``."""
     policy.check()
+    check_names(analysis, policy.ignore, "ignore")
+    check_names(analysis, policy.ratio_for, "ratio_for")
     candidates = [g for g in analysis.prunable if not matches(g, policy.ignore) and g.id in scores]
     keep: dict[int, int] = {}
     if policy.global_ranking:
@@ -183,3 +215,38 @@ def _keep_every_tensor_alive(analysis: Analysis, plan: Plan, scores: dict[int, n
         best = int(present[np.argmax(np.asarray(scores.get(g.id, np.zeros(g.size)))[present])])
         plan.removed[g.id] = plan.removed[g.id][plan.removed[g.id] != best]
         plan.notes.append(f"kept channel {best} of group {g.id} so '{empty[0]}' is not emptied")
+
+
+def removal_summary(analysis: Analysis, plan: Plan, policy: Policy) -> dict:
+    """What ``plan`` removes against what ``policy`` asked (rounding to ``round_to`` changes it): the asked and
+    removed fraction of every group the policy applies to, the total, and the groups left whole although a
+    ratio was asked (JSON-ready; ``asked`` is None under global ranking, which has no per-group ratio)."""
+    groups, left_whole = [], []
+    size_total = removed_total = 0
+    for g in analysis.prunable:
+        if matches(g, policy.ignore):
+            continue
+        asked = None if policy.global_ranking else group_ratio(g, policy)
+        removed = len(plan.removed.get(g.id, ()))
+        size_total += g.size
+        removed_total += removed
+        groups.append({"group": g.id, "label": g.label, "size": g.size, "asked_ratio": asked,
+                       "removed_ratio": removed / g.size})
+        if asked and not removed:
+            why = (f"rounding to multiples of {policy.round_to}" if policy.round_to and policy.round_to > 1
+                   else f"{asked:g} of {g.size} channels is less than one")
+            left_whole.append({"group": g.id, "label": g.label, "size": g.size, "why": why})
+    return {"round_to": policy.round_to or 1, "asked_ratio": None if policy.global_ranking else policy.ratio,
+            "removed_ratio": removed_total / size_total if size_total else 0.0, "groups": groups,
+            "left_whole": left_whole}
+
+
+def nothing_removed(summary: dict, policy: Policy) -> str:
+    """Why a plan removes nothing, in one sentence with the way out."""
+    asked = [g for g in summary["groups"] if g["asked_ratio"]]
+    if not asked and not policy.global_ranking:
+        return "every group's ratio is 0 (--ratio 0, or --ratios-from suggested 0 everywhere): nothing to remove"
+    if policy.round_to and policy.round_to > 1 and summary["left_whole"]:
+        return (f"rounding channel counts to multiples of {policy.round_to} left every group whole "
+                "(ask for a larger ratio, or --round-to 1 for exact ratios)")
+    return "the ratios asked are below one channel in every group; ask for a larger ratio"

@@ -50,7 +50,8 @@ def removal_maps(analysis: Analysis, plan: dict[int, np.ndarray]):
             else:
                 uses.setdefault((m.node, m.input_index), {}).setdefault(m.axis, set()).update(pos.tolist())
             tensors.setdefault((m.tensor, m.axis), set()).update(pos.tolist())
-        report.append({"group": g.id, "label": g.label, "size": g.size, "removed_channels": removed.tolist(),
+        report.append({"group": g.id, "label": g.label, "structure": g.structure, "size": g.size,
+                       "removed_channels": removed.tolist(),
                        "tensors": [{"tensor": t, "axis": a, "removed": sorted(p)} for (t, a), p in tensors.items()]})
     return acts, uses, report
 

@@ -49,7 +49,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 # arguments with {w} = the work folder; the words the one-line error must contain
 COLLISIONS = {
-    "prune --report is the input": ("prune {w}/m.onnx -o {w}/o.onnx --report {w}/m.onnx", "is the input MODEL"),
+    "prune --report is the input": ("prune {w}/m.onnx -o {w}/o.onnx --report {w}/m.onnx", "is the input model"),
     "prune --report-md is the input": ("prune {w}/m.onnx -o {w}/o.onnx --report-md {w}/m.onnx", "is the input"),
     "prune --save-plan is the input": ("prune {w}/m.onnx -o {w}/o.onnx --save-plan {w}/m.onnx", "is the input"),
     "prune --save-plan is the --plan": ("prune {w}/m.onnx -o {w}/o.onnx --plan {w}/plan.json "
@@ -64,18 +64,18 @@ COLLISIONS = {
                                          "the same file as -o"),
     "prune --save-plan is --report-md's plot": ("prune {w}/m.onnx -o {w}/o.onnx --report-md {w}/r.md "
                                                 "--save-plan {w}/r.channels.png", "the same file as --report-md"),
-    "prune -o through a symlink to the input": ("prune {w}/m.onnx -o {w}/link.onnx", "is the input MODEL"),
-    "prune -o a hard link of the input": ("prune {w}/m.onnx -o {w}/hard.onnx", "is the input MODEL"),
-    "eval --json is the input": ("eval {w}/m.onnx --data random --json {w}/m.onnx", "is the input MODEL"),
+    "prune -o through a symlink to the input": ("prune {w}/m.onnx -o {w}/link.onnx", "is the input model"),
+    "prune -o a hard link of the input": ("prune {w}/m.onnx -o {w}/hard.onnx", "is the input model"),
+    "eval --json is the input": ("eval {w}/m.onnx --data random --json {w}/m.onnx", "is the input model"),
     "eval --json is the reference": ("eval {w}/m.onnx --data random --reference {w}/e.onnx --json {w}/e.onnx",
                                      "is the input --reference"),
     "eval --json is the data": ("eval {w}/m.onnx --data {w}/data.npz --json {w}/data.npz", "is the input --data"),
     "sparsify --json is the input": ("sparsify {w}/m.onnx -o {w}/o.onnx --sparsity 0.5 --json {w}/m.onnx",
-                                     "is the input MODEL"),
+                                     "is the input model"),
     "sparsify --json is -o": ("sparsify {w}/m.onnx -o {w}/o.onnx --sparsity 0.5 --json {w}/o.onnx",
                               "the same file as -o"),
-    "share --json is the input": ("share {w}/m.onnx -o {w}/o.onnx --json {w}/m.onnx", "is the input MODEL"),
-    "inspect --json is the input": ("inspect {w}/m.onnx --json {w}/m.onnx", "is the input MODEL"),
+    "share --json is the input": ("share {w}/m.onnx -o {w}/o.onnx --json {w}/m.onnx", "is the input model"),
+    "inspect --json is the input": ("inspect {w}/m.onnx --json {w}/m.onnx", "is the input model"),
     "bench --json is the reference": ("bench {w}/m.onnx --reference {w}/e.onnx --json {w}/e.onnx", "is the input"),
     "sensitivity --json is the data": ("sensitivity {w}/m.onnx --data {w}/data.npz --json {w}/data.npz",
                                        "is the input --data"),

@@ -90,3 +90,20 @@ def test_rope_pairs_are_coupled():
     member = next(m for m in qk.members if m.kind == "weight_out")
     idx = member.index.reshape(-1, DH)
     assert (idx[:, : DH // 2] == idx[:, DH // 2:]).all()
+
+
+def test_whole_kv_heads_go_with_the_query_heads_that_read_them(tmp_path):
+    from onnxprune.analysis import analyze
+    a = analyze(llama_attention(), split_carrier="outer")
+    kv = [g for g in a.prunable if g.structure == "kv_head"]
+    assert len(kv) == 1 and kv[0].size == KV
+    r = prune_model(tmp_path, llama_attention(), ratio=0.5, split_carrier="outer")
+    q, k, v, o = _matmul_weights(r.proto)[:4]
+    assert q == [D, D // 2] and k == [D, DH] and o == [D // 2, D]    # one KV head and its H/KV query heads
+    structures = {g["structure"] for g in r.report()["groups"]}
+    assert "kv_head" in structures and "ffn" in structures
+
+
+def test_report_names_the_structure_of_each_group(tmp_path):
+    r = prune_model(tmp_path, llama_attention(), ratio=0.5)
+    assert sorted(g["structure"] for g in r.report()["groups"]) == ["ffn", "head_dim", "head_dim"]

@@ -13,14 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from .. import pipeline, runtime
+from .. import importance, pipeline, report, runtime
 from ..search import budget
 from ..measure import latency, pass_cost
-from ..measure import plots
 from ..data import open_data
 from ..errors import OnnxPruneError
-from ..plan import Policy
-from . import finetune as finetune_cli
+from ..plan import Policy, check_names, nothing_removed, plan_entries, removal_summary
 from . import fmt, options
 
 
@@ -28,11 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove channels, filters and heads; verify; save",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model(p)
-    options.add_output(p)
+    options.add_output(p, required=False)
     g = p.add_argument_group("what to remove")
     g.add_argument("--ratio", default=None, help="fraction of each group's channels to remove (default 0.3; "
                                                  "0 with --slice-hidden)")
-    g.add_argument("--criterion", default="l2", help="importance criterion (default l2; see docs/criteria.md)")
+    g.add_argument("--criterion", default="l2", help="importance criterion: " + ", ".join(importance.CRITERIA)
+                   + " (default l2; the activation-based ones need --calib; see docs/criteria.md)")
     g.add_argument("--group-reduction", default="mean", choices=["mean", "sum", "max"],
                    help="how the scores of coupled layers combine (default mean)")
     g.add_argument("--global", dest="global_ranking", action="store_true",
@@ -95,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="after pruning, fine-tune N steps distilling the original (see 'onnxprune finetune')")
     d.add_argument("--finetune-data", metavar="DATA", help="training data for --finetune-steps (default: --calib)")
-    finetune_cli.add_training_options(p, prefix="finetune-")
+    options.add_training(p, prefix="finetune-")
     options.add_images(p)
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="PATH", help="write the JSON report here")
@@ -150,20 +149,24 @@ def _read_plan(path: str | None):
     if not path:
         return None
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise OnnxPruneError(f"--plan {path}: cannot read a JSON plan ({e.__class__.__name__})") from None
+    try:
+        plan_entries(data)
+    except OnnxPruneError as e:
+        raise OnnxPruneError(f"--plan {path}: {e}") from None
+    return data
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
-    out = Path(args.output)
-    if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
-        raise OnnxPruneError(f"{out}: output path is the input model; choose another -o path")
-    if args.bench_runs < 0:
-        raise OnnxPruneError(f"--bench-runs {args.bench_runs}: must be 0 or more")
+    if not args.output and not args.dry_run:
+        raise OnnxPruneError("-o OUT is required: where to write the pruned model (or --dry-run to plan only)")
+    out = Path(args.output) if args.output else None
+    options.run_count("--bench-runs", args.bench_runs)
     if args.reconstruct_stages is not None and args.reconstruct_stages < 1:
         raise OnnxPruneError(f"--reconstruct-stages {args.reconstruct_stages}: must be 1 or more")
     for flag, path in (("-o", None if args.dry_run else args.output), ("--report", args.report),
@@ -185,8 +188,12 @@ def run(args: argparse.Namespace) -> int:
         pruner.reconstruct_options["stages"] = args.reconstruct_stages
     if plan is None and not pruner.analysis.prunable:
         raise OnnxPruneError(nothing_to_prune(pruner.analysis))
+    check_names(pruner.analysis, args.ignore, "--ignore")
+    check_names(pruner.analysis, policy.ratio_for, "--ratio-for")
     if args.ratios_from:
-        policy.ratio_for.update(_read_ratios(args.ratios_from))
+        suggested = _read_ratios(args.ratios_from)
+        check_names(pruner.analysis, suggested, f"--ratios-from {args.ratios_from}: layer")
+        policy.ratio_for.update(suggested)
         policy.check()
     data = _validation_data(args, pruner)
     if target.active:
@@ -199,8 +206,16 @@ def run(args: argparse.Namespace) -> int:
         if target.max_drop is not None or args.allocation != "uniform":
             raise OnnxPruneError(f"{'--max-drop' if target.max_drop is not None else '--allocation'} goes with "
                                  "a --target-* budget")
-        result = pruner.finish(plan if plan is not None else pruner.plan(policy), verify=not args.no_verify,
-                               reconstruct=args.reconstruct)
+        the_plan = plan if plan is not None else pruner.plan(policy)
+        if plan is None and not the_plan.count():
+            raise OnnxPruneError("the plan removes nothing: " + nothing_removed(
+                removal_summary(pruner.analysis, the_plan, policy), policy) + "; no model written")
+        if plan is not None and not any(g.get("removed") for g in plan.get("groups", [])):
+            raise OnnxPruneError(f"--plan {args.plan} removes nothing; no model written")
+        result = pruner.finish(the_plan, verify=not args.no_verify, reconstruct=args.reconstruct)
+        if plan is None:
+            result.extra["removal"] = removal_summary(pruner.analysis, the_plan, policy)
+            result.extra["removal"]["round_to_is_cli_default"] = args.round_to is None
     if args.finetune_steps and not args.dry_run:
         _finetune(args, pruner, result)
     return _finish(args, result, data, policy, out, pruner, start)
@@ -210,24 +225,23 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
             pruner: pipeline.Pruner | None = None, start: float = 0.0) -> int:
     """Validate, write the plan, model and reports, print the summary."""
     if data is not None:
-        pipeline.validate(result, data, bench_runs=args.bench_runs)
+        pipeline.evaluate(result, data, bench_runs=args.bench_runs)
     if args.save_plan:
         fmt.write_json(args.save_plan, result.plan.to_json(result.analysis))
     if args.dry_run:
         print_summary(result, None)
         return 0
-    size = pipeline.save(result, out)
+    size = pipeline.save(result, out)   # the result now names its output and its size
     passes = _in_passes(pruner, result, time.perf_counter() - start) if pruner is not None else None
-    rep = result.report()
-    rep["output"] = str(out)
-    rep["round_to"] = policy.round_to or 1
-    rep["file_bytes_after"] = size
-    rep["calibration_passes"] = passes
-    rep["runtime"] = runtime.current().to_json()
+    result.extra.update(round_to=policy.round_to or 1, calibration_passes=passes,
+                        runtime=runtime.current().to_json())
     if args.report:
-        fmt.write_json(args.report, rep)
+        fmt.write_json(args.report, result.report())
     if args.report_md:
-        fmt.write_text(args.report_md, markdown_report(result, rep, args.report_md))
+        text, notes = report.markdown(result, args.report_md)
+        fmt.write_text(args.report_md, text)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     print_summary(result, size)
     if passes is not None:
         print(f"prune time {passes['prune_seconds']:.1f} s = {passes['passes']} calibration passes (one onnxruntime "
@@ -289,14 +303,14 @@ def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget,
 
 
 def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
-    cfg = finetune_cli.config_from(args, args.finetune_steps, prefix="finetune-")
+    cfg = options.training_config(args, args.finetune_steps, prefix="finetune-")
     spec = args.finetune_data or args.calib
     if spec in (None, "random"):
         raise OnnxPruneError("--finetune-steps needs real training data: pass --finetune-data DATA.npz "
                              "(or an .npz --calib)")
     data = pruner.data if spec == args.calib and pruner.data is not None else open_data(
         spec, pruner.original.proto, pruner.analysis.input_shapes)
-    pipeline.finetune(result, data, cfg, progress=fmt.progress, log=finetune_cli.log)
+    pipeline.finetune(result, data, cfg, progress=fmt.progress, log=fmt.log)
 
 
 def nothing_to_prune(analysis) -> str:
@@ -323,13 +337,17 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
     if size_after is not None:
         fb = result.original.file_bytes
         rows.append(("file size", fmt.human_bytes(fb), fmt.human_bytes(size_after), pct(fb, size_after)))
-    rows += validation_rows(rep.get("validation"))
+    rows += report.validation_rows(rep.get("validation"))
     fmt.table(None, ["", "before", "after", "after/before"], rows, right=(1, 2, 3))
     ver = result.verification
-    status = ("verified against the masked original" if ver and ver.passed else "NOT verified (--no-verify)")
+    status = ("verified: equals the masked original" if ver and ver.passed else "NOT verified (--no-verify)")
+    worst = ver.worst() if ver and ver.passed else None
+    margin = (f" (largest difference {worst.max_abs:.1e} on '{worst.name}', {100 * worst.max_abs / worst.tolerance:.2g}% "
+              f"of the tolerance applied there, {worst.tolerance:.1e})" if worst is not None and worst.tolerance else "")
     fmt.out.print(f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
-                  f"{rep['groups_frozen']} frozen; {status}"
-                  + (f" (worst relative error {ver.needed_rtol:.1e})" if ver and ver.passed else ""))
+                  f"{rep['groups_frozen']} frozen; {status}{margin}", soft_wrap=True)
+    print_removal(rep.get("removal"))
+    honest_notes(result, rep)
     h = rep.get("hidden")
     if h:
         rv = h.get("rotation_verification") or {}
@@ -351,63 +369,39 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
         print(f"  {note}", file=sys.stderr)
 
 
-def validation_rows(v: dict | None) -> list[tuple]:
-    if not v:
-        return []
-    rows = []
-    pb, pa = v.get("perplexity_before"), v.get("perplexity_after")
-    if pa:
-        ratio = v.get("perplexity_ratio")
-        rows.append(("perplexity", f"{pb['perplexity']:.4g}", f"{pa['perplexity']:.4g}",
-                     "-" if ratio is None else f"{ratio:.3f}x"))
-    b, a = v.get("accuracy_before"), v.get("accuracy_after")
-    if a:
-        rows.append(("top-1 accuracy", f"{100 * b['top1']:.2f}%", f"{100 * a['top1']:.2f}%",
-                     f"{100 * (a['top1'] - b['top1']):+.2f} pt"))
-    for name, f in (v.get("fidelity") or {}).items():
-        if f.get("top1_agreement") is not None:
-            rows.append((f"agreement ({name})", "100%", f"{100 * f['top1_agreement']:.2f}%", ""))
-        rows.append((f"cosine ({name})", "1", f"{f['cosine']:.4f}", ""))
-    if v.get("latency_ms_before"):
-        rows.append(("latency p50", f"{v['latency_ms_before']:.2f} ms", f"{v['latency_ms_after']:.2f} ms",
-                     f"{100 * v['latency_ratio']:.1f}%"))
-    return rows
+def print_removal(removal: dict | None) -> None:
+    """One line: the share of channels really removed against the ratio asked, and the groups left whole."""
+    if not removal or not removal["groups"]:
+        return
+    asked = removal["asked_ratio"]
+    rounding = (f"channel counts in multiples of {removal['round_to']}"
+                + (" (the command line's default on this CPU; the Python API keeps exact ratios unless told)"
+                   if removal.get("round_to_is_cli_default") else "") + "; --round-to 1 keeps exact ratios"
+                if removal["round_to"] > 1 else "exact ratios")
+    per = [g["removed_ratio"] for g in removal["groups"]]
+    line = (f"removed {100 * removal['removed_ratio']:.1f}% of the channels of {len(removal['groups'])} groups"
+            + (f", {100 * min(per):.0f}% to {100 * max(per):.0f}% per group" if max(per) - min(per) > 0.005 else "")
+            + (f" (asked {100 * asked:g}%; {rounding})" if asked is not None else f" ({rounding})"))
+    whole = removal["left_whole"]
+    if whole:
+        names = ", ".join(f"{w['label']} [{w['size']}]" for w in whole[:4]) + (", ..." if len(whole) > 4 else "")
+        line += f"; left whole: {len(whole)} group(s) ({names}) by {whole[0]['why']}"
+    fmt.out.print(line, soft_wrap=True, markup=False)
 
 
-def markdown_report(result: pipeline.PruneResult, rep: dict, md_path: str | None = None) -> str:
-    """The Markdown report; with ``md_path`` and matplotlib, also ``<md stem>.channels.png`` beside it."""
-    b, a = result.before, result.after
-    lines = [f"# onnxprune report: {rep.get('model')}", "",
-             f"criterion `{rep['criterion']}` (importance data: {rep['importance_data']}), "
-             f"reconstruction `{rep.get('reconstruct_mode')}`, channel counts in multiples of "
-             f"{rep.get('round_to', 1)}, verified: **{rep['verified']}**", "",
-             "| | before | after | after/before |", "|---|---:|---:|---:|",
-             f"| params | {b.params:,} | {a.params:,} | {a.params / max(b.params, 1):.3f} |",
-             f"| MACs | {b.macs:,} | {a.macs:,} | {a.macs / max(b.macs, 1):.3f} |"]
-    if rep.get("file_bytes_after"):
-        lines.append(f"| file bytes | {rep['file_bytes_before']:,} | {rep['file_bytes_after']:,} | "
-                     f"{rep['file_bytes_after'] / max(rep['file_bytes_before'], 1):.3f} |")
-    for row in validation_rows(rep.get("validation")):
-        lines.append("| " + " | ".join(str(x) for x in row) + " |")
-    lines += ["", f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
-                  f"{rep['groups_frozen']} frozen", "", "## Pruned groups", "",
-              "| group | first layer | channels | removed |", "|---:|---|---:|---:|"]
-    for g in rep["groups"]:
-        lines.append(f"| {g['group']} | `{g['label']}` | {g['size']} | {len(g['removed_channels'])} |")
-    lines += _channels_plot(rep["groups"], md_path)
-    if rep["frozen"]:
-        lines += ["", "## Frozen groups", "", "| group | first layer | channels | why |", "|---:|---|---:|---|"]
-        for f in rep["frozen"]:
-            lines.append(f"| {f['group']} | `{f['label']}` | {f['size']} | {'; '.join(f['reasons'][:2])} |")
-    return "\n".join(lines) + "\n"
-
-
-def _channels_plot(groups: list[dict], md_path: str | None) -> list[str]:
-    """Markdown lines for the per-layer channels-kept plot, written next to the report when possible."""
-    if not md_path or not groups:
-        return []
-    png = Path(md_path).with_suffix(".channels.png")
-    if not plots.channels_kept(groups, png):
-        print(f"note: {plots.INSTALL_HINT}", file=sys.stderr)
-        return []
-    return ["", f"![channels kept per group]({png.name})"]
+def honest_notes(result: pipeline.PruneResult, rep: dict) -> None:
+    """What 'verified' does not say: outputs nearly constant on the verification inputs, and, without data,
+    that accuracy is unmeasured."""
+    ver = result.verification
+    if ver and ver.passed:
+        flat = ver.nearly_constant(o.name for o in result.original.graph.output)
+        if flat:
+            print(f"note: output(s) {', '.join(repr(n) for n in flat)} hardly varied on the verification inputs "
+                  "(random unless --calib is real data), so their check says little; measure with --data",
+                  file=sys.stderr)
+    if not rep.get("validation"):
+        no_calib = str(rep.get("importance_data")) in ("none", "random", "None", "")
+        print("note: 'verified' means the pruned model computes what the original computes with the removed "
+              "channels zeroed; it says nothing about accuracy, which was not measured (no --data). Measure it "
+              "with --data DATA" + (", and choose channels and repair layers from real inputs with --calib DATA"
+                                    if no_calib else ""), file=sys.stderr)

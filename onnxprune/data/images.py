@@ -23,6 +23,8 @@ Pillow is imported lazily (``pip install onnxprune[images]``).
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +36,7 @@ from .. import ir
 from ..errors import OnnxPruneError
 from .arrays import ArrayData
 
+_NOTED: list = []   # the first image that set off Pillow's decompression-bomb warning
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 PRESETS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
@@ -83,9 +86,17 @@ class Decoder:
         """One image in the model's layout (without the batch axis)."""
         Image = _pil()
         try:
-            with Image.open(path) as im:
-                im = self._fit(im.convert("L" if self.channels == 1 else "RGB"), Image)
-                px = np.asarray(im, dtype=np.uint8)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    pixels = im.size[0] * im.size[1]
+                    im = self._fit(im.convert("L" if self.channels == 1 else "RGB"), Image)
+                    px = np.asarray(im, dtype=np.uint8)
+            if caught and not _NOTED:  # Pillow's multi-line warning becomes one line, once per run
+                _NOTED.append(path)
+                print(f"note: {path}: {pixels / 1e6:.0f} megapixels, over Pillow's decompression-bomb threshold "
+                      f"({(Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f}); decoded anyway (other large images "
+                      "are not reported)", file=sys.stderr)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise OnnxPruneError(f"{path}: cannot decode image ({e.__class__.__name__}); remove it or "
                                  "convert it to PNG/JPEG") from None

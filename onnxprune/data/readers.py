@@ -10,6 +10,7 @@ door over all of them is ``data.open_data``.
 
 from __future__ import annotations
 
+import sys
 import zipfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import onnx
 
 from .. import ir
 from ..errors import OnnxPruneError
+from ..ir.checks import available_memory, human_bytes
 from .arrays import ArrayData
 
 
@@ -29,8 +31,7 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
     if p.is_dir():
         raise OnnxPruneError(f"{p}: is a directory; pass an .npz file (open image folders with data.open_data)")
     try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = read_npz(p)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise OnnxPruneError(f"{p}: not a readable .npz file ({e.__class__.__name__})") from None
     labels = arrays.pop("labels", None)
@@ -67,11 +68,73 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
             if want_d and a.shape[i] != want_d:
                 wants = f"the model wants {dims}" if static else f"--input-shape gives {input_shapes[vi.name]}"
                 raise OnnxPruneError(f"{p}: array '{vi.name}' has shape {list(a.shape)}, {wants}")
+    for name, a in arrays.items():
+        if a.dtype.kind in "fc":
+            bad = ~np.isfinite(a)
+            if bad.any():
+                first = int(np.argwhere(bad)[0][0])
+                raise OnnxPruneError(f"{p}: array '{name}' holds {int(bad.sum())} NaN or infinite value(s) "
+                                     f"(first in sample {first}); clean the data or drop those samples")
     if labels is not None:
         if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != next(iter(counts)):
             raise OnnxPruneError(f"{p}: 'labels' must be a 1-D int array with one label per sample")
         labels = labels.astype(np.int64)
+        if len(labels) and labels.min() < 0:
+            raise OnnxPruneError(f"{p}: 'labels' range over [{labels.min()}, {labels.max()}]; class indices "
+                                 "start at 0")
     return ArrayData(arrays, labels, kind="npz", source=str(p))
+
+
+def _npy_header(fh) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy stream ``fh``, which is left at the start of the data."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(fh)
+
+
+def read_npz(p: Path, budget: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, reading at most ``budget`` bytes (default: a quarter of the memory available).
+
+    Sizes are taken from each array's header before anything is decompressed: when the arrays would
+    take more, only the first samples that fit are read (streamed, so a zip bomb never expands) and a
+    note on stderr says how many."""
+    if budget is None:
+        avail = available_memory()
+        budget = max(avail // 4, 2**28) if avail else 2**32
+    with zipfile.ZipFile(p) as zf:
+        members = {}
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as fh:
+                shape, fortran, dtype = _npy_header(fh)
+            if dtype.hasobject:
+                raise ValueError("object arrays are not data")
+            members[info.filename[:-4]] = (info, shape, fortran, dtype)
+        total = sum(int(np.prod(shape, dtype=object)) * dtype.itemsize for _, shape, _, dtype in members.values())
+        if total <= budget:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        n = min((shape[0] for _, shape, _, _ in members.values() if shape), default=0)
+        per_sample = sum(int(np.prod(shape[1:], dtype=object)) * dtype.itemsize
+                         for _, shape, _, dtype in members.values() if shape)
+        keep = int(min(n, budget // max(per_sample, 1)))
+        if keep < 1 or any(f for _, shape, f, _ in members.values() if len(shape) > 1):
+            raise OnnxPruneError(f"{p}: its arrays would take {human_bytes(total)}, more than the "
+                                 f"{human_bytes(budget)} onnxprune reads at once; make a smaller file")
+        arrays = {}
+        for name, (info, shape, _, dtype) in members.items():
+            with zf.open(info) as fh:
+                _npy_header(fh)
+                rows = keep if shape else 1
+                count = rows * int(np.prod(shape[1:], dtype=object)) if shape else 1
+                buf = fh.read(count * dtype.itemsize)
+                if len(buf) != count * dtype.itemsize:
+                    raise ValueError("truncated array")
+                arrays[name] = np.frombuffer(buf, dtype=dtype).reshape((rows, *shape[1:]) if shape else ()).copy()
+    print(f"note: {p}: read the first {keep} of {n} samples ({human_bytes(total)} in all, more than "
+          f"the {human_bytes(budget)} read at once)", file=sys.stderr)
+    return arrays
 
 
 def bind_shapes(proto: onnx.ModelProto, data: ArrayData, explicit: dict[str, list[int]] | None = None

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import OnnxPruneError
-from . import limits, safety
+from . import checks, limits, safety
 from .external import (check_locations, has_external, is_lazy, locations, mark_lazy, model_size_bytes,
                        write_external)
 from .ortops import contrib_ops, for_checker, note, ort_load
@@ -86,6 +86,10 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> Model:
             onnx.load_external_data_for_model(proto, str(p.parent))
     except Exception as e:  # unreadable or short external data
         raise OnnxPruneError(f"{p}: cannot read external data ({e})") from None
+    try:
+        checks.check_sizes(proto, p.parent)
+    except OnnxPruneError as e:
+        raise OnnxPruneError(f"{p}: {e}") from None
     try:
         check_structure(proto)
     except Exception as e:

@@ -45,14 +45,39 @@ def note(ops: list[str]) -> str:
 
 def ort_load(model: str | bytes, what: str) -> None:
     """Create an onnxruntime session for ``model`` (a path, or serialized bytes); failure is a user error."""
-    import onnxruntime as ort
+    from .. import runtime  # the one place that loads models into a runtime (imported late: it builds on ir)
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
     try:
-        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        why = " ".join(str(e).split())[:300] or type(e).__name__
+        runtime.session(model, role="reference", optimize=False)
+    except OnnxPruneError as e:
+        why = str(e).removeprefix("onnxruntime cannot load the model: ")[:300]
         raise OnnxPruneError(f"{what}: onnxruntime cannot load the model ({why}); onnx.checker cannot judge "
                              "its contrib ops, so onnxruntime's load is the check") from None
+
+
+def int8_activations(proto: onnx.ModelProto) -> bool:
+    """Whether some ``MatMulNBits`` lets onnxruntime round its activations (``accuracy_level`` > 0)."""
+    return any(n.op_type == "MatMulNBits" and n.domain == MS and
+               any(a.name == "accuracy_level" and a.i > 0 for a in n.attribute) for n in proto.graph.node)
+
+
+def float_activations(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of ``proto`` whose ``MatMulNBits`` compute with float activations (``accuracy_level`` 0),
+    or None when none asks for less. With ``accuracy_level`` 4 onnxruntime rounds each activation block
+    to int8, so a change of 1e-6 anywhere can flip a rounding and no two graphs compare exactly;
+    verification compares the pruned weights and structure at float precision instead."""
+    if not int8_activations(proto):
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for n in out.graph.node:
+        if n.op_type == "MatMulNBits" and n.domain == MS:
+            for a in n.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+    return out
+
+
+FLOAT_NOTE = ("verified with MatMulNBits' accuracy_level 0 (float activations) in both models: at the saved "
+              "accuracy_level onnxruntime rounds activations to int8, where a change of 1e-6 flips roundings, "
+              "so no exact comparison exists there; the saved model keeps its accuracy_level")

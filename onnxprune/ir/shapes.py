@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxPruneError
+from . import checks
 from .constants import constant_tensor
 from .proto import copy_header, np_dtype
 
@@ -83,6 +84,7 @@ def resolve_input_shapes(proto: onnx.ModelProto, overrides: dict[str, list[int]]
         else:
             shapes[vi.name] = [d if isinstance(d, int) and d > 0 else named[d][0] if d in named else default_dim
                                for d in dims]
+    checks.check_fits(proto, shapes)
     return shapes
 
 

@@ -134,8 +134,9 @@ class TopK:
                                  "scores [N, C] (drop 'labels' from the data, or name the logits output)")
         self.classes = scores.shape[1]
         if labels.size and (labels.min() < 0 or labels.max() >= self.classes):
-            raise OnnxPruneError(f"labels range over [{labels.min()}, {labels.max()}] but output "
-                                 f"'{self.output}' has {self.classes} classes")
+            bad = labels[(labels < 0) | (labels >= self.classes)]
+            raise OnnxPruneError(f"label {bad[0]} is out of range: output '{self.output}' has {self.classes} "
+                                 f"classes, so labels must be in [0, {self.classes - 1}]")
         s = np.nan_to_num(scores.astype(np.float64), nan=-np.inf)
         mine = s[np.arange(len(labels)), labels]
         rank = (s >= mine[:, None]).sum(axis=1) - 1  # other classes scoring at least as high

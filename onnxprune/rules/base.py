@@ -159,6 +159,11 @@ class NodeCtx:
             return v, np.zeros(v.shape, dtype=bool)
         return self._a.elements(t.name)
 
+    @property
+    def varies_note(self) -> str:
+        """How an element read at run time (see :meth:`elements`) is described in a reason."""
+        return self._a.vary_note
+
     def is_const(self, t: gs.Tensor | int) -> bool:
         return isinstance(self._t(t), gs.Constant)
 
@@ -252,6 +257,10 @@ class NodeCtx:
         def fix(view):
             view.take(node, i, axis, view.kept(out_name))
         self.fixup(fix)
+
+    def note_structure(self, ids: np.ndarray, role: str) -> None:
+        """Say what these channels are (``head``, ``head_dim``), for the report."""
+        self._a.structure_notes.append((np.asarray(ids, dtype=np.int64), role))
 
     def read_channel_count(self, ids: np.ndarray, out: int = 0, position: int | None = None) -> None:
         """Output ``out`` holds these channels' count (Shape, Size): at element ``position``, or

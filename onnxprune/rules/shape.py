@@ -68,6 +68,9 @@ def fold(ctx: NodeCtx, in_shape: list[int], out_shape: list[int]) -> int | None:
         return None
     out_axis = rb[carrier]
     ctx.set(0, out_axis, ids)
+    if len([k for k in rb if out_shape[k] > 1]) > 1:   # a split: outer axis = heads, inner = within a head
+        ctx.note_structure(ids, "head" if carrier == min(range(len(rb)), key=lambda c: (out_shape[rb[c]] == 1, c))
+                           else "head_dim")
     return out_axis
 
 
@@ -113,7 +116,7 @@ def _shape_element(ctx: NodeCtx, i: int, k: int, what: str) -> int | None:
     if not 0 <= k < len(value):
         return None
     if varies[k]:
-        raise Unsupported(f"{what} element {k} (the channel axis) changes with a symbolic input dimension")
+        raise Unsupported(f"{what} element {k} (the channel axis) {ctx.varies_note}")
     return int(value[k])
 
 
@@ -251,7 +254,7 @@ def _slice_args(ctx: NodeCtx, rank: int):
         varies.append(None if el is None else el[1].reshape(-1))
     starts, ends, axes, steps = vals
     if varies[2] is not None and varies[2].any():
-        raise Unsupported("slice axes change with a symbolic input dimension")
+        raise Unsupported(f"slice axes: {ctx.varies_note}")
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
     still = np.zeros(len(starts), dtype=bool)
@@ -272,7 +275,7 @@ def slice_(ctx: NodeCtx) -> None:
         return
     k = axes.index(lab.axis)
     if any(m[k] for m in varies):
-        raise Unsupported("slice bounds of the channel axis change with a symbolic input dimension")
+        raise Unsupported(f"slice bounds of the channel axis: {ctx.varies_note}")
     n = len(lab.ids)
     picked = np.arange(n)[slice(int(starts[k]), int(ends[k]), int(steps[k]))]
     if len(picked) == n and steps[k] == 1:

@@ -3,8 +3,8 @@
     run = finetune(pruned, data, teacher=original, config=FinetuneConfig(steps=300, lr=1e-3))
     ir.save(run.proto, "out.onnx")          # the best checkpoint, same initializer names and shapes
 
-One gradient graph (:mod:`onnxprune.autodiff`, weights as graph inputs, its
-convolutions lowered to onnxruntime's blocked kernels by :mod:`~onnxprune.autodiff.nchwc`)
+One gradient graph (:mod:`onnxprune.train.autodiff`, weights as graph inputs, its
+convolutions lowered to onnxruntime's blocked kernels by :mod:`~onnxprune.train.autodiff.nchwc`)
 and one onnxruntime session are built once; the weights live as numpy arrays that Adam
 or SGD (momentum) updates in place. Per batch the teacher's output comes from
 its own session. The loss on the first output is
@@ -16,7 +16,7 @@ its own session. The loss on the first output is
 
 A held-out split of the data (``holdout``) is evaluated every ``eval_every`` steps
 (top-1 accuracy with labels, else top-1 agreement with the teacher, else relative
-error) with :mod:`onnxprune.validate`; the best checkpoint, step 0 included, is kept.
+error) with :mod:`onnxprune.measure.quality`; the best checkpoint, step 0 included, is kept.
 """
 
 from __future__ import annotations
@@ -65,10 +65,15 @@ class FinetuneConfig:
 
     def check(self, prefix: str = "") -> None:
         """Raise :class:`OnnxPruneError` for values out of range, naming the option (``--{prefix}lr``...)."""
-        bad = (("steps", self.steps < 0, "must be 0 or more"), ("lr", self.lr <= 0, "must be positive"),
+        for name, v in (("lr", self.lr), ("alpha", self.alpha), ("temperature", self.temperature),
+                        ("weight-decay", self.weight_decay), ("holdout", self.holdout)):
+            if not math.isfinite(v):
+                raise OnnxPruneError(f"--{prefix}{name} {v}: must be a finite number")
+        bad = (("steps", self.steps < 0, "must be 0 or more"), ("lr", not self.lr > 0, "must be positive"),
+               ("lr", self.lr > 10, "above 10 diverges; typical values are 1e-4 to 1e-2"),
                ("batch", self.batch_size < 1, "must be at least 1"),
                ("alpha", not 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
-               ("temperature", self.temperature <= 0, "must be positive"),
+               ("temperature", not self.temperature > 0, "must be positive"),
                ("optimizer", self.optimizer not in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
                ("schedule", self.schedule not in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
                ("weight-decay", self.weight_decay < 0, "must be 0 or more"),
