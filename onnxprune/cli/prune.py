@@ -316,7 +316,8 @@ def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget,
                                  "drop --hidden-keep and --ratio")
         from ..ir import load
         width, fr = hidden.slicing.width_for_budget(load(args.model), params=target.params, macs=target.macs,
-                                                    input_shapes=options.input_shapes(args), round_to=round_to)
+                                                    input_shapes=options.input_shapes(args), round_to=round_to,
+                                                    inplace=True)
     result = pipeline.prune_sliced(args.model, policy=policy, criterion=args.criterion, calib=args.calib,
                                    input_shapes=options.input_shapes(args), width=width, keep=keep,
                                    round_to=round_to, verify=not args.no_verify, reconstruct=args.reconstruct,
