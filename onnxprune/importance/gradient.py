@@ -34,7 +34,7 @@ from ..groups import ACTIVATION, Group
 from .base import Criterion
 from .context import ScoreContext
 from .layers import to_channels
-from .stats import Needs, _fit_fixed_batch
+from .stats import Needs, fit_fixed_batch
 from .weights import weight_members
 
 NOISE_SEED = 0
@@ -124,7 +124,7 @@ def measure(ctx: ScoreContext, st: _Gradients, acts: list[tuple[str, int]], weig
     model, products = _with_products(gm, acts, ctx.analysis.shapes, proto)
     fetch = list(products.values()) + [gm.grad_names[w] for w in weights]
     sess = runtime.session(model)
-    batch_size, limit = _fit_fixed_batch(proto, data, ctx.batch_size, ctx.limit)
+    batch_size, limit = fit_fixed_batch(proto, data, ctx.batch_size, ctx.limit)
     n_batches = -(-(data.num_samples if limit is None else min(limit, data.num_samples)) // batch_size)
     it = zip(data.batches(batch_size, limit), target.labels(data, batch_size, limit))
     if ctx.progress:

@@ -286,7 +286,7 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
     """
     rng = np.random.default_rng(seed)
     bins = max(2, bins + bins % 2)
-    batch_size, limit = _fit_fixed_batch(proto, data, batch_size, limit)
+    batch_size, limit = fit_fixed_batch(proto, data, batch_size, limit)
     inputs = {vi.name for vi in ir.graph_inputs(proto)}
     wanted = {t for t, _ in needs.moments | needs.hist} | {s.x for s in needs.grams.values()}
     hist_keys = needs.hist
@@ -329,7 +329,8 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
     return stats
 
 
-def _fit_fixed_batch(proto: onnx.ModelProto, data: DataSource, batch_size: int, limit: int | None):
+def fit_fixed_batch(proto: onnx.ModelProto, data: DataSource, batch_size: int, limit: int | None):
+    """``batch_size`` and ``limit`` fitted to a model whose inputs share one fixed batch size."""
     dims = {(ir.input_dims(vi) or [None])[0] for vi in ir.graph_inputs(proto)}
     fixed = dims.pop() if len(dims) == 1 else None
     if not isinstance(fixed, int) or fixed <= 0:

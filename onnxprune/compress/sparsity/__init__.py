@@ -57,7 +57,7 @@ from ...errors import OnnxPruneError
 from .options import CALIBRATED, CRITERIA, MIN_SIZE, Options, Pattern
 from .storage import compressed_size, compression_method, model_files
 from .sites import Site, find_sites, initializer_arrays, node_label, set_initializers, weights_as_initializers
-from .masks import _quota, lowest
+from .masks import quota, lowest
 from .criteria import CRITERION_RULES, Stats, output_error, relative_error
 
 __all__ = ["CALIBRATED", "CRITERIA", "MIN_SIZE", "Options", "Pattern", "Result", "LayerResult", "Site", "Stats",
@@ -210,7 +210,7 @@ def fixed_batch(proto: onnx.ModelProto) -> int | None:
 def _global_masks(proto: onnx.ModelProto, sites: list[Site], opts: Options) -> dict[str, np.ndarray]:
     arrays = initializer_arrays(proto, [s.tensor for s in sites])
     flat = np.concatenate([np.abs(arrays[s.tensor].astype(np.float64)).ravel() for s in sites])
-    mask = lowest(flat, _quota(opts.target, flat.size))
+    mask = lowest(flat, quota(opts.target, flat.size))
     out, at = {}, 0
     for s in sites:
         out[s.tensor] = mask[at:at + s.numel].reshape(s.layout.shape)
