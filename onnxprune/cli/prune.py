@@ -225,7 +225,7 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
             pruner: pipeline.Pruner | None = None, start: float = 0.0) -> int:
     """Validate, write the plan, model and reports, print the summary."""
     if data is not None:
-        pipeline.evaluate(result, data, bench_runs=args.bench_runs)
+        pipeline.evaluate(result, data, bench_runs=args.bench_runs, progress=fmt.progress)
     if args.save_plan:
         fmt.write_json(args.save_plan, result.plan.to_json(result.analysis))
     if args.dry_run:
