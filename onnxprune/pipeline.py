@@ -21,7 +21,7 @@ import onnx
 
 from . import fold, ir, rewrite, runtime, verify as verify_mod
 from .measure import counts, latency, quality
-from .measure.clock import stage_time
+from .measure.clock import peak_rss_mb, stage_time
 from .analysis import analyze
 from .data import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
@@ -293,19 +293,29 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
         ir.materialize(original)
         data = calib_data(calib, original.proto, input_shapes or {})
     with stage_time(seconds, "slice_hidden"):
+        # the loaded model is ours: node names and no-op casts are fixed in place, not in a copy
         h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
-                                progress=progress)
-    sliced = ir.Model(h.proto)
+                                progress=progress, inplace=not isinstance(model, ir.Model))
     policy.check()
-    active = policy.ratio > 0 or any(r > 0 for r in policy.ratio_for.values())
-    pruner = Pruner(sliced, criterion=criterion, input_shapes=input_shapes, calib=data, progress=progress,
-                    score=active)
-    result = pruner.finish(pruner.plan(policy) if active else Plan({}), verify=verify, rtol=rtol,
-                           reconstruct=reconstruct if active else "none")
-    result.seconds = {**seconds, **result.seconds}
+    shapes = input_shapes or {}
+    if data is not None and data.kind != "random":
+        shapes = bind_shapes(original.proto, data, input_shapes)
+    shapes = ir.resolve_input_shapes(original.proto, shapes)
+    if policy.ratio > 0 or any(r > 0 for r in policy.ratio_for.values()):
+        pruner = Pruner(ir.Model(h.proto), criterion=criterion, input_shapes=input_shapes, calib=data,
+                        progress=progress)
+        result = pruner.finish(pruner.plan(policy), verify=verify, rtol=rtol, reconstruct=reconstruct)
+        result.seconds = {**seconds, **result.seconds}
+    else:   # slicing alone: the verification is the rotation's
+        with stage_time(seconds, "measure"):
+            after = counts.summarize(h.proto, shapes)
+        result = PruneResult(h.proto, original, Analysis([], [], {}, shapes), Plan({}),
+                             rewrite.RewriteResult(h.proto, {}, input_shapes=shapes), h.rotation, after, after,
+                             "none", "none" if data is None else data.kind, seconds)
+        result.extra["peak_rss_mb"] = {"end": peak_rss_mb()}
     result.extra["hidden"] = h.to_json()
     result.original = original
-    result.before = counts.summarize(original.proto, result.analysis.input_shapes)
+    result.before = counts.summarize(original.proto, shapes)
     result.plan.notes.append(f"hidden width {h.width_before} -> {h.width_after} (rotation verified exact: "
                              f"{bool(h.rotation and h.rotation.passed)}; slicing is approximate, measure it "
                              "with --data)")

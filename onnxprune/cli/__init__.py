@@ -12,7 +12,7 @@ import sys
 from ..errors import OnnxPruneError, VerificationError
 from . import options
 
-COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune"]
+COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune", "quantize"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -53,10 +53,9 @@ def plain(text: str | None) -> str | None:
 def version_line() -> str:
     import numpy
     import onnx
-    import onnxruntime
 
-    from .. import __version__
-    return (f"onnxprune {__version__} (onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
+    from .. import __version__, runtime
+    return (f"onnxprune {__version__} (onnx {onnx.__version__}, onnxruntime {runtime.version()}, "
             f"numpy {numpy.__version__})")
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from .. import importance, pipeline, report, runtime
 from ..search import budget
-from ..measure import latency, pass_cost
+from ..measure import clock, latency, pass_cost
+from ..compress import quantize as quant
 from ..data import open_data
+from ..runtime import ortformat
 from ..errors import OnnxPruneError
 from ..plan import Policy, check_names, nothing_removed, plan_entries, removal_summary
 from . import fmt, options
@@ -102,6 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--save-plan", metavar="PATH", help="write the plan (removed channels per group) as JSON")
     o.add_argument("--dry-run", action="store_true", help="analyse, score and plan; write nothing but the plan")
     o.add_argument("--no-verify", action="store_true", help="skip the masked-reference check (not recommended)")
+    options.add_quantize(p, prefix="quantize-")
+    options.add_ort(p)
     options.add_runtime(p)
     p.set_defaults(func=run)
 
@@ -224,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
 def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy: Policy, out: Path,
             pruner: pipeline.Pruner | None = None, start: float = 0.0) -> int:
     """Validate, write the plan, model and reports, print the summary."""
+    if args.quantize and not args.dry_run:
+        _quantize(args, result, data, pruner)
     if data is not None:
         pipeline.evaluate(result, data, bench_runs=args.bench_runs, progress=fmt.progress)
     if args.save_plan:
@@ -232,6 +238,7 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
         print_summary(result, None)
         return 0
     size = pipeline.save(result, out)   # the result now names its output and its size
+    result.extra["formats"] = ortformat.formats(out, size, result.proto, args.ort, options.input_shapes(args))
     passes = _in_passes(pruner, result, time.perf_counter() - start) if pruner is not None else None
     result.extra.update(round_to=policy.round_to or 1, calibration_passes=passes,
                         runtime=runtime.current().to_json())
@@ -248,6 +255,23 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
               f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s)",
               file=sys.stderr)
     return 0
+
+
+def _quantize(args: argparse.Namespace, result: pipeline.PruneResult, data, pruner) -> None:
+    """INT8 after pruning: the pruned float model is measured as the quantizer's input, the original as
+    the chain's start (see 'onnxprune quantize'); the saved model and ``--data`` rows become the INT8 ones."""
+    calib = pruner.data if pruner is not None else None
+    if not args.quantize_dynamic and (calib is None or calib.kind == "random"):
+        raise OnnxPruneError("--quantize int8 needs real --calib data for activation ranges (or --quantize-dynamic)")
+    with clock.stage_time(result.seconds, "quantize"):
+        q, how = quant.quantize(result.proto, None if args.quantize_dynamic else calib,
+                                dynamic=args.quantize_dynamic, per_channel=not args.quantize_per_tensor,
+                                samples=args.quantize_calib_samples)
+    if data is not None and data.kind != "tokens":
+        how["measured"] = quant.measure(q, result.proto, data, original=result.original.proto,
+                                        bench_runs=args.bench_runs, input_shapes=options.input_shapes(args))
+    result.proto = q
+    result.extra["quantization"] = how
 
 
 def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: float) -> dict | None:
@@ -292,7 +316,8 @@ def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget,
                                  "drop --hidden-keep and --ratio")
         from ..ir import load
         width, fr = hidden.slicing.width_for_budget(load(args.model), params=target.params, macs=target.macs,
-                                                    input_shapes=options.input_shapes(args), round_to=round_to)
+                                                    input_shapes=options.input_shapes(args), round_to=round_to,
+                                                    inplace=True)
     result = pipeline.prune_sliced(args.model, policy=policy, criterion=args.criterion, calib=args.calib,
                                    input_shapes=options.input_shapes(args), width=width, keep=keep,
                                    round_to=round_to, verify=not args.no_verify, reconstruct=args.reconstruct,

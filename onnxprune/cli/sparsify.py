@@ -78,14 +78,8 @@ def run(args: argparse.Namespace) -> int:
     model = ir.load(args.model)
     calib = open_data(args.calib, model.proto, shapes, opts.calib_samples) if args.calib else None
     result = sparsity.sparsify(model.proto, opts, calib, progress=fmt.progress)
-    report = save_and_measure(model, result.proto, out, _fidelity_data(args, model, shapes, calib), shapes)
-    report = {
-        "sparsity": opts.target, "pattern": None if opts.pattern is None else str(opts.pattern),
-        "criterion": opts.criterion, "global": opts.global_scope,
-        "achieved_sparsity": result.achieved_sparsity,
-        "layers": [lr.as_dict() for lr in result.layers], "skipped": result.skipped,
-        "calibration": None if calib is None else (calib.source or calib.kind), **report,
-    }
+    saved = save_and_measure(model, result.proto, out, _fidelity_data(args, model, shapes, calib), shapes)
+    report = result.report(saved, None if calib is None else (calib.source or calib.kind))
     fmt.table(f"{opts.criterion} sparsity {opts.target:.0%}" + (f", pattern {opts.pattern}" if opts.pattern else ""),
               ["layer", "shape", "sparsity", "weight err", "output err", "note"],
               [[lr.name, "x".join(map(str, lr.shape)), f"{lr.sparsity:.1%}", f"{lr.weight_error:.4f}",
