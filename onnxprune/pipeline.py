@@ -117,8 +117,8 @@ class Pruner:
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with stage_time(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
-            data = None if calib is None or calib == "random" else calib_data(calib, self.original.proto,
-                                                                               input_shapes or {})
+            no_calib = calib is None or isinstance(calib, str) and calib == "random"
+            data = None if no_calib else calib_data(calib, self.original.proto, input_shapes or {})
             shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
             self.analysis = analyze(self.original, shapes, split_carrier=split_carrier, kv_cache=kv_cache)
         self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
@@ -353,7 +353,8 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     return result
 
 
-def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
+def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64,
+             progress=None) -> dict:
     """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
     :func:`measure.perplexity.token_data`), and interleaved latency.
 
@@ -371,7 +372,7 @@ def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
                                    if before["perplexity"] and after["perplexity"] is not None else None)
     else:
         m = quality.compare(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
-                         want_accuracy=data.labels is not None)
+                            want_accuracy=data.labels is not None, progress=progress)
         out["accuracy_before"] = m.reference_accuracy
         out["accuracy_after"] = m.accuracy
         out["fidelity"] = m.fidelity

@@ -234,7 +234,7 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
     if args.quantize and not args.dry_run:
         _quantize(args, result, data, pruner)
     if data is not None:
-        pipeline.evaluate(result, data, bench_runs=args.bench_runs)
+        pipeline.evaluate(result, data, bench_runs=args.bench_runs, progress=fmt.progress)
     if args.save_plan:
         fmt.write_json(args.save_plan, result.plan.to_json(result.analysis))
     if args.dry_run:
