@@ -456,7 +456,7 @@ def write_doc(path: Path, results: dict, man: dict, n_magika: int) -> None:
             continue
         lines += [f"### {title}", "", metric.format(n=counts[name]) + f"; baseline **{base['accuracy']:.2f}**.", "",
                   "| setting | target | accuracy | vs baseline | MACs | params | latency | criterion | prune s "
-                  "| calibration passes | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| calibration passes (wall / CPU) | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in results.items():
             parts = key.split("|")
             if parts[0] != name or len(parts) != 3:
@@ -469,7 +469,7 @@ def write_doc(path: Path, results: dict, man: dict, n_magika: int) -> None:
             p = r.get("passes") or {}
             lines.append(f"| {parts[1]} | {parts[2]} | {r['accuracy']:.2f} | {r['accuracy'] - base['accuracy']:+.2f} | "
                          f"{r['macs']:.3f}x | {r['params']:.3f}x | {r['latency_ratio']:.2f}x | `{r['criterion']}` | "
-                         f"{r['wall_seconds']:.0f} | {p.get('passes', '-')} | {r['load_start']} |")
+                         f"{r['wall_seconds']:.0f} | {p.get('passes', '-')} / {p.get('cpu_passes', '-')} | {r['load_start']} |")
         trials = [(k, r["trial"]) for k, r in results.items() if k.startswith(name + "|") and r.get("trial")]
         for k, t in trials:
             cands = "; ".join(f"`{c['criterion']}` {c['rel_error']:.4f}" + (f" ({c['trial_seconds']:.0f} s)"
