@@ -165,6 +165,9 @@ class Pruner:
                 ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
                                         feeds, rtol=rtol, pruned_bytes=data_bytes)
             if not ver.passed:
+                _blame_target(ver, lambda: verify_mod.verify(original, result.proto, result.removed_positions,
+                                                             analysis.shapes, feeds, rtol=rtol,
+                                                             pruned_bytes=data_bytes))
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
@@ -231,7 +234,7 @@ def prune(model: str | os.PathLike | ir.Model, *, policy: Policy | None = None, 
     """
     here = runtime.current()  # its settings, with a count of this call's sessions alone
     target = runtime.Target(here.runtime, providers or here.providers, {**here.options, **(session_options or {})},
-                            here.device)
+                            here.device, outer=here)
     with runtime.use(target):
         if slice_hidden:
             result = prune_sliced(model, policy=policy or Policy(ratio=0.0), criterion=criterion, calib=calib,
@@ -361,6 +364,21 @@ def _check_like(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise VerificationError(f"the pruned model fails onnx.checker: {first}") from None
+
+
+def _blame_target(ver: verify_mod.Verification, again) -> None:
+    """A failure on a target other than onnxruntime's CPU provider is checked again there: when the
+    pruned model is right on the CPU, the target computes the graph differently, and the error says so."""
+    if runtime.current().cpu_only:
+        return
+    with runtime.use(runtime.Target(outer=runtime.current())):
+        cpu = again()
+    if cpu.passed:
+        raise VerificationError(f"the pruned model matches its masked original in onnxruntime on the CPU "
+                                f"(worst relative error {cpu.needed_rtol:.1e}) but not in "
+                                f"{ver.checked_by.get('deployed', 'the target runtime')}: {_describe_failure(ver)}; "
+                                "the target runtime computes this graph differently (run its own accuracy check "
+                                "with --data, or prune for --runtime onnxruntime)")
 
 
 def _describe_failure(ver: verify_mod.Verification) -> str:

@@ -1,4 +1,4 @@
-"""``onnxprune bench``: onnxruntime latency of a model, and its ratio to a reference.
+"""``onnxprune bench``: latency of a model in onnxruntime or OpenVINO, and its ratio to a reference.
 
     onnxprune bench pruned.onnx --reference model.onnx --runs 100 --threads 1
 
@@ -11,8 +11,9 @@ JSON keys (stable)::
 
     models       {name: {"p50_ms", "p90_ms", "mean_ms", "min_ms", "std_ms", "runs"}}, the model first
     ratio_p50    p50 of the model / p50 of the reference, or null without --reference
-    threads      onnxruntime intra-op threads used (its default is recorded as the CPU count)
-    provider     execution provider, e.g. CPUExecutionProvider
+    threads      intra-op threads used (onnxruntime's default is recorded as the CPU count)
+    provider     execution provider (e.g. CPUExecutionProvider) or OpenVINO device (CPU)
+    runtime      where it ran: {"runtime": onnxruntime|openvino, "providers", "session_options", "sessions"}
     batch_size   samples per run
 """
 
@@ -26,13 +27,13 @@ from . import fmt, options
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="onnxruntime latency of a model, and its ratio to a reference",
+    p = sub.add_parser("bench", help="latency of a model (onnxruntime or OpenVINO), and its ratio to a reference",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model(p)
     p.add_argument("--reference", metavar="ORIG", help="original model to compare against (run interleaved)")
     p.add_argument("--runs", type=int, default=50, metavar="N", help="timed runs per model (default 50)")
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed runs first (default 10)")
-    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: the runtime's)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="samples per run (default 1)")
     options.add_input_shapes(p)
     options.add_json(p, "latencies")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 def print_result(result: latency.Benchmark) -> None:
     first = next(iter(result.values()))
-    fmt.out.print(f"latency in ms: {first.runs} runs, {first.threads} threads, {first.provider}, "
+    fmt.out.print(f"latency in ms: {first.runs} runs, {first.threads} threads, {first.runtime} {first.provider}, "
                   f"batch size {first.batch_size}", soft_wrap=True)
     fmt.table(None, ["model", "p50", "p90", "mean", "min", "std"],
               [[name, f"{s.p50:.3f}", f"{s.p90:.3f}", f"{s.mean:.3f}", f"{s.min:.3f}", f"{s.std:.3f}"]

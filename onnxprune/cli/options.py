@@ -141,6 +141,10 @@ def writable_file(flag: str, value: str | None) -> Path | None:
 def add_runtime(parser: argparse.ArgumentParser) -> None:
     """Where models run: onnxruntime's execution providers and session options (every session)."""
     g = parser.add_argument_group("runtime (every session this command opens)")
+    g.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="where the model runs as deployed: latency, accuracy and the pruned side of verification "
+                        "(default onnxruntime; openvino needs onnxprune[openvino], CPU device, float32); "
+                        "calibration, gradients and fine-tuning stay in onnxruntime")
     g.add_argument("--provider", metavar="NAME[,NAME...]",
                    help="onnxruntime execution providers in order of preference, e.g. "
                         "CUDAExecutionProvider,CPUExecutionProvider (default CPUExecutionProvider); "

@@ -45,14 +45,11 @@ def note(ops: list[str]) -> str:
 
 def ort_load(model: str | bytes, what: str) -> None:
     """Create an onnxruntime session for ``model`` (a path, or serialized bytes); failure is a user error."""
-    import onnxruntime as ort
+    from .. import runtime  # the one place that loads models into a runtime (imported late: it builds on ir)
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
     try:
-        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        why = " ".join(str(e).split())[:300] or type(e).__name__
+        runtime.session(model, role="reference", optimize=False)
+    except OnnxPruneError as e:
+        why = str(e).removeprefix("onnxruntime cannot load the model: ")[:300]
         raise OnnxPruneError(f"{what}: onnxruntime cannot load the model ({why}); onnx.checker cannot judge "
                              "its contrib ops, so onnxruntime's load is the check") from None

@@ -41,14 +41,15 @@ class LatencyStats:
     threads: int
     provider: str
     batch_size: int
+    runtime: str = "onnxruntime"
 
     @classmethod
-    def from_times(cls, times_ms: list[float], *, threads: int, provider: str, batch_size: int
-                   ) -> "LatencyStats":
+    def from_times(cls, times_ms: list[float], *, threads: int, provider: str, batch_size: int,
+                   runtime: str = "onnxruntime") -> "LatencyStats":
         t = np.asarray(times_ms, dtype=np.float64)
         return cls(p50=float(np.percentile(t, 50)), p90=float(np.percentile(t, 90)), mean=float(t.mean()),
                    min=float(t.min()), std=float(t.std()), runs=len(t), threads=threads, provider=provider,
-                   batch_size=batch_size)
+                   batch_size=batch_size, runtime=runtime)
 
     def to_json(self) -> dict:
         return {"p50_ms": self.p50, "p90_ms": self.p90, "mean_ms": self.mean, "min_ms": self.min,
@@ -175,7 +176,9 @@ def benchmark(models: dict[str, ModelLike], feeds: Feeds = None, *, warmup: int 
         times[i].append(_run_ms(sessions[i], fed[i]))
     provider = sessions[0].device
     used = _threads_used(sessions[0], threads)
-    return Benchmark({n: LatencyStats.from_times(t[warmup:], threads=used, provider=provider, batch_size=batch)
+    kind = sessions[0].runtime
+    return Benchmark({n: LatencyStats.from_times(t[warmup:], threads=used, provider=provider, batch_size=batch,
+                                                 runtime=kind)
                       for n, t in zip(names, times)})
 
 

@@ -13,9 +13,10 @@ counted under its role and the providers and options it really got (read back fr
 
 Roles: ``compute`` sessions compute (calibration taps, gradients, constant folding) and run in
 onnxruntime with the target's providers; ``deployed`` sessions run the model as it will be
-deployed (latency, accuracy, the pruned side of verification) on the target's runtime;
-``reference`` sessions are verification's masked original, always onnxruntime on the CPU, so an
-accelerator's different numerics are measured against a fixed reference.
+deployed (latency, accuracy, verification's check of the pruned model's outputs on the target)
+on the target's runtime; ``reference`` sessions are verification's exact check (the pruned model
+with its taps and the masked original), always onnxruntime on the CPU, so an accelerator's
+different numerics are measured against a fixed reference.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Target:
     options: Mapping[str, object] = field(default_factory=dict)
     device: str = "CPU"
     opened: Counter = field(default_factory=Counter, repr=False, compare=False)
+    outer: "Target | None" = field(default=None, repr=False, compare=False)  # also counts what this one opens
 
     def __post_init__(self):
         self.providers = tuple(self.providers or (CPU,))
@@ -75,7 +77,10 @@ class Target:
             key = (role, "onnxruntime", tuple(runner.providers), tuple(sorted((k, str(v)) for k, v in seen.items())))
         else:
             key = (role, runner.runtime, (runner.device,), (("threads", str(runner.threads)),))
-        self.opened[key] += 1
+        t = self
+        while t is not None:
+            t.opened[key] += 1
+            t = t.outer
 
     def to_json(self) -> dict:
         """The settings asked for and, per role, the sessions opened with what each really got."""
