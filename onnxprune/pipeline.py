@@ -1,7 +1,11 @@
 """The prune pipeline: load -> analyze -> score -> plan -> rewrite -> verify -> (reconstruct) -> measure.
 
-``prune()`` is the Python API behind ``onnxprune prune``; each step lives in
-its own module and this file only wires them together and times them.
+:class:`Pruner` is the engine: it loads, analyses and scores a model once, then makes plans and
+verified results from it. ``prune()`` is the Python API (one policy or plan, one result);
+``onnxprune prune`` and ``onnxprune sensitivity`` drive a ``Pruner`` themselves, because budget
+search and sensitivity make many results from one analysis (see ``search/``). Each step lives in
+its own module; this file only wires them together and times them. Every report format is built
+from the one :class:`PruneResult` (``report()`` for JSON, :mod:`onnxprune.report` for Markdown).
 """
 
 from __future__ import annotations
@@ -416,11 +420,13 @@ def _serialize(proto: onnx.ModelProto, original: ir.Model) -> bytes | None:
 
 def save(result: PruneResult, path: str | os.PathLike) -> int:
     """Write the pruned model (the bytes verification ran, when it ran on this very model), and beside
-    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs)."""
+    it updated copies of a ``genai_config.json``/``config.json`` found beside the input (see configs).
+    The report then names the file (``output``) and its size (``file_bytes_after``); returns the size."""
     from . import configs
 
     size = ir.save(result.proto, path, source=result.original.path, external=result.original.external,
                    data=result.proto_bytes())
+    result.extra.update(output=str(path), file_bytes_after=size)
     notes = configs.write_beside(result.original.proto, result.proto, result.original.path, Path(path))
     if notes:
         result.extra["configs"] = notes

@@ -12,7 +12,6 @@ best checkpoint is saved with the pruned model's initializer names and shapes.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..train import finetune as ft
@@ -31,54 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="DATA",
                    help="training data: an .npz (arrays named after the model inputs, optional int 'labels') "
                         "or a folder of images (class subfolders give labels)")
-    add_training_options(p)
+    options.add_training(p)
     options.add_json(p, "run summary")
     options.add_runtime(p)
     options.add_images(p)
     p.set_defaults(func=run)
 
 
-def add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """The optimisation options; ``prefix`` (e.g. ``finetune-``) namespaces them inside other commands."""
-    d = ft.FinetuneConfig()
-    g = p.add_argument_group("fine-tuning (with --finetune-steps)" if prefix else "training")
-    if not prefix:
-        g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    g.add_argument(f"--{prefix}lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
-    g.add_argument(f"--{prefix}batch", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
-    g.add_argument(f"--{prefix}alpha", type=float, default=d.alpha,
-                   help=f"weight of distillation against labels, in [0, 1] (default {d.alpha})")
-    g.add_argument(f"--{prefix}temperature", type=float, default=d.temperature,
-                   help=f"softmax temperature of the distillation loss (default {d.temperature})")
-    g.add_argument(f"--{prefix}optimizer", default=d.optimizer, choices=ft.OPTIMIZERS, help="default adam")
-    g.add_argument(f"--{prefix}weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
-    g.add_argument(f"--{prefix}schedule", default=d.schedule, choices=ft.SCHEDULES,
-                   help="learning rate schedule (default cosine decay to 0)")
-    g.add_argument(f"--{prefix}holdout", type=float, default=d.holdout,
-                   help=f"fraction of the data held out to pick the best checkpoint (default {d.holdout})")
-    g.add_argument(f"--{prefix}eval-every", type=int, default=d.eval_every,
-                   help=f"evaluate the held-out part every N steps (default {d.eval_every})")
-    g.add_argument(f"--{prefix}seed", type=int, default=d.seed, help="shuffling seed")
-
-
-def config_from(args: argparse.Namespace, steps: int, prefix: str = "") -> ft.FinetuneConfig:
-    def get(name):
-        return getattr(args, (prefix + name).replace("-", "_"))
-    cfg = ft.FinetuneConfig(steps=steps, lr=get("lr"), batch_size=get("batch"), alpha=get("alpha"),
-                            temperature=get("temperature"), optimizer=get("optimizer"),
-                            weight_decay=get("weight-decay"), schedule=get("schedule"), holdout=get("holdout"),
-                            eval_every=get("eval-every"), seed=get("seed"))
-    cfg.check(prefix)
-    return cfg
-
-
-def log(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     options.image_data(args, "data")
-    cfg = config_from(args, args.steps)
+    cfg = options.training_config(args, args.steps)
     json_path = options.json_path(args)
     out = Path(args.output)
     for other in (args.model, args.teacher):
@@ -88,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = ir.load(args.teacher) if args.teacher else None
     data = open_data(args.data, student.proto, {})
     result = ft.finetune(student.proto, data, teacher=teacher.proto if teacher else None, config=cfg,
-                         progress=fmt.progress, log=log)
+                         progress=fmt.progress, log=fmt.log)
     size = ir.save(result.proto, out, source=student.path, external=student.external)
     print_summary(result, out, size)
     if json_path:

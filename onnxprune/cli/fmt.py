@@ -86,3 +86,29 @@ def _jsonable(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def skipped(rows: list[dict]) -> None:
+    """The weights a compression left alone, and why."""
+    if rows:
+        table("skipped", ["layer", "tensor", "reason"], [[s["name"], s["tensor"], s["reason"]] for s in rows])
+
+
+def compression_totals(r: dict) -> None:
+    """Sizes before/after (on disk and compressed), accuracy and fidelity of a compressed model's report."""
+    rows = [["file size", human_bytes(r["file_bytes_before"]), human_bytes(r["file_bytes_after"])],
+            [f"compressed ({r['compression']})", human_bytes(r["compressed_bytes_before"]),
+             human_bytes(r["compressed_bytes_after"])]]
+    if r["accuracy"]:
+        rows.append(["top-1 accuracy", f"{r['reference_accuracy']['top1']:.2%}", f"{r['accuracy']['top1']:.2%}"])
+    table(None, ["", "before", "after"], rows, right=(1, 2))
+    for name, f in (r["fidelity"] or {}).items():
+        agree = "" if f["top1_agreement"] is None else f", top-1 agreement {f['top1_agreement']:.2%}"
+        out.print(f"fidelity of '{name}' on {r['data']}: rel error {f['rel_error']:.4g}, "
+                  f"cosine {f['cosine']:.6f}{agree}", soft_wrap=True)
+
+
+def log(line: str) -> None:
+    """A progress line on stderr (training logs)."""
+    print(line, file=sys.stderr)
+

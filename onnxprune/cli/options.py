@@ -33,6 +33,64 @@ def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the new .onnx")
 
 
+def add_selection(p: argparse.ArgumentParser) -> None:
+    """Which weight tensors a weight compression (``sparsify``, ``share``) touches."""
+    from ..compress.sparsity import MIN_SIZE
+
+    p.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                   help="leave this layer (node name) or weight tensor alone (repeatable)")
+    p.add_argument("--min-size", type=int, default=MIN_SIZE, metavar="N",
+                   help=f"skip weight tensors with fewer elements (default {MIN_SIZE}; 0 = all)")
+
+
+def add_fidelity_report(p: argparse.ArgumentParser, what: str) -> None:
+    """``--data`` to measure a compressed model against its original on, and where the report goes."""
+    p.add_argument("--data", metavar="DATA", help="data to measure fidelity (and accuracy, with labels) on: "
+                                                  ".npz, image folder or 'random'")
+    add_input_shapes(p)
+    add_json(p, what)
+    add_images(p)
+
+
+def add_training(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The fine-tuning options; ``prefix`` (e.g. ``finetune-``) namespaces them inside other commands."""
+    from ..train import finetune as ft
+
+    d = ft.FinetuneConfig()
+    g = p.add_argument_group("fine-tuning (with --finetune-steps)" if prefix else "training")
+    if not prefix:
+        g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    g.add_argument(f"--{prefix}lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    g.add_argument(f"--{prefix}batch", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
+    g.add_argument(f"--{prefix}alpha", type=float, default=d.alpha,
+                   help=f"weight of distillation against labels, in [0, 1] (default {d.alpha})")
+    g.add_argument(f"--{prefix}temperature", type=float, default=d.temperature,
+                   help=f"softmax temperature of the distillation loss (default {d.temperature})")
+    g.add_argument(f"--{prefix}optimizer", default=d.optimizer, choices=ft.OPTIMIZERS, help="default adam")
+    g.add_argument(f"--{prefix}weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
+    g.add_argument(f"--{prefix}schedule", default=d.schedule, choices=ft.SCHEDULES,
+                   help="learning rate schedule (default cosine decay to 0)")
+    g.add_argument(f"--{prefix}holdout", type=float, default=d.holdout,
+                   help=f"fraction of the data held out to pick the best checkpoint (default {d.holdout})")
+    g.add_argument(f"--{prefix}eval-every", type=int, default=d.eval_every,
+                   help=f"evaluate the held-out part every N steps (default {d.eval_every})")
+    g.add_argument(f"--{prefix}seed", type=int, default=d.seed, help="shuffling seed")
+
+
+def training_config(args: argparse.Namespace, steps: int, prefix: str = ""):
+    """The :class:`~onnxprune.train.finetune.FinetuneConfig` that :func:`add_training`'s options give."""
+    from ..train import finetune as ft
+
+    def get(name):
+        return getattr(args, (prefix + name).replace("-", "_"))
+    cfg = ft.FinetuneConfig(steps=steps, lr=get("lr"), batch_size=get("batch"), alpha=get("alpha"),
+                            temperature=get("temperature"), optimizer=get("optimizer"),
+                            weight_decay=get("weight-decay"), schedule=get("schedule"), holdout=get("holdout"),
+                            eval_every=get("eval-every"), seed=get("seed"))
+    cfg.check(prefix)
+    return cfg
+
+
 IMAGE_FLAGS = {"image_size": "--image-size", "resize": "--resize", "mean": "--mean", "std": "--std",
                "channel_order": "--channel-order", "layout": "--layout"}
 
@@ -106,6 +164,19 @@ def name_values(name: str, specs: list[str] | None, **kw) -> dict[str, float]:
         if not sep or not key:
             raise OnnxPruneError(f"{name} '{spec}': expected NAME=VALUE")
         out[key] = fraction(name, val, **kw)
+    return out
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """``-o``, checked before the work rather than after it (``ir.save`` checks again)."""
+    out = Path(args.output)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise OnnxPruneError(f"-o {out}: is a directory; give a file path such as {out / 'model.onnx'}")
+    if not parent.is_dir():
+        raise OnnxPruneError(f"-o {out}: folder {parent} does not exist; create it first")
+    if out.exists() and Path(args.model).exists() and os.path.samefile(out, args.model):
+        raise OnnxPruneError(f"-o {out}: is the input model; choose another output path")
     return out
 
 

@@ -13,14 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from .. import pipeline, runtime
+from .. import pipeline, report, runtime
 from ..search import budget
 from ..measure import latency, pass_cost
-from ..measure import plots
 from ..data import open_data
 from ..errors import OnnxPruneError
 from ..plan import Policy, check_names, plan_entries
-from . import finetune as finetune_cli
 from . import fmt, options
 
 
@@ -95,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="after pruning, fine-tune N steps distilling the original (see 'onnxprune finetune')")
     d.add_argument("--finetune-data", metavar="DATA", help="training data for --finetune-steps (default: --calib)")
-    finetune_cli.add_training_options(p, prefix="finetune-")
+    options.add_training(p, prefix="finetune-")
     options.add_images(p)
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="PATH", help="write the JSON report here")
@@ -224,18 +222,17 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
     if args.dry_run:
         print_summary(result, None)
         return 0
-    size = pipeline.save(result, out)
+    size = pipeline.save(result, out)   # the result now names its output and its size
     passes = _in_passes(pruner, result, time.perf_counter() - start) if pruner is not None else None
-    rep = result.report()
-    rep["output"] = str(out)
-    rep["round_to"] = policy.round_to or 1
-    rep["file_bytes_after"] = size
-    rep["calibration_passes"] = passes
-    rep["runtime"] = runtime.current().to_json()
+    result.extra.update(round_to=policy.round_to or 1, calibration_passes=passes,
+                        runtime=runtime.current().to_json())
     if args.report:
-        fmt.write_json(args.report, rep)
+        fmt.write_json(args.report, result.report())
     if args.report_md:
-        fmt.write_text(args.report_md, markdown_report(result, rep, args.report_md))
+        text, notes = report.markdown(result, args.report_md)
+        fmt.write_text(args.report_md, text)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     print_summary(result, size)
     if passes is not None:
         print(f"prune time {passes['prune_seconds']:.1f} s = {passes['passes']} calibration passes (one onnxruntime "
@@ -296,14 +293,14 @@ def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget,
 
 
 def _finetune(args: argparse.Namespace, pruner: pipeline.Pruner, result: pipeline.PruneResult) -> None:
-    cfg = finetune_cli.config_from(args, args.finetune_steps, prefix="finetune-")
+    cfg = options.training_config(args, args.finetune_steps, prefix="finetune-")
     spec = args.finetune_data or args.calib
     if spec in (None, "random"):
         raise OnnxPruneError("--finetune-steps needs real training data: pass --finetune-data DATA.npz "
                              "(or an .npz --calib)")
     data = pruner.data if spec == args.calib and pruner.data is not None else open_data(
         spec, pruner.original.proto, pruner.analysis.input_shapes)
-    pipeline.finetune(result, data, cfg, progress=fmt.progress, log=finetune_cli.log)
+    pipeline.finetune(result, data, cfg, progress=fmt.progress, log=fmt.log)
 
 
 def nothing_to_prune(analysis) -> str:
@@ -330,7 +327,7 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
     if size_after is not None:
         fb = result.original.file_bytes
         rows.append(("file size", fmt.human_bytes(fb), fmt.human_bytes(size_after), pct(fb, size_after)))
-    rows += validation_rows(rep.get("validation"))
+    rows += report.validation_rows(rep.get("validation"))
     fmt.table(None, ["", "before", "after", "after/before"], rows, right=(1, 2, 3))
     ver = result.verification
     status = ("verified against the masked original" if ver and ver.passed else "NOT verified (--no-verify)")
@@ -356,65 +353,3 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
         print(f"  frozen x{n}: {r}", file=sys.stderr)
     for note in rep.get("configs", []) + rep.get("validity", []):
         print(f"  {note}", file=sys.stderr)
-
-
-def validation_rows(v: dict | None) -> list[tuple]:
-    if not v:
-        return []
-    rows = []
-    pb, pa = v.get("perplexity_before"), v.get("perplexity_after")
-    if pa:
-        ratio = v.get("perplexity_ratio")
-        rows.append(("perplexity", f"{pb['perplexity']:.4g}", f"{pa['perplexity']:.4g}",
-                     "-" if ratio is None else f"{ratio:.3f}x"))
-    b, a = v.get("accuracy_before"), v.get("accuracy_after")
-    if a:
-        rows.append(("top-1 accuracy", f"{100 * b['top1']:.2f}%", f"{100 * a['top1']:.2f}%",
-                     f"{100 * (a['top1'] - b['top1']):+.2f} pt"))
-    for name, f in (v.get("fidelity") or {}).items():
-        if f.get("top1_agreement") is not None:
-            rows.append((f"agreement ({name})", "100%", f"{100 * f['top1_agreement']:.2f}%", ""))
-        rows.append((f"cosine ({name})", "1", f"{f['cosine']:.4f}", ""))
-    if v.get("latency_ms_before"):
-        rows.append(("latency p50", f"{v['latency_ms_before']:.2f} ms", f"{v['latency_ms_after']:.2f} ms",
-                     f"{100 * v['latency_ratio']:.1f}%"))
-    return rows
-
-
-def markdown_report(result: pipeline.PruneResult, rep: dict, md_path: str | None = None) -> str:
-    """The Markdown report; with ``md_path`` and matplotlib, also ``<md stem>.channels.png`` beside it."""
-    b, a = result.before, result.after
-    lines = [f"# onnxprune report: {rep.get('model')}", "",
-             f"criterion `{rep['criterion']}` (importance data: {rep['importance_data']}), "
-             f"reconstruction `{rep.get('reconstruct_mode')}`, channel counts in multiples of "
-             f"{rep.get('round_to', 1)}, verified: **{rep['verified']}**", "",
-             "| | before | after | after/before |", "|---|---:|---:|---:|",
-             f"| params | {b.params:,} | {a.params:,} | {a.params / max(b.params, 1):.3f} |",
-             f"| MACs | {b.macs:,} | {a.macs:,} | {a.macs / max(b.macs, 1):.3f} |"]
-    if rep.get("file_bytes_after"):
-        lines.append(f"| file bytes | {rep['file_bytes_before']:,} | {rep['file_bytes_after']:,} | "
-                     f"{rep['file_bytes_after'] / max(rep['file_bytes_before'], 1):.3f} |")
-    for row in validation_rows(rep.get("validation")):
-        lines.append("| " + " | ".join(str(x) for x in row) + " |")
-    lines += ["", f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
-                  f"{rep['groups_frozen']} frozen", "", "## Pruned groups", "",
-              "| group | first layer | channels | removed |", "|---:|---|---:|---:|"]
-    for g in rep["groups"]:
-        lines.append(f"| {g['group']} | `{g['label']}` | {g['size']} | {len(g['removed_channels'])} |")
-    lines += _channels_plot(rep["groups"], md_path)
-    if rep["frozen"]:
-        lines += ["", "## Frozen groups", "", "| group | first layer | channels | why |", "|---:|---|---:|---|"]
-        for f in rep["frozen"]:
-            lines.append(f"| {f['group']} | `{f['label']}` | {f['size']} | {'; '.join(f['reasons'][:2])} |")
-    return "\n".join(lines) + "\n"
-
-
-def _channels_plot(groups: list[dict], md_path: str | None) -> list[str]:
-    """Markdown lines for the per-layer channels-kept plot, written next to the report when possible."""
-    if not md_path or not groups:
-        return []
-    png = Path(md_path).with_suffix(".channels.png")
-    if not plots.channels_kept(groups, png):
-        print(f"note: {plots.INSTALL_HINT}", file=sys.stderr)
-        return []
-    return ["", f"![channels kept per group]({png.name})"]

@@ -22,8 +22,9 @@ import argparse
 
 from .. import ir
 from ..compress import sharing
+from ..compress.report import save_and_measure
+from ..data import open_data
 from . import fmt, options
-from .sparsify import add_report, add_selection, check_output, finish, print_skipped, print_totals
 
 
 def register(sub) -> None:
@@ -36,15 +37,15 @@ def register(sub) -> None:
     p.add_argument("--fold", action="store_true", help="write dense float weights codebook[indices] instead")
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="store one index per byte even when K <= 16")
-    add_selection(p)
-    add_report(p, "sharing report")
+    options.add_selection(p)
+    options.add_fidelity_report(p, "sharing report")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     options.image_data(args, "data")
     json_out = options.json_path(args)
-    check_output(args)
+    out = options.output_path(args)
     opts = sharing.ShareOptions(clusters=args.clusters, min_size=args.min_size, ignore=tuple(args.ignore),
                                 pack=args.pack, fold=args.fold)
     shapes = options.input_shapes(args)
@@ -52,14 +53,15 @@ def run(args: argparse.Namespace) -> int:
     result = sharing.share(model.proto, opts, progress=fmt.progress)
     report = {"clusters": opts.clusters, "packed": opts.pack, "fold": opts.fold,
               "layers": [lr.as_dict() for lr in result.layers], "skipped": result.skipped,
-              **finish(model, result.proto, args, shapes, None)}
+              **save_and_measure(model, result.proto, out, open_data(args.data or "random", model.proto, shapes, 8),
+                                 shapes)}
     fmt.table(f"weight sharing, K = {opts.clusters}" + (" (folded to dense)" if opts.fold else ""),
               ["layer", "shape", "K used", "index bits", "bytes before", "bytes after", "weight err"],
               [[lr.name, "x".join(map(str, lr.shape)), lr.clusters, lr.bits, fmt.human_bytes(lr.bytes_before),
                 fmt.human_bytes(lr.bytes_after), f"{lr.weight_error:.4f}"] for lr in result.layers],
               right=(2, 3, 4, 5, 6))
-    print_skipped(result.skipped)
-    print_totals(report)
+    fmt.skipped(result.skipped)
+    fmt.compression_totals(report)
     if json_out:
         fmt.write_json(json_out, report)
     return 0

@@ -25,14 +25,11 @@ accuracy, reference_accuracy.
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 from .. import ir
 from ..compress import sparsity
+from ..compress.report import save_and_measure
 from ..data import ArrayData, open_data
-from ..measure import quality
-from ..errors import OnnxPruneError
 from . import fmt, options
 
 
@@ -56,25 +53,9 @@ def register(sub) -> None:
                         "layer by layer on the already sparsified upstream layers")
     p.add_argument("--damp", type=float, default=0.01, help="sparsegpt damping, fraction of mean diag(H)")
     p.add_argument("--blocksize", type=int, default=128, help="sparsegpt column block size (default 128)")
-    add_selection(p)
-    add_report(p, "sparsity report")
+    options.add_selection(p)
+    options.add_fidelity_report(p, "sparsity report")
     p.set_defaults(func=run)
-
-
-def add_selection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ignore", action="append", default=[], metavar="NAME",
-                   help="leave this layer (node name) or weight tensor alone (repeatable)")
-    p.add_argument("--min-size", type=int, default=sparsity.MIN_SIZE, metavar="N",
-                   help=f"skip weight tensors with fewer elements (default {sparsity.MIN_SIZE}; 0 = all)")
-
-
-def add_report(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--data", metavar="DATA", help="data to measure fidelity (and accuracy, with labels) on: "
-                                                  ".npz, image folder or 'random'")
-    options.add_input_shapes(p)
-    options.add_json(p, what)
-    options.add_runtime(p)
-    options.add_images(p)
 
 
 def parse_options(args: argparse.Namespace) -> sparsity.Options:
@@ -90,13 +71,13 @@ def parse_options(args: argparse.Namespace) -> sparsity.Options:
 def run(args: argparse.Namespace) -> int:
     options.image_data(args, "calib", "data")
     json_out = options.json_path(args)
-    check_output(args)
+    out = options.output_path(args)
     opts = parse_options(args)
     shapes = options.input_shapes(args)
     model = ir.load(args.model)
     calib = open_data(args.calib, model.proto, shapes, opts.calib_samples) if args.calib else None
     result = sparsity.sparsify(model.proto, opts, calib, progress=fmt.progress)
-    report = finish(model, result.proto, args, shapes, calib)
+    report = save_and_measure(model, result.proto, out, _fidelity_data(args, model, shapes, calib), shapes)
     report = {
         "sparsity": opts.target, "pattern": None if opts.pattern is None else str(opts.pattern),
         "criterion": opts.criterion, "global": opts.global_scope,
@@ -109,59 +90,17 @@ def run(args: argparse.Namespace) -> int:
               [[lr.name, "x".join(map(str, lr.shape)), f"{lr.sparsity:.1%}", f"{lr.weight_error:.4f}",
                 "-" if lr.output_error is None else f"{lr.output_error:.4f}", lr.note] for lr in result.layers],
               right=(2, 3, 4))
-    print_skipped(result.skipped)
+    fmt.skipped(result.skipped)
     fmt.out.print(f"sparsity over {len(result.layers)} layers: {result.achieved_sparsity:.1%}", soft_wrap=True)
-    print_totals(report)
+    fmt.compression_totals(report)
     if json_out:
         fmt.write_json(json_out, report)
     return 0
 
 
-# ---------------------------------------------------------------- shared with ``share``
-
-def check_output(args: argparse.Namespace) -> None:
-    """Fail before the work, not after it, when ``-o`` cannot be written (``ir.save`` checks again)."""
-    out = Path(args.output)
-    parent = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise OnnxPruneError(f"-o {out}: is a directory; give a file path such as {out / 'model.onnx'}")
-    if not parent.is_dir():
-        raise OnnxPruneError(f"-o {out}: folder {parent} does not exist; create it first")
-    if out.exists() and Path(args.model).exists() and os.path.samefile(out, args.model):
-        raise OnnxPruneError(f"-o {out}: is the input model; choose another output path")
-
-
-def finish(model: ir.Model, proto, args: argparse.Namespace, shapes: dict[str, list[int]],
-           fallback: ArrayData | None) -> dict:
-    """Save ``proto`` to ``args.output``; sizes, compressed sizes and fidelity vs ``model`` as report keys."""
-    after = ir.save(proto, args.output, source=args.model)
-    method = sparsity.compression_method()
-    data = open_data(args.data, model.proto, shapes, 8) if args.data else \
-        fallback if fallback is not None else open_data("random", model.proto, shapes, 8)
-    ev = quality.evaluate(proto, data, model, shapes).to_json()
-    return {
-        "file_bytes_before": model.file_bytes, "file_bytes_after": after,
-        "compressed_bytes_before": sparsity.compressed_size(model.path, method),
-        "compressed_bytes_after": sparsity.compressed_size(Path(args.output), method),
-        "compression": method,
-        "data": f"{data.num_samples} samples from {data.source or data.kind}",
-        "fidelity": ev["fidelity"], "accuracy": ev["accuracy"], "reference_accuracy": ev["reference_accuracy"],
-    }
-
-
-def print_skipped(skipped: list[dict]) -> None:
-    if skipped:
-        fmt.table("skipped", ["layer", "tensor", "reason"], [[s["name"], s["tensor"], s["reason"]] for s in skipped])
-
-
-def print_totals(r: dict) -> None:
-    b = fmt.human_bytes
-    rows = [["file size", b(r["file_bytes_before"]), b(r["file_bytes_after"])],
-            [f"compressed ({r['compression']})", b(r["compressed_bytes_before"]), b(r["compressed_bytes_after"])]]
-    if r["accuracy"]:
-        rows.append(["top-1 accuracy", f"{r['reference_accuracy']['top1']:.2%}", f"{r['accuracy']['top1']:.2%}"])
-    fmt.table(None, ["", "before", "after"], rows, right=(1, 2))
-    for name, f in (r["fidelity"] or {}).items():
-        agree = "" if f["top1_agreement"] is None else f", top-1 agreement {f['top1_agreement']:.2%}"
-        fmt.out.print(f"fidelity of '{name}' on {r['data']}: rel error {f['rel_error']:.4g}, "
-                      f"cosine {f['cosine']:.6f}{agree}", soft_wrap=True)
+def _fidelity_data(args: argparse.Namespace, model: ir.Model, shapes: dict[str, list[int]],
+                   fallback: ArrayData | None) -> ArrayData:
+    """``--data``, else the calibration data, else 8 random samples."""
+    if args.data:
+        return open_data(args.data, model.proto, shapes, 8)
+    return fallback if fallback is not None else open_data("random", model.proto, shapes, 8)
