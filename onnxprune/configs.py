@@ -124,7 +124,10 @@ def write_beside(original: onnx.ModelProto, pruned: onnx.ModelProto, source: Pat
         _atomic_write(out_dir / name, (json.dumps(_edit(config, new, name == GENAI, Path(out).name), indent=4)
                                        + "\n").encode())
         said = ", ".join(f"{k} {v}" for k, v in new.items()) or "no head counts changed"
-        notes.append(f"{name} written beside the output ({said})")
+        stale = [k for k in ("intermediate_size",) if k in config]   # not read back from the graph
+        notes.append(f"{name} written beside the output ({said})" +
+                     (f"; {', '.join(stale)} is the input's (MLP widths are not read back into the config)"
+                      if stale else ""))
     copied = _copy_companions(src_dir, out_dir, original, Path(source).name)
     if copied:
         notes.append(f"copied beside the output: {', '.join(copied)}")

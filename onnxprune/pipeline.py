@@ -21,11 +21,11 @@ import onnx
 
 from . import fold, ir, rewrite, runtime, verify as verify_mod
 from .measure import counts, latency, quality
-from .measure.clock import stage_time
+from .measure.clock import peak_rss_mb, stage_time
 from .analysis import analyze
 from .data import ArrayData, bind_shapes, open_data, random_feed
 from .errors import OnnxPruneError, VerificationError
-from .ir.ortops import ort_load
+from .ir.ortops import FLOAT_NOTE, float_activations, int8_activations, ort_load
 from .groups import Analysis
 from .plan import Plan, Policy, make_plan
 from .train.finetune import finetune as train_finetune
@@ -166,8 +166,11 @@ class Pruner:
                 feeds = verification_feeds(original.proto, analysis.input_shapes, data)
                 if analysis.varied_shapes:  # shape values were folded: check at other symbolic sizes too
                     feeds.append(random_feed(original.proto, analysis.varied_shapes, seed=1))
-                ver = verify_mod.verify(original, result.proto, result.removed_positions, analysis.shapes,
-                                        feeds, rtol=rtol, pruned_bytes=data_bytes)
+                int8 = int8_activations(original.proto)   # int8-rounded activations compare at float
+                ver = verify_mod.verify(float_activations(original.proto) if int8 else original,
+                                        float_activations(result.proto) if int8 else result.proto,
+                                        result.removed_positions, analysis.shapes, feeds, rtol=rtol,
+                                        pruned_bytes=None if int8 else data_bytes)
             if not ver.passed:
                 _blame_target(ver, lambda: verify_mod.verify(original, result.proto, result.removed_positions,
                                                              analysis.shapes, feeds, rtol=rtol,
@@ -175,11 +178,14 @@ class Pruner:
                 culprits = _culprits(analysis, the_plan, original, feeds, rtol)
                 raise VerificationError(f"{_describe_failure(ver)}; failing group(s): {culprits}")
         extra = {}
+        if verify and int8:
+            extra["validity"] = [FLOAT_NOTE]
         if original.meta.get("validity"):   # contrib ops: onnxruntime's load checks what the checker cannot
             if not verify:
                 ort_load(data_bytes if data_bytes is not None else result.proto.SerializeToString(), "pruned model")
-            extra["validity"] = [original.meta["validity"] + " and the pruned model (" +
-                                 ("its verification ran there)" if verify else "loaded, not verified)")]
+            extra.setdefault("validity", []).append(original.meta["validity"] + " and the pruned model (" +
+                                                    ("its verification ran there)" if verify else
+                                                     "loaded, not verified)"))
         final = result.proto
         no_data = data is None or data.kind == "random"   # auto means none then: reconstruct is not imported
         mode = "none" if reconstruct == "none" or (reconstruct == "auto" and no_data) else None
@@ -287,26 +293,36 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
         ir.materialize(original)
         data = calib_data(calib, original.proto, input_shapes or {})
     with stage_time(seconds, "slice_hidden"):
+        # the loaded model is ours: node names and no-op casts are fixed in place, not in a copy
         h = hidden.slice_hidden(original, data, width=width, keep=keep, round_to=round_to, verify=verify, rtol=rtol,
-                                progress=progress)
-    sliced = ir.Model(h.proto)
+                                progress=progress, inplace=not isinstance(model, ir.Model))
     policy.check()
-    active = policy.ratio > 0 or any(r > 0 for r in policy.ratio_for.values())
-    pruner = Pruner(sliced, criterion=criterion, input_shapes=input_shapes, calib=data, progress=progress,
-                    score=active)
-    result = pruner.finish(pruner.plan(policy) if active else Plan({}), verify=verify, rtol=rtol,
-                           reconstruct=reconstruct if active else "none")
-    result.seconds = {**seconds, **result.seconds}
+    shapes = input_shapes or {}
+    if data is not None and data.kind != "random":
+        shapes = bind_shapes(original.proto, data, input_shapes)
+    shapes = ir.resolve_input_shapes(original.proto, shapes)
+    if policy.ratio > 0 or any(r > 0 for r in policy.ratio_for.values()):
+        pruner = Pruner(ir.Model(h.proto), criterion=criterion, input_shapes=input_shapes, calib=data,
+                        progress=progress)
+        result = pruner.finish(pruner.plan(policy), verify=verify, rtol=rtol, reconstruct=reconstruct)
+        result.seconds = {**seconds, **result.seconds}
+    else:   # slicing alone: the verification is the rotation's
+        with stage_time(seconds, "measure"):
+            after = counts.summarize(h.proto, shapes)
+        result = PruneResult(h.proto, original, Analysis([], [], {}, shapes), Plan({}),
+                             rewrite.RewriteResult(h.proto, {}, input_shapes=shapes), h.rotation, after, after,
+                             "none", "none" if data is None else data.kind, seconds)
+        result.extra["peak_rss_mb"] = {"end": peak_rss_mb()}
     result.extra["hidden"] = h.to_json()
     result.original = original
-    result.before = counts.summarize(original.proto, result.analysis.input_shapes)
+    result.before = counts.summarize(original.proto, shapes)
     result.plan.notes.append(f"hidden width {h.width_before} -> {h.width_after} (rotation verified exact: "
                              f"{bool(h.rotation and h.rotation.passed)}; slicing is approximate, measure it "
                              "with --data)")
     return result
 
 
-def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
+def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
     """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
     :func:`measure.perplexity.token_data`), and interleaved latency.
 
@@ -342,7 +358,7 @@ def validate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
 
 def finetune(result: PruneResult, data: ArrayData, config=None, *, progress=None, log=None) -> dict:
     """Fine-tune the pruned model against the original (distillation, plus cross-entropy when ``data``
-    has labels; see :mod:`onnxprune.finetune`). ``result.proto`` becomes the best checkpoint and
+    has labels; see :mod:`onnxprune.train.finetune`). ``result.proto`` becomes the best checkpoint and
     ``result.extra["finetune"]`` the run summary, which is returned."""
     with stage_time(result.seconds, "finetune"):
         teacher = ir.materialize(result.original).proto  # a lazily loaded model's weights, all in memory

@@ -215,3 +215,38 @@ def _keep_every_tensor_alive(analysis: Analysis, plan: Plan, scores: dict[int, n
         best = int(present[np.argmax(np.asarray(scores.get(g.id, np.zeros(g.size)))[present])])
         plan.removed[g.id] = plan.removed[g.id][plan.removed[g.id] != best]
         plan.notes.append(f"kept channel {best} of group {g.id} so '{empty[0]}' is not emptied")
+
+
+def removal_summary(analysis: Analysis, plan: Plan, policy: Policy) -> dict:
+    """What ``plan`` removes against what ``policy`` asked (rounding to ``round_to`` changes it): the asked and
+    removed fraction of every group the policy applies to, the total, and the groups left whole although a
+    ratio was asked (JSON-ready; ``asked`` is None under global ranking, which has no per-group ratio)."""
+    groups, left_whole = [], []
+    size_total = removed_total = 0
+    for g in analysis.prunable:
+        if matches(g, policy.ignore):
+            continue
+        asked = None if policy.global_ranking else group_ratio(g, policy)
+        removed = len(plan.removed.get(g.id, ()))
+        size_total += g.size
+        removed_total += removed
+        groups.append({"group": g.id, "label": g.label, "size": g.size, "asked_ratio": asked,
+                       "removed_ratio": removed / g.size})
+        if asked and not removed:
+            why = (f"rounding to multiples of {policy.round_to}" if policy.round_to and policy.round_to > 1
+                   else f"{asked:g} of {g.size} channels is less than one")
+            left_whole.append({"group": g.id, "label": g.label, "size": g.size, "why": why})
+    return {"round_to": policy.round_to or 1, "asked_ratio": None if policy.global_ranking else policy.ratio,
+            "removed_ratio": removed_total / size_total if size_total else 0.0, "groups": groups,
+            "left_whole": left_whole}
+
+
+def nothing_removed(summary: dict, policy: Policy) -> str:
+    """Why a plan removes nothing, in one sentence with the way out."""
+    asked = [g for g in summary["groups"] if g["asked_ratio"]]
+    if not asked and not policy.global_ranking:
+        return "every group's ratio is 0 (--ratio 0, or --ratios-from suggested 0 everywhere): nothing to remove"
+    if policy.round_to and policy.round_to > 1 and summary["left_whole"]:
+        return (f"rounding channel counts to multiples of {policy.round_to} left every group whole "
+                "(ask for a larger ratio, or --round-to 1 for exact ratios)")
+    return "the ratios asked are below one channel in every group; ask for a larger ratio"

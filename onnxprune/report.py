@@ -43,8 +43,9 @@ def markdown(result, md_path: str | Path | None = None) -> tuple[str, list[str]]
     b, a = result.before, result.after
     lines = [f"# onnxprune report: {rep.get('model')}", "",
              f"criterion `{rep['criterion']}` (importance data: {rep['importance_data']}), "
-             f"reconstruction `{rep.get('reconstruct_mode')}`, channel counts in multiples of "
-             f"{rep.get('round_to', 1)}, verified: **{rep['verified']}**", "",
+             f"reconstruction `{rep.get('reconstruct_mode')}`, "
+             + (f"channel counts in multiples of {rep['round_to']}, " if rep.get("round_to") else "")
+             + f"verified: **{rep['verified']}**", "",
              "| | before | after | after/before |", "|---|---:|---:|---:|",
              f"| params | {b.params:,} | {a.params:,} | {a.params / max(b.params, 1):.3f} |",
              f"| MACs | {b.macs:,} | {a.macs:,} | {a.macs / max(b.macs, 1):.3f} |"]

@@ -31,6 +31,7 @@ class OutputCheck:
     scale: float          # max |reference|
     tolerance: float      # what was allowed: atol + rtol * scale
     passed: bool
+    spread: float = float("inf")   # max - min of the reference's finite values on the verification inputs
 
 
 @dataclass
@@ -53,11 +54,21 @@ class Verification:
         """The smallest relative tolerance that would have passed."""
         return max((o.max_abs / o.scale if o.scale else o.max_abs) for o in self.outputs) if self.outputs else 0.0
 
+    def worst(self) -> OutputCheck | None:
+        """The check closest to its tolerance (the one that decides how much margin there was)."""
+        return max(self.outputs, key=lambda o: o.max_abs / o.tolerance if o.tolerance else o.max_abs, default=None)
+
+    def nearly_constant(self, names) -> list[str]:
+        """Of ``names``, the outputs whose reference hardly varied on the verification inputs (spread within the
+        absolute tolerance): their agreement says little, e.g. a saturated sigmoid on random input."""
+        return [o.name for o in self.outputs if o.name in set(names) and o.spread <= self.atol]
+
     def to_json(self) -> dict:
         return {"passed": self.passed, "batches": self.batches, "rtol": self.rtol, "atol": self.atol,
                 "error": self.error, "checked_by": self.checked_by,
                 "outputs": [{"name": o.name, "max_abs": o.max_abs, "scale": o.scale, "tolerance": o.tolerance,
-                             "passed": o.passed} for o in self.outputs]}
+                             "passed": o.passed, "spread": o.spread if np.isfinite(o.spread) else None}
+                            for o in self.outputs]}
 
 
 def reference_patch(original: onnx.ModelProto, removed: dict[str, tuple[int, np.ndarray]],
@@ -176,6 +187,7 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
         return Verification(False, error=f"the pruned model lacks output '{lost[0]}'", rtol=rtol, atol=atol)
     worst: dict[str, list[float]] = {c: [0.0, 0.0, max(rtol, DEPLOYED_RTOL) if c in deployed else rtol]
                                      for c, *_ in pairs}
+    span: dict[str, tuple[float, float]] = {}   # min and max of each reference output
     for feed, a in zip(feeds, got):
         b = runtime.run(s_ref, feed, [r for _, r, _, _ in pairs])
         for n, r, ax, pos in pairs:
@@ -190,10 +202,15 @@ def compare(candidate: onnx.ModelProto | bytes, reference: onnx.ModelProto | byt
             err, scale = _worst(x, y)
             worst[n][0] = max(worst[n][0], err)
             worst[n][1] = max(worst[n][1], scale)
+            finite = y[np.isfinite(y)] if y.dtype.kind in "fc" else y
+            if finite.size:
+                lo, hi = span.get(n, (np.inf, -np.inf))
+                span[n] = (min(lo, float(finite.min())), max(hi, float(finite.max())))
     checks = []
     for n, (err, scale, rel) in worst.items():
         tol = atol + rel * scale
-        checks.append(OutputCheck(n, err, scale, tol, err <= tol))
+        lo, hi = span.get(n, (0.0, float("inf")))
+        checks.append(OutputCheck(n, err, scale, tol, err <= tol, hi - lo))
     return Verification(all(c.passed for c in checks), checks, len(feeds), rtol, atol, checked_by=checked_by)
 
 

@@ -78,6 +78,7 @@ def test_int4_folder_prunes_matmul_nbits_in_whole_blocks(tmp_path):
     qkv = next(a for k, a in q4.items() if "layers.0/attn/qkv_proj" in k)
     assert (gate["N"], down["K"]) == (64, 64)      # 4 blocks of 32 MLP channels -> 2
     assert qkv["N"] == (2 + 2 * 1) * 16             # heads 4 -> 2, KV heads 2 -> 1
+    assert any("accuracy_level 0" in n for n in r.report()["validity"])   # int8 activations: compared at float
 
 
 def test_configs_never_overwrite_the_input_folder(tmp_path):
@@ -89,3 +90,20 @@ def test_configs_never_overwrite_the_input_folder(tmp_path):
     onnxprune.save(r, src / "pruned.onnx")
     assert (src / "genai_config.json").read_bytes() == config
     assert any("input's folder" in n for n in r.report()["configs"])
+
+
+def test_hugging_face_config_beside_a_torch_export_is_copied_with_what_the_graph_says(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    shutil.copy(TINY.parent / "llama_optimum_kv.onnx", src / "model.onnx")
+    config = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "tokenizer_config.json").write_text("{}")
+    r = onnxprune.prune(src / "model.onnx", policy=onnxprune.Policy(ratio=0.5, round_to=1), kv_cache=True,
+                        input_shapes={"past_sequence_length": [0]})
+    onnxprune.save(r, out / "model.onnx")
+    written = json.loads((out / "config.json").read_text())
+    kv = {o.name: o.type.tensor_type.shape.dim[1].dim_value for o in r.proto.graph.output if "present" in o.name}
+    assert written["num_key_value_heads"] == set(kv.values()).pop()   # what the pruned cache outputs declare
+    assert (out / "tokenizer_config.json").exists() and json.loads((src / "config.json").read_text()) == config
+    assert any("intermediate_size is the input's" in n for n in r.report()["configs"])

@@ -153,3 +153,35 @@ def test_cli_slice_hidden_with_budget(cli, tmp_path):
     assert rep["validation"]["perplexity_after"]["tokens"] == 8 * 15
     sliced = onnx.load(tmp_path / "s.onnx")
     assert counts.summarize(sliced).params == rep["params_after"]
+
+
+def test_refit_rebuilds_each_norm_output_at_least_as_well_as_the_exact_fold():
+    from onnxprune.data.readers import ArrayData
+    from onnxprune.hidden import rotate
+
+    model = slicing.drop_noop_casts(hidden.name_nodes(transformer.decoder(norm="layer", d=32, layers=1)))
+    stream = hidden.find_stream(model)
+    calib = ArrayData({"input_ids": np.random.default_rng(0).integers(0, 96, (16, 16))})
+    Q, _ = slicing.pca_basis(slicing.covariance(model, stream, calib)[0], stream.kind)
+    names = {}
+    sliced = rotate.apply(model, stream, Q[:, :12], rms_names=names)
+    fits = slicing.refit(model, stream, sliced, names, calib, ridge=0.0)
+    outs = []
+    for m, ts in ((model, [n.y for n in stream.norms]), (sliced, [names[i] for i in range(len(stream.norms))])):
+        sess = ort.InferenceSession(_with_outputs(m, ts).SerializeToString())
+        outs.append(sess.run(ts, {"input_ids": calib.arrays["input_ids"]}))
+    s = np.sqrt(32 / 12)
+    for i, nm in enumerate(stream.norms):
+        y = outs[0][i].reshape(-1, 32).astype(np.float64)
+        r = outs[1][i].reshape(-1, 12).astype(np.float64)
+        exact = r @ (s * Q[:, :12].T * nm.scale[None, :]) + nm.bias
+        fitted = r @ fits[i][:12] + fits[i][12]
+        assert np.linalg.norm(fitted - y) <= np.linalg.norm(exact - y) * (1 + 1e-9)
+
+
+def _with_outputs(m, names):
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    for n in names:
+        c.graph.output.add().name = n
+    return c

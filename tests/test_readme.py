@@ -34,7 +34,7 @@ def test_readme_main_command(cli, tmp_path):
         np.savez(tmp_path / "fmnist_test_2000.npz", **{k: full[k][:TEST_SLICE] for k in full.files})
     args[i + 1] = str(tmp_path / "fmnist_test_2000.npz")
     res = cli(*args, check=0)
-    assert "verified against the masked original" in res.out
+    assert "verified: equals the masked original" in res.out
     rep = json.loads((tmp_path / "fmnist_report.json").read_text())
     v = rep["validation"]
     assert v["samples"] == v["accuracy_after"]["n"] == TEST_SLICE

@@ -7,7 +7,7 @@ import pytest
 from builders import GraphBuilder
 from test_importance import _tensor, chain_group, conv_chain, ctx_for, rand_data
 
-from onnxprune.runtime import taps as calibrate
+from onnxprune.runtime import taps
 from onnxprune.data import ArrayData, random_data
 from onnxprune.importance import ScoreContext, score_groups, stats
 from onnxprune.importance.stats import GramSpec, Needs, collect
@@ -56,7 +56,7 @@ def test_conv_gram_is_the_im2col_gram(stride, pad, group):
             "group": group, "auto_pad": "NOTSET"}
     spec = GramSpec(r, 1, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in conv.items())))
     st = collect(m, Needs(grams={"k": spec}), data, batch_size=4)
-    p = calibrate.conv_patches(_tensor(m, r, data), **conv)
+    p = taps.conv_patches(_tensor(m, r, data), **conv)
     want = np.einsum("grd,gre->gde", p, p)
     np.testing.assert_allclose(st.grams["k"].gram, want, rtol=1e-10)
     assert st.grams["k"].rows == p.shape[1]

@@ -56,7 +56,7 @@ def read_images(data_dir: Path, split: str = "train") -> tuple[np.ndarray, np.nd
 
 
 def split_and_batches(n: int, holdout: float, seed: int, batch: int, steps: int):
-    """The held-out indices and the batch indices of every step, exactly as ``onnxprune.finetune`` draws them."""
+    """The held-out indices and the batch indices of every step, exactly as ``onnxprune.train.finetune`` draws them."""
     order = np.random.default_rng(seed).permutation(n)
     held = max(1, int(round(holdout * n)))
     train, test = order[: n - held], order[n - held:]
@@ -520,7 +520,7 @@ def _costs(ours: dict) -> list[str]:
 def _how() -> list[str]:
     return [
         "## How it works, and where the time goes", "",
-        "* **One graph, one session.** `onnxprune.autodiff.build_gradient_model(..., trainable_as_inputs=True)`",
+        "* **One graph, one session.** `onnxprune.train.autodiff.build_gradient_model(..., trainable_as_inputs=True)`",
         "  turns the trainable initializers into graph inputs and appends the loss and the backward pass; one",
         "  onnxruntime session runs it every step with the current numpy weights (fed without a copy). Adam (or",
         "  SGD with momentum) updates the float32 arrays in place; the learning rate decays with a cosine to 0",
@@ -535,7 +535,7 @@ def _how() -> list[str]:
         "  gradient can be built. BatchNorm running statistics, scalars and `Constant` nodes stay fixed.",
         "* **Convolutions on the fast kernels.** onnxruntime runs a Conv on its blocked NCHWc kernels only when",
         "  the weight is a constant it can re-lay out once; a fed weight falls back to im2col + GEMM, about twice",
-        "  as slow. `onnxprune.autodiff.nchwc.lower` rewrites every ungrouped 2-D Conv whose weight is fed (the",
+        "  as slow. `onnxprune.train.autodiff.nchwc.lower` rewrites every ungrouped 2-D Conv whose weight is fed (the",
         "  forward convolutions and the input gradients' convolutions with the flipped kernel) into",
         "  `com.microsoft.nchwc.Conv` with the re-layout as a few small graph nodes on the weight; the block size",
         "  is asked of onnxruntime (16 with AVX-512, 8 with AVX2; nothing changes where there are no NCHWc",

@@ -61,6 +61,62 @@ def prune(model: str, out: str, calib: str, extra: list[str], report: str) -> tu
     return secs, json.loads(Path(report).read_text())
 
 
+def curve(args) -> None:
+    """One calibration pass, then every width of ``--keep`` sliced from it and measured (the Python API)."""
+    import onnx
+
+    from onnxprune import hidden
+    from onnxprune.hidden import slicing
+    from onnxprune.measure import counts
+    from onnxprune.pipeline import calib_data
+
+    t0 = time.perf_counter()
+    model = onnx.load(args.model)
+    base = counts.summarize(model).params
+    prep = slicing.drop_noop_casts(slicing.name_nodes(model))
+    stream = hidden.find_stream(prep)
+    calib = calib_data(args.calib, model, {})
+    t = time.perf_counter()
+    cov = slicing.covariance(prep, stream, calib, batch_size=8)
+    cov_s = time.perf_counter() - t
+    print(f"calibration statistics: {cov_s:.0f} s (load {load():.1f})", flush=True)
+    rows = []
+    evald = dict(np.load(args.eval))
+    if args.kind == "smollm2":
+        ev = ppl.token_data(args.eval, model)
+        dense = None if args.no_dense else ppl.perplexity(model, ev, limit=args.limit)["perplexity"]
+    else:
+        ref = np.load(args.reference)["embeddings"]
+    for i, k in enumerate(args.keep):
+        t = time.perf_counter()
+        h = hidden.slice_hidden(prep, calib, keep=k, cov=cov, verify=i == 0, round_to=args.round_to,
+                                refit_ls=args.refit)
+        secs = time.perf_counter() - t
+        n = counts.summarize(h.proto).params
+        row = {"keep": k, "width": h.width_after, "params": n, "params_kept_onnx": n / base,
+               "slice_seconds": round(secs, 1), "calib_seconds": round(cov_s, 1), "load": round(load(), 1),
+               "variance_kept": h.variance_kept, "refit": h.refit, "rotation_verified": None if h.rotation is None else
+               bool(h.rotation.passed)}
+        if args.tied_params:
+            row["params_kept"] = n / args.tied_params
+        if args.kind == "smollm2":
+            p = ppl.perplexity(h.proto, ev, limit=args.limit)
+            row.update(perplexity=p["perplexity"], tokens=p["tokens"], dense_perplexity=dense,
+                       ratio=None if dense is None else p["perplexity"] / dense)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx.save(h.proto, os.path.join(tmp, "s.onnx"))
+                c = cosine(pooled(os.path.join(tmp, "s.onnx"), evald), ref)
+            row.update(mean_cosine=float(c.mean()), min_cosine=float(c.min()))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    path = ROOT / args.out
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old[f"{args.kind}_curve" + ("_refit" if args.refit else "")] = rows
+    old[f"{args.kind}_curve_seconds"] = round(time.perf_counter() - t0, 1)
+    path.write_text(json.dumps(old, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=["smollm2", "minilm"])
@@ -72,7 +128,15 @@ def main() -> None:
     ap.add_argument("--target-params", type=float, nargs="*", default=[])
     ap.add_argument("--extra", default="", help="more prune flags, space separated")
     ap.add_argument("--out", default="docs/bench_hidden.json")
+    ap.add_argument("--curve", action="store_true", help="one calibration pass, every --keep from it (API)")
+    ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--refit", action="store_true", help="curve: least-squares refit of the sliced norms' maps")
+    ap.add_argument("--limit", type=int, help="evaluate the first N sequences only")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
+    ap.add_argument("--tied-params", type=int, help="the model's parameter count with tied tables counted once")
     args = ap.parse_args()
+    if args.curve:
+        return curve(args)
     rows = []
     evald = dict(np.load(args.eval))
     if args.kind == "smollm2":

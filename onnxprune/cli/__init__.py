@@ -6,12 +6,13 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import sys
 
 from ..errors import OnnxPruneError, VerificationError
 from . import options
 
-COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune"]
+COMMANDS = ["inspect", "prune", "eval", "bench", "sensitivity", "sparsify", "share", "finetune", "quantize"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     "tensors, verified in onnxruntime against the masked original.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in [only] if only in COMMANDS else COMMANDS:
         try:
@@ -31,8 +33,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for p in sub.choices.values():  # help is read in a terminal: module docstrings lose their reST markup
+        p.description = plain(p.description)
+        for action in p._actions:
+            action.help = plain(action.help)
     parser.commands = sub.choices
     return parser
+
+
+def plain(text: str | None) -> str | None:
+    """reST markup as plain text: ``code`` and :role:`name` lose their quotes, a literal block's ``::`` is ``:``."""
+    if not text:
+        return text
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    text = text.replace("``", "")
+    return re.sub(r"(\S)::(\s*\n)", r"\1:\2", text)
+
+
+def version_line() -> str:
+    import numpy
+    import onnx
+
+    from .. import __version__, runtime
+    return (f"onnxprune {__version__} (onnx {onnx.__version__}, onnxruntime {runtime.version()}, "
+            f"numpy {numpy.__version__})")
 
 
 class Parser(argparse.ArgumentParser):

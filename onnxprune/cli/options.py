@@ -29,8 +29,9 @@ def add_json(parser: argparse.ArgumentParser, what: str = "results") -> None:
     parser.add_argument("--json", metavar="PATH", help=f"also write the {what} as JSON to PATH")
 
 
-def add_output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the new .onnx")
+def add_output(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("-o", "--output", required=required, metavar="OUT",
+                        help="where to write the new .onnx" + ("" if required else " (required unless --dry-run)"))
 
 
 def add_selection(p: argparse.ArgumentParser) -> None:
@@ -299,3 +300,24 @@ def _external_files(path: str) -> list[str]:
         return []
     folder = os.path.dirname(path)
     return sorted({os.path.join(folder, loc) for loc in ir.external.locations(proto)})
+
+
+def add_quantize(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Quantization flags; ``prefix`` for prune's copies (its --calib is shared)."""
+    g = p.add_argument_group("quantization" + (" (after pruning, with --quantize int8)" if prefix else ""))
+    if prefix:
+        g.add_argument("--quantize", choices=["int8"], help="quantize the pruned model to INT8 (static QDQ from "
+                                                             "--calib, or --quantize-dynamic); see 'onnxprune quantize'")
+    else:
+        g.add_argument("--calib", metavar="DATA", help="calibration data for static INT8 (.npz or image folder)")
+    g.add_argument(f"--{prefix}dynamic", action="store_true",
+                   help="dynamic INT8 (weights only, activations at run time; no data): MatMul-heavy transformers")
+    g.add_argument(f"--{prefix}calib-samples", type=int, default=256, metavar="N",
+                   help="calibration samples for activation ranges (default 256)")
+    g.add_argument(f"--{prefix}per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+
+
+def add_ort(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ort", action="store_true",
+                   help="also write the ORT format (.ort beside the .onnx, for onnxruntime Mobile and minimal "
+                        "builds) with onnxruntime's converter, and check that it loads and matches")

@@ -13,12 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from .. import pipeline, report, runtime
+from .. import importance, pipeline, report, runtime
 from ..search import budget
-from ..measure import latency, pass_cost
+from ..measure import clock, latency, pass_cost
+from ..compress import quantize as quant
 from ..data import open_data
+from ..runtime import ortformat
 from ..errors import OnnxPruneError
-from ..plan import Policy, check_names, plan_entries
+from ..plan import Policy, check_names, nothing_removed, plan_entries, removal_summary
 from . import fmt, options
 
 
@@ -26,11 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove channels, filters and heads; verify; save",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_model(p)
-    options.add_output(p)
+    options.add_output(p, required=False)
     g = p.add_argument_group("what to remove")
     g.add_argument("--ratio", default=None, help="fraction of each group's channels to remove (default 0.3; "
                                                  "0 with --slice-hidden)")
-    g.add_argument("--criterion", default="l2", help="importance criterion (default l2; see docs/criteria.md)")
+    g.add_argument("--criterion", default="l2", help="importance criterion: " + ", ".join(importance.CRITERIA)
+                   + " (default l2; the activation-based ones need --calib; see docs/criteria.md)")
     g.add_argument("--group-reduction", default="mean", choices=["mean", "sum", "max"],
                    help="how the scores of coupled layers combine (default mean)")
     g.add_argument("--global", dest="global_ranking", action="store_true",
@@ -101,6 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--save-plan", metavar="PATH", help="write the plan (removed channels per group) as JSON")
     o.add_argument("--dry-run", action="store_true", help="analyse, score and plan; write nothing but the plan")
     o.add_argument("--no-verify", action="store_true", help="skip the masked-reference check (not recommended)")
+    options.add_quantize(p, prefix="quantize-")
+    options.add_ort(p)
     options.add_runtime(p)
     p.set_defaults(func=run)
 
@@ -162,9 +167,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
-    out = Path(args.output)
-    if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
-        raise OnnxPruneError(f"{out}: output path is the input model; choose another -o path")
+    if not args.output and not args.dry_run:
+        raise OnnxPruneError("-o OUT is required: where to write the pruned model (or --dry-run to plan only)")
+    out = Path(args.output) if args.output else None
     options.run_count("--bench-runs", args.bench_runs)
     if args.reconstruct_stages is not None and args.reconstruct_stages < 1:
         raise OnnxPruneError(f"--reconstruct-stages {args.reconstruct_stages}: must be 1 or more")
@@ -205,8 +210,16 @@ def run(args: argparse.Namespace) -> int:
         if target.max_drop is not None or args.allocation != "uniform":
             raise OnnxPruneError(f"{'--max-drop' if target.max_drop is not None else '--allocation'} goes with "
                                  "a --target-* budget")
-        result = pruner.finish(plan if plan is not None else pruner.plan(policy), verify=not args.no_verify,
-                               reconstruct=args.reconstruct)
+        the_plan = plan if plan is not None else pruner.plan(policy)
+        if plan is None and not the_plan.count():
+            raise OnnxPruneError("the plan removes nothing: " + nothing_removed(
+                removal_summary(pruner.analysis, the_plan, policy), policy) + "; no model written")
+        if plan is not None and not any(g.get("removed") for g in plan.get("groups", [])):
+            raise OnnxPruneError(f"--plan {args.plan} removes nothing; no model written")
+        result = pruner.finish(the_plan, verify=not args.no_verify, reconstruct=args.reconstruct)
+        if plan is None:
+            result.extra["removal"] = removal_summary(pruner.analysis, the_plan, policy)
+            result.extra["removal"]["round_to_is_cli_default"] = args.round_to is None
     if args.finetune_steps and not args.dry_run:
         _finetune(args, pruner, result)
     return _finish(args, result, data, policy, out, pruner, start)
@@ -215,14 +228,17 @@ def run(args: argparse.Namespace) -> int:
 def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy: Policy, out: Path,
             pruner: pipeline.Pruner | None = None, start: float = 0.0) -> int:
     """Validate, write the plan, model and reports, print the summary."""
+    if args.quantize and not args.dry_run:
+        _quantize(args, result, data, pruner)
     if data is not None:
-        pipeline.validate(result, data, bench_runs=args.bench_runs)
+        pipeline.evaluate(result, data, bench_runs=args.bench_runs)
     if args.save_plan:
         fmt.write_json(args.save_plan, result.plan.to_json(result.analysis))
     if args.dry_run:
         print_summary(result, None)
         return 0
     size = pipeline.save(result, out)   # the result now names its output and its size
+    result.extra["formats"] = ortformat.formats(out, size, result.proto, args.ort, options.input_shapes(args))
     passes = _in_passes(pruner, result, time.perf_counter() - start) if pruner is not None else None
     result.extra.update(round_to=policy.round_to or 1, calibration_passes=passes,
                         runtime=runtime.current().to_json())
@@ -239,6 +255,23 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
               f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s)",
               file=sys.stderr)
     return 0
+
+
+def _quantize(args: argparse.Namespace, result: pipeline.PruneResult, data, pruner) -> None:
+    """INT8 after pruning: the pruned float model is measured as the quantizer's input, the original as
+    the chain's start (see 'onnxprune quantize'); the saved model and ``--data`` rows become the INT8 ones."""
+    calib = pruner.data if pruner is not None else None
+    if not args.quantize_dynamic and (calib is None or calib.kind == "random"):
+        raise OnnxPruneError("--quantize int8 needs real --calib data for activation ranges (or --quantize-dynamic)")
+    with clock.stage_time(result.seconds, "quantize"):
+        q, how = quant.quantize(result.proto, None if args.quantize_dynamic else calib,
+                                dynamic=args.quantize_dynamic, per_channel=not args.quantize_per_tensor,
+                                samples=args.quantize_calib_samples)
+    if data is not None and data.kind != "tokens":
+        how["measured"] = quant.measure(q, result.proto, data, original=result.original.proto,
+                                        bench_runs=args.bench_runs, input_shapes=options.input_shapes(args))
+    result.proto = q
+    result.extra["quantization"] = how
 
 
 def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: float) -> dict | None:
@@ -283,7 +316,8 @@ def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget,
                                  "drop --hidden-keep and --ratio")
         from ..ir import load
         width, fr = hidden.slicing.width_for_budget(load(args.model), params=target.params, macs=target.macs,
-                                                    input_shapes=options.input_shapes(args), round_to=round_to)
+                                                    input_shapes=options.input_shapes(args), round_to=round_to,
+                                                    inplace=True)
     result = pipeline.prune_sliced(args.model, policy=policy, criterion=args.criterion, calib=args.calib,
                                    input_shapes=options.input_shapes(args), width=width, keep=keep,
                                    round_to=round_to, verify=not args.no_verify, reconstruct=args.reconstruct,
@@ -330,10 +364,14 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
     rows += report.validation_rows(rep.get("validation"))
     fmt.table(None, ["", "before", "after", "after/before"], rows, right=(1, 2, 3))
     ver = result.verification
-    status = ("verified against the masked original" if ver and ver.passed else "NOT verified (--no-verify)")
+    status = ("verified: equals the masked original" if ver and ver.passed else "NOT verified (--no-verify)")
+    worst = ver.worst() if ver and ver.passed else None
+    margin = (f" (largest difference {worst.max_abs:.1e} on '{worst.name}', {100 * worst.max_abs / worst.tolerance:.2g}% "
+              f"of the tolerance applied there, {worst.tolerance:.1e})" if worst is not None and worst.tolerance else "")
     fmt.out.print(f"groups: {rep['groups_found']} found, {rep['groups_pruned']} pruned, "
-                  f"{rep['groups_frozen']} frozen; {status}"
-                  + (f" (worst relative error {ver.needed_rtol:.1e})" if ver and ver.passed else ""))
+                  f"{rep['groups_frozen']} frozen; {status}{margin}", soft_wrap=True)
+    print_removal(rep.get("removal"))
+    honest_notes(result, rep)
     h = rep.get("hidden")
     if h:
         rv = h.get("rotation_verification") or {}
@@ -353,3 +391,41 @@ def print_summary(result: pipeline.PruneResult, size_after: int | None) -> None:
         print(f"  frozen x{n}: {r}", file=sys.stderr)
     for note in rep.get("configs", []) + rep.get("validity", []):
         print(f"  {note}", file=sys.stderr)
+
+
+def print_removal(removal: dict | None) -> None:
+    """One line: the share of channels really removed against the ratio asked, and the groups left whole."""
+    if not removal or not removal["groups"]:
+        return
+    asked = removal["asked_ratio"]
+    rounding = (f"channel counts in multiples of {removal['round_to']}"
+                + (" (the command line's default on this CPU; the Python API keeps exact ratios unless told)"
+                   if removal.get("round_to_is_cli_default") else "") + "; --round-to 1 keeps exact ratios"
+                if removal["round_to"] > 1 else "exact ratios")
+    per = [g["removed_ratio"] for g in removal["groups"]]
+    line = (f"removed {100 * removal['removed_ratio']:.1f}% of the channels of {len(removal['groups'])} groups"
+            + (f", {100 * min(per):.0f}% to {100 * max(per):.0f}% per group" if max(per) - min(per) > 0.005 else "")
+            + (f" (asked {100 * asked:g}%; {rounding})" if asked is not None else f" ({rounding})"))
+    whole = removal["left_whole"]
+    if whole:
+        names = ", ".join(f"{w['label']} [{w['size']}]" for w in whole[:4]) + (", ..." if len(whole) > 4 else "")
+        line += f"; left whole: {len(whole)} group(s) ({names}) by {whole[0]['why']}"
+    fmt.out.print(line, soft_wrap=True, markup=False)
+
+
+def honest_notes(result: pipeline.PruneResult, rep: dict) -> None:
+    """What 'verified' does not say: outputs nearly constant on the verification inputs, and, without data,
+    that accuracy is unmeasured."""
+    ver = result.verification
+    if ver and ver.passed:
+        flat = ver.nearly_constant(o.name for o in result.original.graph.output)
+        if flat:
+            print(f"note: output(s) {', '.join(repr(n) for n in flat)} hardly varied on the verification inputs "
+                  "(random unless --calib is real data), so their check says little; measure with --data",
+                  file=sys.stderr)
+    if not rep.get("validation"):
+        no_calib = str(rep.get("importance_data")) in ("none", "random", "None", "")
+        print("note: 'verified' means the pruned model computes what the original computes with the removed "
+              "channels zeroed; it says nothing about accuracy, which was not measured (no --data). Measure it "
+              "with --data DATA" + (", and choose channels and repair layers from real inputs with --calib DATA"
+                                    if no_calib else ""), file=sys.stderr)

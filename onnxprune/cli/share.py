@@ -11,7 +11,7 @@ Conv/ConvTranspose/Gemm/MatMul weights of at least --min-size elements are share
 when that saves bytes.  Fidelity to the original is measured on --data (default 8 random
 samples), and accuracy too when that data has ``labels``.
 
-JSON keys (stable; see ``onnxprune.sharing`` for the per-layer ones): clusters, packed, fold,
+JSON keys (stable; see ``onnxprune.compress.sharing`` for the per-layer ones): clusters, packed, fold,
 layers, skipped, file_bytes_before, file_bytes_after, compressed_bytes_before,
 compressed_bytes_after, compression, data, fidelity, accuracy, reference_accuracy.
 """

@@ -16,7 +16,7 @@ after compression (zstd if the ``zstandard`` package is installed, else gzip).  
 original is measured on --data (default: the calibration data, else 8 random samples), and
 accuracy too when that data has ``labels``.
 
-JSON keys (stable; see ``onnxprune.sparsity`` for the per-layer ones): sparsity, pattern,
+JSON keys (stable; see ``onnxprune.compress.sparsity`` for the per-layer ones): sparsity, pattern,
 criterion, global, achieved_sparsity, layers, skipped, file_bytes_before, file_bytes_after,
 compressed_bytes_before, compressed_bytes_after, compression, calibration, data, fidelity,
 accuracy, reference_accuracy.

@@ -22,7 +22,7 @@ packing allowed), ``fold``, ``layers`` [{``name``, ``tensor``, ``op``, ``shape``
 ``bytes_after`` (tensor storage), ``weight_error`` (||W - codebook[indices]|| / ||W||)}],
 ``skipped`` [{``name``, ``tensor``, ``reason``}], ``file_bytes_before``, ``file_bytes_after``,
 ``compressed_bytes_before``, ``compressed_bytes_after``, ``compression``, ``data`` (what the
-fidelity was measured on), ``fidelity`` (see ``onnxprune.validate``), ``accuracy`` and
+fidelity was measured on), ``fidelity`` (see ``onnxprune.measure.quality``), ``accuracy`` and
 ``reference_accuracy`` (when the data has labels, else null).
 """
 

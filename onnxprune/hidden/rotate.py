@@ -37,9 +37,14 @@ def random_rotation(d: int, kind: str, seed: int = 0) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray | list[np.ndarray]) -> onnx.ModelProto:
+def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray | list[np.ndarray], *,
+          fits: dict[int, np.ndarray] | None = None, rms_names: dict[int, str] | None = None) -> onnx.ModelProto:
     """A new model: ``proto`` with its stream rotated by ``Q`` (``proto`` is not modified); a list gives
-    each segment of the stream (:attr:`Stream.segments`) its own basis, all of the same width."""
+    each segment of the stream (:attr:`Stream.segments`) its own basis, all of the same width.
+
+    Each norm's output is rebuilt from its RMSNorm ``r`` (width ``d'``) as ``y = r A + c``: exactly
+    ``A = sqrt(d/d') Q^T diag(scale)``, ``c = bias``; ``fits`` gives ``[A; c]`` (``[d'+1, d]``) fitted by
+    least squares instead (see :func:`slicing.refit`). ``rms_names`` is filled with each norm's ``r``."""
     Qs = list(Q) if isinstance(Q, (list, tuple)) else [Q] * stream.segments
     Q = Qs[0]
     d, dn = Q.shape
@@ -99,23 +104,29 @@ def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray | list[np.ndarra
             n.input[1] = new_const(f"{w.tensor}.rot", Q.T @ value(w.tensor))
 
     s = np.sqrt(d / dn)
+
+    def affine(i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(A [d', d], c [d]): norm ``i``'s output in the original basis from its RMSNorm."""
+        if fits is not None and i in fits:
+            return fits[i][:dn], fits[i][dn]
+        nm = stream.norms[i]
+        return s * Qs[stream.norm_segments(i)[0]].T * nm.scale[None, :], nm.bias
+
     extra: list[tuple[str, str, list[onnx.NodeProto]]] = []   # ("before" | "after", node name, nodes)
     for j, r in enumerate(stream.readers):
-        norm = stream.norms[r.norm]
-        gamma, beta = norm.scale, norm.bias
+        A, c = affine(r.norm)
         n = node(r.node)
-        Q = Qs[stream.norm_segments(r.norm)[0]]
         if r.tensor in stream.tied:
-            _tied_head(n, r, norm, Q, basis_of[r.tensor], s, stream.kind, value(r.tensor), rotated[r.tensor], node,
+            _tied_head(n, r, A, c, basis_of[r.tensor], stream.kind, value(r.tensor), rotated[r.tensor], node,
                        new_const, fresh, extra)
             continue
         W = value(r.tensor)
         if r.rows:   # [k, d]
-            Wn = s * (W * gamma[None, :]) @ Q
-            b = W @ beta
+            Wn = W @ A.T
+            b = W @ c
         else:        # [d, k]
-            Wn = s * Q.T @ (gamma[:, None] * W)
-            b = beta @ W
+            Wn = A @ W
+            b = c @ W
         if r.via:    # MatMul(y, Transpose(W)): read the folded weight directly
             n.input[1] = new_const(f"{r.tensor}.r{j}", Wn.T)
         else:
@@ -132,18 +143,22 @@ def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray | list[np.ndarra
         uses = [u for u in stream.uses if u.norm == i]
         if not uses and i not in stream.outputs:
             extra.append(("before", nm.nodes[0], _rms(nm.x, nm.y, nm.eps * d / dn, dn, opset, new_const, fresh)))
+            if rms_names is not None:
+                rms_names[i] = nm.y
             continue
         r = fresh(f"{nm.y}.rms")
+        if rms_names is not None:
+            rms_names[i] = r
         ns = _rms(nm.x, r, nm.eps * d / dn, dn, opset, new_const, fresh)
         made = {}
-        seg_in, seg_out = stream.norm_segments(i)
-        Q = Qs[seg_in]
+        seg_out = stream.norm_segments(i)[1]
+        A, c = affine(i)
         for kind in sorted({u.kind for u in uses} | ({"full"} if i in stream.outputs else set())):
-            if kind == "stream":   # the rotated stream again: r s Q_in^T diag(scale) Q_out + bias Q_out
+            if kind == "stream":   # the rotated stream again: (r A + c) Q_out
                 Qo = Qs[seg_out]
-                mat, bias = s * Q.T @ (nm.scale[:, None] * Qo), nm.bias @ Qo
-            else:                  # the original basis: r s Q^T diag(scale) + bias
-                mat, bias = s * Q.T * nm.scale[None, :], nm.bias
+                mat, bias = A @ Qo, c @ Qo
+            else:                  # the original basis: r A + c
+                mat, bias = A, c
             out = nm.y if kind == "full" and i in stream.outputs else fresh(f"{nm.y}.{kind}")
             lin = fresh(f"{nm.y}.{kind}_lin") if np.any(bias != 0) else out
             ns.append(helper.make_node("MatMul", [r, new_const(f"{nm.y}.{kind}_mat", mat)], [lin],
@@ -239,12 +254,12 @@ def _add_bias(n, b, consts, value, new_const, fresh, extra, g) -> None:
     extra.append(("after", n.name, [add]))
 
 
-def _tied_head(n, r, norm, Q, QE, s, kind, E, E_rot, node, new_const, fresh, extra) -> None:
-    """A head that reads the embedding table: ``MatMul(y M, (E QE)^T)`` plus what ``QE`` drops of ``E``."""
-    gamma, beta = norm.scale, norm.bias
+def _tied_head(n, r, A, c, QE, kind, E, E_rot, node, new_const, fresh, extra) -> None:
+    """A head that reads the embedding table: ``MatMul(y M, (E QE)^T)`` plus what ``QE`` drops of ``E``
+    (the norm's output is ``y A + c`` in the original basis)."""
     y = n.input[0]
     y2 = fresh(f"{y}.mixed")
-    M = s * Q.T @ (gamma[:, None] * QE)
+    M = A @ QE
     extra.append(("before", r.node, [helper.make_node("MatMul", [y, new_const(f"{r.tensor}.head_mix", M)], [y2],
                                                       name=f"{n.name}.mix")]))
     n.input[0] = y2
@@ -266,15 +281,15 @@ def _tied_head(n, r, norm, Q, QE, s, kind, E, E_rot, node, new_const, fresh, ext
     n.output[0] = cur
     if kind == "layer":  # E's all-ones component, dropped from E Q: (y . s Q^T gamma) * mean(E, axis=1)
         dot, prod, nxt = fresh(f"{out}.ones_dot"), fresh(f"{out}.ones_term"), fresh(f"{out}.with_ones")
-        post += [helper.make_node("MatMul", [y, new_const(f"{r.tensor}.ones_dir", s * (Q.T @ gamma)[:, None])],
+        post += [helper.make_node("MatMul", [y, new_const(f"{r.tensor}.ones_dir", A.sum(axis=1)[:, None])],
                                   [dot], name=fresh(f"{n.name}.ones_dot")),
                  helper.make_node("Mul", [dot, new_const(f"{r.tensor}.row_mean", E.mean(axis=1))], [prod],
                                   name=fresh(f"{n.name}.ones_mul")),
                  helper.make_node("Add", [cur, prod], [nxt], name=fresh(f"{n.name}.ones_add"))]
         cur = nxt
-    if np.any(beta != 0):
+    if np.any(c != 0):
         nxt = fresh(f"{out}.with_bias")
-        post.append(helper.make_node("Add", [cur, new_const(f"{r.tensor}.head_bias", E @ beta)], [nxt],
+        post.append(helper.make_node("Add", [cur, new_const(f"{r.tensor}.head_bias", E @ c)], [nxt],
                                      name=fresh(f"{n.name}.bias_add")))
         cur = nxt
     post.append(helper.make_node("Identity", [cur], [out], name=fresh(f"{n.name}.out")))

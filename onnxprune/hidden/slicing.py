@@ -38,12 +38,14 @@ class HiddenResult:
     basis: str                      # "calibration" (PCA) or "random" (no data: rotation only)
     variance_kept: float            # share of the normalised stream's variance in the kept directions
     seconds: dict[str, float] = field(default_factory=dict)
+    refit: bool = False             # the sliced norms' maps were re-fitted by least squares
 
     def to_json(self) -> dict:
         return {"width_before": self.width_before, "width_after": self.width_after,
                 "norms": len(self.stream.norms), "writers": len(self.stream.writers),
                 "readers": len(self.stream.readers), "tied": self.stream.tied, "norm_kind": self.stream.kind,
                 "basis": self.basis, "segments": self.stream.segments, "variance_kept": self.variance_kept,
+                "refit": "least squares" if self.refit else "none",
                 "rotation_verified": bool(self.rotation.passed) if self.rotation is not None else None,
                 "rotation_verification": self.rotation.to_json() if self.rotation is not None else None,
                 "contract": "the rotation is verified exact against the original; removing hidden directions "
@@ -51,13 +53,14 @@ class HiddenResult:
                 "seconds": self.seconds}
 
 
-def name_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with a unique name on every node (a copy when any was missing or repeated)."""
+def name_nodes(proto: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
+    """``proto`` with a unique name on every node (a copy when any was missing or repeated, unless ``inplace``)."""
     names = [n.name for n in proto.graph.node]
     if all(names) and len(set(names)) == len(names):
         return proto
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
+    m = proto if inplace else onnx.ModelProto()
+    if not inplace:
+        m.CopyFrom(proto)
     seen: set[str] = set()
     for i, n in enumerate(m.graph.node):
         if not n.name or n.name in seen:
@@ -66,7 +69,7 @@ def name_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
+def drop_noop_casts(proto: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
     """``proto`` without Casts to the type their input already has (torch's RMSNorm casts the stream to
     float32 in a float32 model, and the residual then reads the cast): their readers read the input."""
     types = {k: t for k, (_, t) in ir.infer(proto).items()}
@@ -76,8 +79,9 @@ def drop_noop_casts(proto: onnx.ModelProto) -> onnx.ModelProto:
             and any(a.name == "to" and a.i == types[n.input[0]] for a in n.attribute)}
     if not same:
         return proto
-    m = onnx.ModelProto()
-    m.CopyFrom(proto)
+    m = proto if inplace else onnx.ModelProto()
+    if not inplace:
+        m.CopyFrom(proto)
     keep = [n for n in m.graph.node if n.output[0] not in same or n.op_type != "Cast"]
     for n in keep:
         for k, i in enumerate(n.input):
@@ -94,7 +98,7 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
     """Per segment of the stream, ``sum z z^T / |z|^2`` over its norms' inputs and every real token of
     ``data`` (float64 ``[d, d]``)."""
     taps = list(dict.fromkeys(n.x for n in stream.norms))
-    sess = runtime.session(runtime.with_outputs(proto, taps), layout=False)
+    sess = _tapped_session(proto, taps)
     inputs = [i.name for i in sess.inputs]
     d = stream.width
     cov = [np.zeros((d, d)) for _ in range(stream.segments)]
@@ -119,6 +123,60 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
         if progress is not None:
             progress("calibration statistics", min(start + batch_size, n), n)
     return cov
+
+
+def _tapped_session(proto: onnx.ModelProto, taps: list[str]):
+    """A session that also outputs ``taps`` (added to ``proto`` for the session only: no copy of the weights)."""
+    have = {o.name for o in proto.graph.output}
+    extra = [t for t in dict.fromkeys(taps) if t not in have]
+    for t in extra:
+        proto.graph.output.add().name = t
+    try:
+        return runtime.session(proto, layout=False)
+    finally:
+        del proto.graph.output[len(proto.graph.output) - len(extra):]
+
+
+def refit(proto: onnx.ModelProto, stream: Stream, sliced: onnx.ModelProto, rms_names: dict[int, str],
+          data: ArrayData, *, batch_size: int = 8, limit: int | None = None, ridge: float = 1e-3,
+          progress=None) -> dict[int, np.ndarray]:
+    """Per norm ``i``, the affine map ``[A; c]`` (``[d'+1, d]``) that best rebuilds the original norm's output
+    ``y`` from the sliced model's RMSNorm ``r`` on ``data`` (least squares, ridge ``ridge`` relative to the
+    mean diagonal): what the linear layers reading ``y`` then see is as close to the original as one linear
+    map of the kept directions allows. Both models run on the same batches, one pass."""
+    so = _tapped_session(proto, [n.y for n in stream.norms])
+    ss = _tapped_session(sliced, [rms_names[i] for i in range(len(stream.norms))])
+    ins_o, ins_s = [i.name for i in so.inputs], [i.name for i in ss.inputs]
+    d = stream.width
+    gram: dict[int, np.ndarray] = {}
+    cross: dict[int, np.ndarray] = {}
+    mask_all = data.meta.get("mask") if data.kind == "tokens" else None
+    n = data.num_samples if limit is None else min(limit, data.num_samples)
+    for start, feed in zip(range(0, n, batch_size), data.batches(batch_size, limit)):
+        mask = feed.get("attention_mask")
+        if mask is None and mask_all is not None:
+            mask = mask_all[start:start + batch_size]
+        yo = runtime.run(so, {k: feed[k] for k in ins_o}, [nm.y for nm in stream.norms])
+        ys = runtime.run(ss, {k: feed[k] for k in ins_s}, [rms_names[i] for i in range(len(stream.norms))])
+        for i, nm in enumerate(stream.norms):
+            y, r = np.asarray(yo[nm.y], np.float64), np.asarray(ys[rms_names[i]], np.float64)
+            if mask is not None and y.ndim == 3 and y.shape[:2] == mask.shape:
+                keep = np.asarray(mask) != 0
+                y, r = y[keep], r[keep]
+            y, r = y.reshape(-1, d), r.reshape(len(y.reshape(-1, d)), -1)
+            a = np.concatenate([r, np.ones((len(r), 1))], axis=1)
+            gram[i] = gram.get(i, 0) + a.T @ a
+            cross[i] = cross.get(i, 0) + a.T @ y
+        del yo, ys
+        if progress is not None:
+            progress("refitting the sliced norms", min(start + batch_size, n), n)
+    fits = {}
+    for i, g in gram.items():
+        lam = ridge * float(np.trace(g[:-1, :-1])) / max(len(g) - 1, 1)
+        reg = np.eye(len(g)) * lam
+        reg[-1, -1] = 0.0   # the bias is not shrunk
+        fits[i] = np.linalg.solve(g + reg, cross[i])
+    return fits
 
 
 def pca_basis(cov: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -177,14 +235,21 @@ def _dims(proto, name):
 def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = None, *, width: int | None = None,
                  keep: float | None = None, round_to: int = 8, verify: bool = True, rtol: float = 1e-4,
                  batch_size: int = 8, limit: int | None = None, progress=None,
-                 cov: list[np.ndarray] | None = None, per_segment: bool = True) -> HiddenResult:
+                 cov: list[np.ndarray] | None = None, per_segment: bool = True, inplace: bool = False,
+                 refit_ls: bool = False) -> HiddenResult:
     """Rotate ``model``'s residual stream (PCA of ``calib``, or a random rotation without data), verify the
     rotation, and keep ``width`` directions (or ``keep`` of the width, rounded to ``round_to``).
 
     ``per_segment``: each part of the stream between post-norm blocks gets the principal directions of
     its own norm's input (free: those parts already meet through a matrix); False uses one basis for
-    all (the same thing for pre-norm models, which have one part)."""
-    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model))
+    all (the same thing for pre-norm models, which have one part). ``inplace``: node names and no-op
+    casts are fixed in ``model`` itself (the same function) rather than in a copy. ``refit_ls``: with
+    calibration data, the maps from each sliced norm to the layers it feeds are re-fitted by least squares
+    (:func:`refit`, one more pass over the data). Off by default: in one pass each fit sees inputs its
+    upstream fits then change, and on MiniLM it lowered the mean cosine at 0.80x params from 0.945 to 0.896."""
+    given = model.proto if isinstance(model, ir.Model) else model
+    named = name_nodes(given, inplace)
+    proto = drop_noop_casts(named, inplace=inplace or named is not given)   # a copy made here is ours
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     stream = find_stream(proto)
@@ -226,14 +291,23 @@ def slice_hidden(model: onnx.ModelProto | ir.Model, calib: ArrayData | None = No
                                      for o in ver.outputs if not o.passed), "")
             raise VerificationError(f"the rotated model differs from the original: {bad}")
     t = time.perf_counter()
-    sliced = rotate.apply(proto, stream, [q[:, :width] for q in Q])
+    names: dict[int, str] = {}
+    sliced = rotate.apply(proto, stream, [q[:, :width] for q in Q], rms_names=names)
     seconds["slice"] = round(time.perf_counter() - t, 3)
+    fitted = bool(refit_ls and calib is not None and calib.kind != "random" and width < full)
+    if fitted:
+        t = time.perf_counter()
+        fits = refit(proto, stream, sliced, names, calib, batch_size=batch_size, limit=limit, progress=progress)
+        del sliced
+        sliced = rotate.apply(proto, stream, [q[:, :width] for q in Q], fits=fits)
+        seconds["refit"] = round(time.perf_counter() - t, 3)
     kept = float(var[:width].sum() / var.sum()) if var.sum() > 0 else 1.0
-    return HiddenResult(sliced, stream, d, width, ver, basis, kept, seconds)
+    return HiddenResult(sliced, stream, d, width, ver, basis, kept, seconds, refit=fitted)
 
 
 def width_for_budget(model: onnx.ModelProto | ir.Model, *, params: float | None = None, macs: float | None = None,
-                     input_shapes: dict[str, list[int]] | None = None, round_to: int = 8) -> tuple[int, dict]:
+                     input_shapes: dict[str, list[int]] | None = None, round_to: int = 8,
+                     inplace: bool = False) -> tuple[int, dict]:
     """The widest stream (a multiple of ``round_to``) whose sliced model keeps at most ``params`` of the
     parameters and ``macs`` of the MACs (fractions of the original's), and the fractions it keeps.
 
@@ -242,7 +316,7 @@ def width_for_budget(model: onnx.ModelProto | ir.Model, *, params: float | None 
     give them exactly at every width."""
     from ..measure import counts
 
-    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model))
+    proto = drop_noop_casts(name_nodes(model.proto if isinstance(model, ir.Model) else model, inplace), inplace)
     stream = find_stream(proto)
     if isinstance(stream, NoStream):
         raise OnnxPruneError(f"--slice-hidden: no residual stream to rotate ({stream.reason})")

@@ -13,7 +13,7 @@ the mean squared error to the original output plus unit Gaussian noise: its
 gradient is a random projection of the output, so ``|a·g|`` estimates the size of
 the output change when the channel is removed.
 
-Gradients come from one graph built by :mod:`onnxprune.autodiff` for every tensor
+Gradients come from one graph built by :mod:`onnxprune.train.autodiff` for every tensor
 all groups asked for, run in onnxruntime in one pass over the data (two sessions
 when the target comes from the model's own outputs). Tensors whose gradient cannot
 be built (an op without a rule between them and the output) are not measured and
@@ -34,7 +34,7 @@ from ..groups import ACTIVATION, Group
 from .base import Criterion
 from .context import ScoreContext
 from .layers import to_channels
-from .stats import Needs, _fit_fixed_batch
+from .stats import Needs, fit_fixed_batch
 from .weights import weight_members
 
 NOISE_SEED = 0
@@ -124,7 +124,7 @@ def measure(ctx: ScoreContext, st: _Gradients, acts: list[tuple[str, int]], weig
     model, products = _with_products(gm, acts, ctx.analysis.shapes, proto)
     fetch = list(products.values()) + [gm.grad_names[w] for w in weights]
     sess = runtime.session(model)
-    batch_size, limit = _fit_fixed_batch(proto, data, ctx.batch_size, ctx.limit)
+    batch_size, limit = fit_fixed_batch(proto, data, ctx.batch_size, ctx.limit)
     n_batches = -(-(data.num_samples if limit is None else min(limit, data.num_samples)) // batch_size)
     it = zip(data.batches(batch_size, limit), target.labels(data, batch_size, limit))
     if ctx.progress:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..runtime import taps as calibrate
+from ..runtime.taps import conv_attrs
 from ..groups import ACTIVATION, WEIGHT_IN, Group, Member
 from .context import ScoreContext
 from .stats import GramSpec
@@ -107,7 +107,7 @@ def _conv(node: onnx.NodeProto, m: Member, shape: tuple, ctx: ScoreContext):
         return None
     if node.op_type == "ConvTranspose":
         return node.input[0], 1, None, shape[0]
-    grouped = calibrate.conv_attrs(node, shape)["group"] > 1
+    grouped = conv_attrs(node, shape)["group"] > 1
     # a grouped conv's W input axis is per conv group: only an activation member maps it
     return node.input[0], 1, None, None if grouped else shape[1]
 
@@ -145,7 +145,7 @@ def consumer_layers(group: Group, ctx: ScoreContext) -> list[Layer]:
         idx = _x_index(group, m, x, axis, width)
         if idx is None:
             continue
-        conv = calibrate.conv_attrs(node, shape) if kind != "dense" else None
+        conv = conv_attrs(node, shape) if kind != "dense" else None
         layers.append(Layer(node, kind, x, axis, np.asarray(idx, dtype=np.int64), m.tensor, ctx,
                             transform or (lambda w: w), conv))
     memo[group.id] = layers

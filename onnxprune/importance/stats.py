@@ -3,7 +3,7 @@
 What a criterion needs is declared as :class:`Needs`: per-position moments of
 some tensors along their channel axis, per-sample histograms for entropy, and
 Gram matrices ``XᵀX`` of consumer-layer inputs (the im2col Gram for Conv, per
-conv group). :func:`collect` streams the data once through ``calibrate.tap``
+conv group). :func:`collect` streams the data once through ``taps.tap``
 and accumulates everything; memory is bounded by the batch size and by the
 size of the statistics themselves, never by the number of samples.
 
@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .. import ir
-from ..runtime import taps as calibrate
+from ..runtime import taps
 from ..data import DataSource
 from ..errors import OnnxPruneError
 
@@ -262,7 +262,7 @@ def gram_rows(x: np.ndarray, spec: GramSpec, keep: int | None = None, rng: np.ra
     step = max(1, _GRAM_CHUNK_BYTES // (8 * rows_per * max(1, x.shape[1] * int(np.prod(k)))))
     for s in range(0, x.shape[0], step):
         xs = x[s:s + step].astype(np.float64)
-        yield calibrate.conv_patches(xs, **attrs, rows=_sampled(len(xs), per_sample, keep, rng))
+        yield taps.conv_patches(xs, **attrs, rows=_sampled(len(xs), per_sample, keep, rng))
 
 
 def _add_gram(store: dict[str, GramStats], key: str, x: np.ndarray, spec: GramSpec, keep: int | None,
@@ -286,7 +286,7 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
     """
     rng = np.random.default_rng(seed)
     bins = max(2, bins + bins % 2)
-    batch_size, limit = _fit_fixed_batch(proto, data, batch_size, limit)
+    batch_size, limit = fit_fixed_batch(proto, data, batch_size, limit)
     inputs = {vi.name for vi in ir.graph_inputs(proto)}
     wanted = {t for t, _ in needs.moments | needs.hist} | {s.x for s in needs.grams.values()}
     hist_keys = needs.hist
@@ -317,7 +317,7 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
             stats.samples += len(next(iter(feed.values())))
 
     try:
-        calibrate.tap(proto, tapped, data, visit, batch_size=batch_size, limit=limit, max_outputs=MAX_OUTPUTS,
+        taps.tap(proto, tapped, data, visit, batch_size=batch_size, limit=limit, max_outputs=MAX_OUTPUTS,
                       progress=progress, description="calibration statistics")
     except Exception as e:
         if not type(e).__module__.startswith("onnxruntime"):
@@ -329,7 +329,8 @@ def collect(proto: onnx.ModelProto, needs: Needs, data: DataSource, *, batch_siz
     return stats
 
 
-def _fit_fixed_batch(proto: onnx.ModelProto, data: DataSource, batch_size: int, limit: int | None):
+def fit_fixed_batch(proto: onnx.ModelProto, data: DataSource, batch_size: int, limit: int | None):
+    """``batch_size`` and ``limit`` fitted to a model whose inputs share one fixed batch size."""
     dims = {(ir.input_dims(vi) or [None])[0] for vi in ir.graph_inputs(proto)}
     fixed = dims.pop() if len(dims) == 1 else None
     if not isinstance(fixed, int) or fixed <= 0:

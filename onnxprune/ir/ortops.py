@@ -53,3 +53,31 @@ def ort_load(model: str | bytes, what: str) -> None:
         why = str(e).removeprefix("onnxruntime cannot load the model: ")[:300]
         raise OnnxPruneError(f"{what}: onnxruntime cannot load the model ({why}); onnx.checker cannot judge "
                              "its contrib ops, so onnxruntime's load is the check") from None
+
+
+def int8_activations(proto: onnx.ModelProto) -> bool:
+    """Whether some ``MatMulNBits`` lets onnxruntime round its activations (``accuracy_level`` > 0)."""
+    return any(n.op_type == "MatMulNBits" and n.domain == MS and
+               any(a.name == "accuracy_level" and a.i > 0 for a in n.attribute) for n in proto.graph.node)
+
+
+def float_activations(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy of ``proto`` whose ``MatMulNBits`` compute with float activations (``accuracy_level`` 0),
+    or None when none asks for less. With ``accuracy_level`` 4 onnxruntime rounds each activation block
+    to int8, so a change of 1e-6 anywhere can flip a rounding and no two graphs compare exactly;
+    verification compares the pruned weights and structure at float precision instead."""
+    if not int8_activations(proto):
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for n in out.graph.node:
+        if n.op_type == "MatMulNBits" and n.domain == MS:
+            for a in n.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+    return out
+
+
+FLOAT_NOTE = ("verified with MatMulNBits' accuracy_level 0 (float activations) in both models: at the saved "
+              "accuracy_level onnxruntime rounds activations to int8, where a change of 1e-6 flips roundings, "
+              "so no exact comparison exists there; the saved model keeps its accuracy_level")

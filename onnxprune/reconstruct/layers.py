@@ -6,7 +6,7 @@ elements, columns ordered (channel, *kernel)) and ``b`` ``[Cout]``. A rule knows
 read that form from a graphsurgeon node, write it back, build the feature rows ``x_g``
 from the layer's input tensor and pick the matching target rows from its output:
 
-- Conv: im2col patches (``calibrate.conv_patches``), ``W.reshape(G, Cout/G, -1)``.
+- Conv: im2col patches (``taps.conv_patches``), ``W.reshape(G, Cout/G, -1)``.
 - ConvTranspose: the adjoint of a Conv, expressed exactly as a stride-1 Conv with the
   flipped, transposed kernel over the zero-upsampled, re-padded input.
 - Gemm: ``alpha * B`` (transposed as needed), ``beta * C``; written back with alpha = beta = 1.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..runtime import taps as calibrate
+from ..runtime import taps
 
 
 def const_input(node: gs.Node, i: int) -> gs.Constant | None:
@@ -163,7 +163,7 @@ class ConvRule(Rule):
 
     def read(self, node):
         w = const_input(node, 1).values
-        g = calibrate.conv_attrs(node.attrs, w.shape)["group"]
+        g = taps.conv_attrs(node.attrs, w.shape)["group"]
         kernel = int(np.prod(w.shape[2:]))
         W = w.astype(np.float64).reshape(g, w.shape[0] // g, -1)
         return Linear(node, self, W, self.bias_of(node, w.shape[0]), kernel, w.dtype)
@@ -174,8 +174,8 @@ class ConvRule(Rule):
         set_vector(graph, lin.node, 2, b.astype(lin.dtype), "bias")
 
     def features(self, lin, x, rows):
-        a = calibrate.conv_attrs(lin.node.attrs, const_input(lin.node, 1).values.shape)
-        return calibrate.conv_patches(x, a["kernel_shape"], a["strides"], a["pads"], a["dilations"], a["group"],
+        a = taps.conv_attrs(lin.node.attrs, const_input(lin.node, 1).values.shape)
+        return taps.conv_patches(x, a["kernel_shape"], a["strides"], a["pads"], a["dilations"], a["group"],
                                       a["auto_pad"], rows=rows)
 
 
@@ -227,7 +227,7 @@ class ConvTransposeRule(Rule):
         crop = tuple(slice(max(0, -begin[i]), up.shape[2 + i] - max(0, -end[i])) for i in range(nd))
         up = up[(slice(None), slice(None)) + crop]
         pads = [max(0, v) for v in begin] + [max(0, v) for v in end]
-        return calibrate.conv_patches(up, k, [1] * nd, pads, d, int(a.get("group", 1)), rows=rows)
+        return taps.conv_patches(up, k, [1] * nd, pads, d, int(a.get("group", 1)), rows=rows)
 
 
 class GemmRule(Rule):

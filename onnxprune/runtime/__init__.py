@@ -143,6 +143,19 @@ def tapped(proto: onnx.ModelProto, names: Iterable[str], types: dict[str, onnx.T
     return session(with_outputs(proto, names, types), optimize=False)
 
 
+def quantize(proto: onnx.ModelProto, feeds, *, dynamic: bool = False, per_channel: bool = True):
+    """INT8 through onnxruntime's quantizer (see :mod:`onnxprune.runtime.quantize`), calibrating on the
+    current target's providers."""
+    from .quantize import quantize as _quantize
+
+    return _quantize(proto, feeds, dynamic=dynamic, per_channel=per_channel, providers=list(current().providers))
+
+
+def version() -> str:
+    """onnxruntime's version."""
+    return _ort.ort.__version__
+
+
 def available_providers() -> list[str]:
     return _ort.available_providers()
 

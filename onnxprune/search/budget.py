@@ -11,7 +11,7 @@ Channel counts follow ``round_to``, so latency really falls where MACs do.
 Per-layer ratios from ``onnxprune sensitivity`` (``--ratios-from``) are kept as given.
 
 ``allocation="latency"`` searches one strength too, but spreads it over the
-groups by the cost model of :mod:`onnxprune.allocation`: groups whose channels
+groups by the cost model of :mod:`onnxprune.search.allocation`: groups whose channels
 cost more time than their MACs say (the expanded width of inverted residual
 blocks, wide classifier inputs) lose more, so latency falls with MACs.
 """

@@ -3,8 +3,8 @@
     run = finetune(pruned, data, teacher=original, config=FinetuneConfig(steps=300, lr=1e-3))
     ir.save(run.proto, "out.onnx")          # the best checkpoint, same initializer names and shapes
 
-One gradient graph (:mod:`onnxprune.autodiff`, weights as graph inputs, its
-convolutions lowered to onnxruntime's blocked kernels by :mod:`~onnxprune.autodiff.nchwc`)
+One gradient graph (:mod:`onnxprune.train.autodiff`, weights as graph inputs, its
+convolutions lowered to onnxruntime's blocked kernels by :mod:`~onnxprune.train.autodiff.nchwc`)
 and one onnxruntime session are built once; the weights live as numpy arrays that Adam
 or SGD (momentum) updates in place. Per batch the teacher's output comes from
 its own session. The loss on the first output is
@@ -16,7 +16,7 @@ its own session. The loss on the first output is
 
 A held-out split of the data (``holdout``) is evaluated every ``eval_every`` steps
 (top-1 accuracy with labels, else top-1 agreement with the teacher, else relative
-error) with :mod:`onnxprune.validate`; the best checkpoint, step 0 included, is kept.
+error) with :mod:`onnxprune.measure.quality`; the best checkpoint, step 0 included, is kept.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ over the sparsified tensors), ``layers`` [{``name`` (first consumer node), ``ten
 only, else null), ``note``}], ``skipped`` [{``name``, ``tensor``, ``reason``}],
 ``file_bytes_before``, ``file_bytes_after``, ``compressed_bytes_before``,
 ``compressed_bytes_after``, ``compression`` ("zstd" or "gzip"), ``calibration`` (data kind
-or null), ``fidelity`` (output comparison with the original, see ``onnxprune.validate``).
+or null), ``fidelity`` (output comparison with the original, see ``onnxprune.measure.quality``).
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ import numpy as np
 import onnx
 
 from ... import ir
-from ...runtime import taps as calibrate
+from ...runtime import taps
 from ...data import ArrayData
 from ...errors import OnnxPruneError
 from .options import CALIBRATED, CRITERIA, MIN_SIZE, Options, Pattern
 from .storage import compressed_size, compression_method, model_files
 from .sites import Site, find_sites, initializer_arrays, node_label, set_initializers, weights_as_initializers
-from .masks import _quota, lowest
+from .masks import quota, lowest
 from .criteria import CRITERION_RULES, Stats, output_error, relative_error
 
 __all__ = ["CALIBRATED", "CRITERIA", "MIN_SIZE", "Options", "Pattern", "Result", "LayerResult", "Site", "Stats",
@@ -162,7 +162,7 @@ def collect_stats(proto: onnx.ModelProto, sites: list[Site], full: bool, data: A
                                  "calibration samples")
     batch = fixed or opts.batch_size
     if tensors:
-        calibrate.tap(upstream_model(proto, tensors), tensors, data, visit, batch_size=batch, limit=limit,
+        taps.tap(upstream_model(proto, tensors), tensors, data, visit, batch_size=batch, limit=limit,
                       progress=progress, description="calibrating")
     else:
         for feed in data.batches(batch, limit):
@@ -210,7 +210,7 @@ def fixed_batch(proto: onnx.ModelProto) -> int | None:
 def _global_masks(proto: onnx.ModelProto, sites: list[Site], opts: Options) -> dict[str, np.ndarray]:
     arrays = initializer_arrays(proto, [s.tensor for s in sites])
     flat = np.concatenate([np.abs(arrays[s.tensor].astype(np.float64)).ravel() for s in sites])
-    mask = lowest(flat, _quota(opts.target, flat.size))
+    mask = lowest(flat, quota(opts.target, flat.size))
     out, at = {}, 0
     for s in sites:
         out[s.tensor] = mask[at:at + s.numel].reshape(s.layout.shape)

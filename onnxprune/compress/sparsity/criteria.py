@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .options import Options
-from .masks import _quota, lowest, lowest_nm, select
+from .masks import quota, lowest, lowest_nm, select
 
 
 # ---------------------------------------------------------------- criteria
@@ -86,7 +86,7 @@ def sparsegpt_group(w: np.ndarray, h: np.ndarray, opts: Options) -> tuple[np.nda
         w1, u1 = w[:, b0:b1].copy(), u[b0:b1, b0:b1]
         d = np.diag(u1)
         err = np.zeros_like(w1)
-        m1 = lowest(w1 ** 2 / d ** 2, _quota(s, r * b1) - _quota(s, r * b0)) if pat is None else \
+        m1 = lowest(w1 ** 2 / d ** 2, quota(s, r * b1) - quota(s, r * b0)) if pat is None else \
             np.zeros_like(w1, bool)
         for i in range(b1 - b0):
             if pat is not None and i % pat.m == 0:

@@ -11,7 +11,8 @@ from .options import Options, Pattern
 
 # ---------------------------------------------------------------- mask selection
 
-def _quota(s: float, units: int) -> int:
+def quota(s: float, units: int) -> int:
+    """How many of ``units`` a fraction ``s`` removes (rounded to nearest)."""
     return int(math.floor(s * units + 0.5))
 
 
@@ -38,7 +39,7 @@ def lowest_per_row(scores: np.ndarray, s: float) -> np.ndarray:
     """Per row of the last axis, the lowest ``s`` fraction, quotas rounded cumulatively."""
     rows = scores.reshape(-1, scores.shape[-1])
     r, c = rows.shape
-    cum = np.array([_quota(s, c * i) for i in range(r + 1)])
+    cum = np.array([quota(s, c * i) for i in range(r + 1)])
     return _lowest_along_last(rows, np.diff(cum)).reshape(scores.shape)
 
 
@@ -53,4 +54,4 @@ def select(scores: np.ndarray, opts: Options, per_row: bool) -> np.ndarray:
         return lowest_nm(scores, opts.pattern)
     if per_row:
         return lowest_per_row(scores, opts.target)
-    return lowest(scores, _quota(opts.target, scores.size))
+    return lowest(scores, quota(opts.target, scores.size))

@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from ... import ir
-from ...runtime import taps as calibrate
+from ...runtime import taps
 from ...errors import unknown_name
 from .options import MIN_SIZE
 
@@ -61,7 +61,7 @@ def _gemm_layout(shape, attrs) -> Layout:
 
 def _conv_samples(x: np.ndarray, site: "Site") -> np.ndarray:
     a = site.attrs
-    p = calibrate.conv_patches(x, a["kernel_shape"], a["strides"], a["pads"], a["dilations"], a["group"],
+    p = taps.conv_patches(x, a["kernel_shape"], a["strides"], a["pads"], a["dilations"], a["group"],
                                a["auto_pad"])
     g, s, _ = p.shape
     i, kk = site.layout.block_len, int(np.prod(a["kernel_shape"]))
@@ -82,7 +82,7 @@ def _gemm_samples(x: np.ndarray, site: "Site") -> np.ndarray:
 
 def _node_attrs(node: onnx.NodeProto, shape) -> dict:
     if node.op_type in ("Conv", "ConvTranspose"):
-        return calibrate.conv_attrs(node, shape)
+        return taps.conv_attrs(node, shape)
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 

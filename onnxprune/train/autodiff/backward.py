@@ -1,7 +1,7 @@
 """The one table of reverse-mode rules, keyed by ONNX op type (default domain).
 
 A rule is ``rule(ctx, output_grads) -> input_grads``: ``ctx`` is a
-:class:`~onnxprune.autodiff.emit.RuleContext` (the forward node, its static
+:class:`~onnxprune.train.autodiff.emit.RuleContext` (the forward node, its static
 shapes, constant input values and a node emitter), ``output_grads`` has one
 entry per node output (None where no gradient flows) and the result has one
 entry per node input (None where no gradient is needed or defined). An op
