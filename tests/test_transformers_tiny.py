@@ -9,6 +9,7 @@ import pytest
 
 import onnxprune
 from onnxprune import runtime
+from onnxprune.testing.projections import heads, projections
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny"
 SEQ, PAST = 4, 3
@@ -31,33 +32,6 @@ def _shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
-def _projections(proto: onnx.ModelProto, heads: set[str] | None = None) -> dict[str, list[int]]:
-    """2-D constant weights of MatMul/Gemm by node name, without the heads (LM head, classifier,
-    pooler: a layer whose output reaches a graph output within two more ops)."""
-    heads = _heads(proto) if heads is None else heads
-    inits = {t.name: list(t.dims) for t in proto.graph.initializer}
-    out = {}
-    for n in proto.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and n.name not in heads:
-            w = next((inits[i] for i in n.input[:2] if i in inits and len(inits[i]) == 2), None)
-            if w is not None:
-                out[n.name] = w
-    return out
-
-
-def _heads(proto: onnx.ModelProto) -> set[str]:
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in proto.graph.output}
-
-    def near(t: str, steps: int) -> bool:
-        return t in outputs or (steps > 0 and any(near(o, steps - 1) for c in consumers.get(t, [])
-                                                  for o in c.output))
-    return {n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and near(n.output[0], 2)}
-
-
 CASES = ["llama_legacy", "llama_dynamo_kv", "llama_optimum", "gpt2_dynamo", "bert_legacy", "vit_optimum",
          "whisper_dynamo"]
 
@@ -69,8 +43,8 @@ def test_tiny_transformer_prunes_heads_and_mlp(tmp_path, name):
     r = onnxprune.prune(path, policy=onnxprune.Policy(ratio=0.3), input_shapes=_shapes(original),
                         kv_cache=name.endswith("_kv"))
     assert r.verification.passed
-    heads = _heads(original)
-    before, after = _projections(original, heads), _projections(r.proto, heads)
+    skip = heads(original)
+    before, after = projections(original, skip), projections(r.proto, skip)
     assert set(before) == set(after) and len(before) >= 8
     kept = sum(np.prod(a) for a in after.values()) / sum(np.prod(b) for b in before.values())
     assert kept <= 0.75, kept      # 30% of 4-8 dims per head rounds down to 25% at this tiny size

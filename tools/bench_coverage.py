@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # onnxprune.testing, when the package is not installed
 ZOO = Path("/work/zoo")
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 
@@ -269,27 +270,20 @@ def transformer_shapes(path: Path, image: int = 32) -> list[str]:
     return flags
 
 
-def projections(path: Path) -> dict[str, int]:
-    """Size of every 2-D constant MatMul/Gemm weight except the heads (a layer whose output reaches a graph
-    output within two more ops: LM head, classifier, pooler), by node name."""
+def projections(path: Path, skip: set[str] | None = None) -> dict[str, int]:
+    """Size of every attention/MLP weight (``onnxprune.testing.projections``) by node name."""
     import onnx
-    proto = onnx.load(str(path), load_external_data=False)
-    inits = {t.name: list(t.dims) for t in proto.graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in proto.graph.output}
 
-    def near(t: str, steps: int) -> bool:
-        return t in outputs or (steps > 0 and any(near(o, steps - 1) for c in consumers.get(t, []) for o in c.output))
-    out = {}
-    for n in proto.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and not near(n.output[0], 2):
-            w = next((inits[i] for i in n.input[:2] if i in inits and len(inits[i]) == 2), None)
-            if w is not None:
-                out[n.name] = w[0] * w[1]
-    return out
+    from onnxprune.testing import projections as proj
+    proto = onnx.load(str(path), load_external_data=False)
+    return {k: w[0] * w[1] for k, w in proj.projections(proto, skip).items()}
+
+
+def head_layers(path: Path) -> set[str]:
+    import onnx
+
+    from onnxprune.testing import projections as proj
+    return proj.heads(onnx.load(str(path), load_external_data=False))
 
 
 def transformer_cases(tiny: Path, material: Path) -> list[tuple[str, str, Path, list[str]]]:
@@ -333,7 +327,8 @@ def run_transformer(name: str, path: Path, flags: list[str], ratio: float, timeo
         row["error"] = " | ".join(tail)[-300:]
         return row
     rep = json.loads(rep_path.read_text())
-    before, after = projections(path), projections(out)
+    skip = head_layers(path)
+    before, after = projections(path, skip), projections(out, skip)
     row.update({"verified": bool(rep["verified"]), "params_kept": rep["params_after"] / rep["params_before"],
                 "attn_mlp_kept": sum(after.get(k, 0) for k in before) / max(1, sum(before.values())),
                 "projections": len(before), "shrank": sum(1 for k in before if after.get(k, before[k]) < before[k]),
