@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 def hint_defaulted_dims(inputs: list[dict], overrides: dict[str, list[int]]) -> None:
     """Symbolic sizes other than the batch were taken as 1: MACs then mean little, so say so on stderr."""
     for i in inputs:
-        if i["name"] not in overrides and any(not isinstance(d, int) or d <= 0 for d in i["shape"][1:]):
+        if i["name"] not in overrides and any((not isinstance(d, int) or d <= 0) and d not in overrides
+                                              for d in i["shape"][1:]):   # a named dimension given is bound
             spec = "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in i["shape"])
             fmt.err.print(f"note: {i['name']} has symbolic sizes, analysed as 1; "
                           f"pass --input-shape {i['name']}={spec} with real sizes for meaningful MACs",
