@@ -73,3 +73,13 @@ def test_tiny_model_runs_at_batch_2(name):
     assert bool(presents) == entry["kv_cache"]
     # present.* hold past 3 + the 5 new positions
     assert all(v.shape[0] == 2 and v.shape[2] == 8 for v in presents)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if MANIFEST["models"][n]["kv_cache"]])
+def test_kv_model_takes_an_empty_cache(name):
+    """The prompt step: past length 0 (a zero-length axis) runs, and present.* hold just the prompt."""
+    entry = MANIFEST["models"][name]
+    sess = ort.InferenceSession(str(TINY / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed_for(sess, entry["config"], past=0))))
+    presents = [v for k, v in outs.items() if k.startswith("present.")]
+    assert presents and all(v.shape[2] == 5 for v in presents)

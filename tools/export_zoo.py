@@ -319,11 +319,12 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown model(s): {', '.join(unknown)} (see --list)")
 
-    if args.both:
+    if args.both:  # model by model, so that each static export soon has its dynamic twin
         base = args.out
-        for sub, dynamic in (("static", False), ("dynamic", True)):
-            args.out, args.dynamic_batch = os.path.join(base, sub), dynamic
-            export_all(args, names)
+        for name in names:
+            for sub, dynamic in (("static", False), ("dynamic", True)):
+                args.out, args.dynamic_batch = os.path.join(base, sub), dynamic
+                export_all(args, [name])
         return 0
     return export_all(args, names)
 
