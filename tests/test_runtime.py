@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from builders import GraphBuilder
+from deploy_util import small_cnn
 
 import onnxprune
 from onnxprune import runtime
@@ -35,13 +34,7 @@ def test_no_module_outside_runtime_imports_a_runtime():
 
 @pytest.fixture
 def small(tmp_path):
-    g = GraphBuilder("x", [1, 3, 12, 12], dynamic_batch=True)
-    y = g.relu(g.bn(g.conv("x", 16)))
-    y = g.relu(g.add(y, g.conv(y, 16)))
-    y = g.relu(g.conv(y, 32, stride=2))
-    g.output(g.gemm(g.flatten(g.gap(y)), 10))
-    p = tmp_path / "m.onnx"
-    onnx.save(g.build(), p)
+    p = small_cnn(tmp_path / "m.onnx")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, labels=rng.integers(0, 10, 64))
