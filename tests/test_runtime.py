@@ -64,9 +64,9 @@ def test_provider_and_session_options_reach_every_session(cli, tmp_path, small):
     levels = {s["options"]["graph_optimization_level"] for s in sessions}
     # the user's level wherever a caller did not need graph optimisations off (taps keep their names)
     assert "ORT_ENABLE_BASIC" in levels and "ORT_ENABLE_ALL" not in levels
-    # enough sessions for every stage: scoring (gradients), calibration, reconstruction, fine-tuning,
-    # verification (pruned + reference), accuracy and latency (before and after)
-    assert sum(s["count"] for s in sessions if s["role"] == "deployed") >= 5
+    # accuracy and latency, before and after, on the deployed side; the stages' own sessions are compute ones
+    assert sum(s["count"] for s in sessions if s["role"] == "deployed") >= 4
+    assert sum(s["count"] for s in sessions if s["role"] == "compute") >= 4
     assert report["verification"]["checked_by"] == {"pruned": "onnxruntime CPUExecutionProvider",
                                                     "reference": "onnxruntime CPUExecutionProvider"}
     assert "finetune" in report and report["reconstruct_mode"] == "ls"
