@@ -6,11 +6,17 @@
     print(result.report()["macs_after"])
 """
 
-from .analysis import analyze
-from .errors import OnnxPruneError, VerificationError
-from .ir import load
-from .pipeline import PruneResult, prune, save
-from .plan import Plan, Policy, make_plan
+from . import analysis as _analysis, ir as _ir, pipeline as _pipeline, plan as _plan
+from .errors import OnnxPruneError, VerificationError, python_api
+from .pipeline import PruneResult
+from .plan import Plan, Policy
+
+# the public functions: their errors name parameters (calib=...), not command-line flags (--calib)
+analyze = python_api(_analysis.analyze)
+load = python_api(_ir.load)
+prune = python_api(_pipeline.prune)
+save = python_api(_pipeline.save)
+make_plan = python_api(_plan.make_plan)
 
 __version__ = "0.1.0"
 

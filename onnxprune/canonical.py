@@ -8,8 +8,8 @@ The three nodes compute a fixed permutation of axis 1, so :func:`channel_shuffle
 replaces them by one ``Gather(x, perm, axis=1)``: the same values, and any subset of
 channels can then go (the Gather rule slices ``perm``).
 
-A pattern is replaced only when shapes prove it (from shape inference, or observed in one
-onnxruntime run when every graph input dimension is fixed): the input's channel count and
+A pattern is replaced only when shapes prove it (from shape inference, or observed in
+onnxruntime runs, two with symbolic input dimensions at different sizes): the input's channel count and
 every non-batch dimension are known, the first Reshape splits exactly axis 1 into
 ``g x C/g``, the Transpose swaps exactly those two axes, the second Reshape restores the
 input's shape, and the intermediate tensors have no other reader.
@@ -46,18 +46,28 @@ def channel_shuffles(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def _observe(proto: onnx.ModelProto, shapes: dict[str, list], names: list[str]) -> None:
-    """Fill in shapes inference left open by one onnxruntime run, when every input dimension is fixed
-    (then the observed shape is the only one the tensor can have)."""
+    """Fill in shapes inference left open by onnxruntime runs. With every input dimension fixed one
+    run tells the only shape a tensor can have; with symbolic ones (a dynamic batch) the model runs
+    with them at 1 and at 2, and a dimension that differs between the runs stays unknown (None)."""
     missing = sorted({n for n in names if shapes.get(n) is None or None in shapes[n]})
     inputs = {vi.name: ir.input_dims(vi) for vi in ir.graph_inputs(proto)}
-    if not missing or not all(isinstance(d, int) and d > 0 for dims in inputs.values() for d in dims):
+    if not missing:
         return
-    try:
-        sess = runtime.session(runtime.with_outputs(proto, missing), optimize=False)
-        got = runtime.run(sess, random_feed(proto, inputs), missing)
-    except Exception:       # a model onnxruntime cannot run here keeps its shuffles as they are
-        return
-    shapes.update({n: list(v.shape) for n, v in got.items()})
+    runs = []
+    for size in (1, 2):
+        concrete = {k: [d if isinstance(d, int) and d > 0 else size for d in dims] for k, dims in inputs.items()}
+        try:
+            fixed = ir.with_input_shapes(proto, concrete)
+            sess = runtime.session(runtime.with_outputs(fixed, missing), optimize=False)
+            runs.append(runtime.run(sess, random_feed(fixed, concrete), missing))
+        except Exception:   # a model onnxruntime cannot run here keeps its shuffles as they are
+            return
+        if all(isinstance(d, int) and d > 0 for dims in inputs.values() for d in dims):
+            break
+    for n in missing:
+        dims = [list(r[n].shape) for r in runs]
+        if all(len(d) == len(dims[0]) for d in dims):
+            shapes[n] = [a if all(d[k] == a for d in dims) else None for k, a in enumerate(dims[0])]
 
 
 def _candidates(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:

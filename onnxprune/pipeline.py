@@ -117,17 +117,27 @@ class Pruner:
             self.original = fold.fold_model(self.original)  # constant subgraphs -> constants the rules can slice
         with stage_time(self.seconds, "analyze", self.peaks):
             # real calibration data is opened first: its samples bind the model's symbolic dims
-            data = None if calib is None or calib == "random" else calib_data(calib, self.original.proto,
-                                                                               input_shapes or {})
+            no_calib = calib is None or isinstance(calib, str) and calib == "random"
+            data = None if no_calib else calib_data(calib, self.original.proto, input_shapes or {})
             shapes = input_shapes if data is None else bind_shapes(self.original.proto, data, input_shapes)
             self.analysis = analyze(self.original, shapes, split_carrier=split_carrier, kv_cache=kv_cache)
         self.data = data if data is not None else open_data(calib, self.original.proto, self.analysis.input_shapes)
-        if score and requires_data(criterion) and self.data is None:
+        self.trial = None   # --criterion auto: the candidates' scores until finish() picks one
+        if score and criterion == "auto" and (self.data is None or self.data.kind == "random"):
+            raise OnnxPruneError("--criterion auto compares criteria on real calibration data: add --calib DATA "
+                                 "(an .npz or an image folder), or name a criterion such as l2")
+        if score and criterion != "auto" and requires_data(criterion) and self.data is None:
             raise OnnxPruneError(f"criterion '{criterion}' needs calibration data: add --calib DATA.npz "
                                  "(or --calib random)")
         self.scores: dict[int, np.ndarray] = {}
         self.score_notes: list[str] = []
-        if score:
+        if score and criterion == "auto":
+            from .search.criterion import Trial
+
+            with stage_time(self.seconds, "score", self.peaks):
+                self.trial = Trial(self, reduction=group_reduction)
+            self.scores = self.trial.scores[self.trial.candidates[0]]   # budget counts do not depend on it
+        elif score:
             with stage_time(self.seconds, "score", self.peaks):
                 ctx = ScoreContext(self.original.proto, self.analysis, data=self.data, progress=progress)
                 self.scores = score_groups(self.analysis.prunable, ctx, criterion, group_reduction)
@@ -142,7 +152,26 @@ class Pruner:
 
     def plan(self, policy: Policy) -> Plan:
         with stage_time(self.seconds, "plan"):
-            return make_plan(self.analysis, self.scores, policy)
+            plan = make_plan(self.analysis, self.scores, policy)
+        plan.policy = policy   # --criterion auto re-plans at the same policy with the criterion it picks
+        return plan
+
+    def _choose_criterion(self, plan: Plan, seconds: dict, peaks: dict) -> Plan:
+        """With ``--criterion auto``: run the trial once at ``plan``'s policy and return the winner's plan."""
+        from .importance import fallback_summary
+
+        if self.trial is None or plan.policy is None:
+            return plan
+        if self.trial.chosen is None:
+            with stage_time(self.seconds, "criterion_trial"):
+                self.trial.choose(self, plan.policy)
+            seconds["criterion_trial"] = self.seconds["criterion_trial"]
+            peaks["criterion_trial"] = peak_rss_mb()
+            self.criterion = self.trial.chosen
+            self.scores = self.trial.scores[self.criterion]
+            self.trial.ctx.fallbacks = dict(self.trial.fallbacks[self.criterion])
+            self.score_notes = fallback_summary(self.trial.ctx, self.criterion)
+        return make_plan(self.analysis, self.scores, plan.policy)
 
     def candidate(self, plan: Plan) -> tuple[rewrite.RewriteResult, counts.ModelStats]:
         """The rewritten (unverified) model for ``plan`` and its params/MACs."""
@@ -155,6 +184,7 @@ class Pruner:
         seconds, analysis, original, data = dict(self.seconds), self.analysis, self.original, self.data
         peaks = dict(self.peaks)
         the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan, analysis)
+        the_plan = self._choose_criterion(the_plan, seconds, peaks)
         with stage_time(seconds, "rewrite", peaks):
             result = rewrite.apply(analysis, the_plan.removed, original)
             gc.collect()  # the rewrite's graph holds sliced weights in reference cycles: free them now
@@ -205,6 +235,7 @@ class Pruner:
             extra["reconstruction"] = rep.to_json()
         extra["reconstruct_mode"] = mode
         extra["importance_fallbacks"] = self.score_notes
+        extra["criterion_trial"] = self.trial.report if self.trial is not None and self.trial.chosen else None
         extra["peak_rss_mb"] = peaks
         with stage_time(seconds, "measure", peaks):
             after = counts.summarize(final, result.input_shapes)
@@ -322,7 +353,8 @@ def prune_sliced(model: str | os.PathLike | ir.Model, *, policy: Policy, criteri
     return result
 
 
-def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64) -> dict:
+def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batch_size: int = 64,
+             progress=None) -> dict:
     """Before/after accuracy (with labels), fidelity to the original, or perplexity (token data from
     :func:`measure.perplexity.token_data`), and interleaved latency.
 
@@ -340,7 +372,7 @@ def evaluate(result: PruneResult, data: ArrayData, *, bench_runs: int = 20, batc
                                    if before["perplexity"] and after["perplexity"] is not None else None)
     else:
         m = quality.compare(result.proto, data, result.original.proto, batch_size=batch_size, output=None,
-                         want_accuracy=data.labels is not None)
+                            want_accuracy=data.labels is not None, progress=progress)
         out["accuracy_before"] = m.reference_accuracy
         out["accuracy_after"] = m.accuracy
         out["fidelity"] = m.fidelity

@@ -39,6 +39,7 @@ class Plan:
     removed: dict[int, np.ndarray]        # group id -> removed channel indices (sorted)
     ratios: dict[int, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    policy: Policy | None = field(default=None, repr=False, compare=False)   # what made it (None: a replay)
 
     def to_json(self, analysis: Analysis) -> dict:
         return {"groups": [{"group": gid, "label": analysis.groups[gid].label, "size": analysis.groups[gid].size,

@@ -202,3 +202,38 @@ def test_prune_runs_the_whole_loop_with_finetune_steps(tmp_path, cli):
     assert rep["finetune"]["best"] >= rep["finetune"]["before"] and "finetune" in rep["seconds"]
     bad = cli("prune", path, "-o", tmp_path / "q.onnx", "--finetune-steps", 5)
     assert bad.code == 2 and "--finetune-data" in bad.err
+
+
+# ---------------------------------------------------------------- only a resolvable gain is kept
+def test_the_sign_test_is_exact():
+    assert ft.sign_test(10, 10) == 1 / 1024
+    assert ft.sign_test(0, 0) == 1.0
+    assert abs(ft.sign_test(5, 10) - 638 / 1024) < 1e-15
+
+
+def test_a_gain_the_held_out_set_cannot_resolve_keeps_the_input():
+    """+4 points on 50 held-out samples (3 fixed, 1 broken): chance explains it (p = 0.31), so no gain is claimed."""
+    held = blobs(50, 1)
+    sel = ft._Selector(classifier(), None, held, 64, best_step=40, best=0.94)
+    sel.base_right = np.r_[np.ones(45, bool), np.zeros(5, bool)]
+    sel.best_right = sel.base_right.copy()
+    sel.best_right[45:48] = True
+    sel.best_right[0] = False
+    keep, why = sel.decide()
+    assert not keep and "no resolvable gain" in why and "3 fixed, 1 broken" in why and "p = 0.31" in why
+    assert "only 50 held-out samples" in why
+    sel.best_right[:] = True   # 5 fixed, 0 broken: p = 1/32 < 0.05
+    keep, why = sel.decide()
+    assert keep and "kept the checkpoint of step 40" in why
+
+
+def test_a_real_gain_is_kept_and_a_noisy_one_is_not():
+    damaged = classifier(noise=1.5)
+    run = ft.finetune(damaged, blobs(600, 1), config=quick(holdout=0.5))
+    assert not run.kept_input and run.best > run.before and "kept the checkpoint" in run.decision
+    nearly = classifier(noise=0.02)  # already at the task's ceiling: any 'gain' is noise
+    run = ft.finetune(nearly, blobs(120, 2), config=quick(lr=0.002, holdout=0.25))
+    assert run.kept_input and run.best == run.before and run.best_step == 0
+    same = {t.name: numpy_helper.to_array(t) for t in nearly.graph.initializer}
+    for t in run.proto.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), same[t.name])

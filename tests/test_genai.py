@@ -107,3 +107,11 @@ def test_hugging_face_config_beside_a_torch_export_is_copied_with_what_the_graph
     assert written["num_key_value_heads"] == set(kv.values()).pop()   # what the pruned cache outputs declare
     assert (out / "tokenizer_config.json").exists() and json.loads((src / "config.json").read_text()) == config
     assert any("intermediate_size is the input's" in n for n in r.report()["configs"])
+
+
+def test_inspect_binds_named_dimensions(capsys):
+    assert main(["inspect", str(TINY / "fp32" / "model.onnx"), *EMPTY_CACHE]) == 0
+    out, err = capsys.readouterr()
+    assert "analysed as 1" not in err and "753,664" in out   # MACs of 8 tokens over an empty cache
+    assert main(["inspect", str(TINY / "fp32" / "model.onnx"), "--input-shape", "past_sequence_length=0x1"]) == 2
+    assert "one size" in capsys.readouterr().err

@@ -76,3 +76,77 @@ def test_an_output_that_hardly_varies_is_flagged(cli, tmp_path):
     onnx.save(m, tmp_path / "sat.onnx")
     res = cli("prune", tmp_path / "sat.onnx", "-o", tmp_path / "p.onnx", "--round-to", "1", check=0)
     assert f"'{prob}' hardly varied on the verification inputs" in res.err
+
+
+# ---------------------------------------------------------------- the command line's small promises
+
+def test_version_and_help_without_markup(cli):
+    res = cli("--version", check=0)
+    assert res.out.startswith("onnxprune 0.1.0 (onnx ")
+    for command in ("prune", "eval", "sparsify", "share", "finetune", "inspect", "bench", "sensitivity"):
+        text = cli(command, "--help", check=0).out
+        assert "``" not in text and ":class:" not in text and ":func:" not in text, command
+    prune_help = " ".join(cli("prune", "--help", check=0).out.split())
+    assert "importance criterion: l1, l2, lamp, fpgm" in prune_help and "wanda" in prune_help
+
+
+def test_dry_run_needs_no_output(cli, fmnist_model, tmp_path):
+    res = cli("prune", fmnist_model, "--dry-run", "--save-plan", tmp_path / "plan.json", check=0)
+    assert json.loads((tmp_path / "plan.json").read_text())["groups"]
+    res = cli("prune", fmnist_model, check=2)
+    assert "-o OUT is required" in res.err
+
+
+def test_long_steps_log_progress_when_not_on_a_terminal(fmnist_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+    data = Path(fmnist_model).parent / "fmnist_test.npz"
+    env = {k: v for k, v in os.environ.items() if k != "ONNXPRUNE_NO_PROGRESS"}
+    env["ONNXPRUNE_PROGRESS_EVERY"] = "0"   # a line per batch instead of every 30 s
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", "eval", str(fmnist_model), "--data", str(data),
+                           "--batch-size", "4000"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("evaluating")]
+    assert lines == [f"evaluating (batches): {i} of 3 done, {x.split(', ')[1]}" for i, x in enumerate(lines, 1)]
+    assert len(lines) == 3
+
+
+def test_sparsify_says_what_was_lost_and_the_repair(cli, fmnist_model, tmp_path):
+    data = Path(fmnist_model).parent / "fmnist_test.npz"
+    small = tmp_path / "small.npz"
+    with np.load(data) as z:
+        np.savez(small, **{k: z[k][:500] for k in z.files})
+    res = cli("sparsify", fmnist_model, "-o", tmp_path / "s.onnx", "--sparsity", "0.9", "--data", small, check=0)
+    note = [x for x in res.err.splitlines() if "the zeros cost" in x]
+    assert len(note) == 1 and "points of top-1 accuracy" in note[0] and "--criterion sparsegpt" in note[0]
+
+
+def test_the_python_api_takes_arrays_and_speaks_python(fmnist_model):
+    import pytest
+
+    import onnxprune
+    with np.load(Path(fmnist_model).parent / "fmnist_calib.npz") as z:
+        x = z["input"][:64]
+    r = onnxprune.prune(fmnist_model, policy=onnxprune.Policy(ratio=0.3), criterion="wanda", calib={"input": x})
+    assert r.verification.passed and r.report()["reconstruct_mode"] == "ls"
+    r2 = onnxprune.prune(fmnist_model, policy=onnxprune.Policy(ratio=0.3), criterion="wanda", calib=x)
+    assert r2.report()["params_after"] == r.report()["params_after"]
+    with pytest.raises(onnxprune.OnnxPruneError) as e:
+        onnxprune.prune(fmnist_model, criterion="wanda")
+    assert "--" not in str(e.value) and "calib=" in str(e.value)
+    with pytest.raises(onnxprune.OnnxPruneError) as e:
+        onnxprune.prune(fmnist_model, policy=onnxprune.Policy(round_to=0))
+    assert str(e.value).startswith("round_to=0")
+    bad = x.copy()
+    bad[1, 0, 0, 0] = np.nan
+    with pytest.raises(onnxprune.OnnxPruneError, match="NaN or infinite"):
+        onnxprune.prune(fmnist_model, criterion="wanda", calib={"input": bad})
+
+
+def test_license_matches_pyproject():
+    root = Path(__file__).resolve().parents[1]
+    assert "Apache License" in (root / "LICENSE").read_text()[:200]
+    text = (root / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in text and "torch==" not in text

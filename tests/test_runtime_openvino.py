@@ -84,3 +84,20 @@ def test_a_model_the_target_miscomputes_is_refused_with_the_reason(tmp_path):
                                                     "but not in openvino CPU"):
             onnxprune.prune(path, policy=onnxprune.Policy(ratio=0.5))
     assert onnxprune.prune(path, policy=onnxprune.Policy(ratio=0.5)).verification.passed
+
+
+def test_target_latency_is_measured_in_the_chosen_runtime(cli, tmp_path):
+    """--target-latency times candidates where --runtime says (the counts, not the times, are asserted)."""
+    import onnx
+    from builders import GraphBuilder
+
+    g = GraphBuilder("x", [1, 3, 48, 48], dynamic_batch=True)   # compute, not overhead: removable latency
+    y = g.relu(g.conv(g.relu(g.conv(g.relu(g.conv("x", 64)), 64)), 64))
+    g.output(g.gemm(g.flatten(g.gap(y)), 10))
+    p, rep = tmp_path / "m.onnx", tmp_path / "r.json"
+    onnx.save(g.build(), p)
+    cli("prune", p, "-o", tmp_path / "o.onnx", "--target-latency", "0.95", "--round-to", "1", "--runtime", "openvino",
+        "--report", rep, check=0)
+    sessions = json.loads(rep.read_text())["runtime"]["sessions"]
+    timed = sum(s["count"] for s in sessions if s["role"] == "deployed" and s["runtime"] == "openvino")
+    assert timed >= 4, sessions   # the original and at least one candidate, in OpenVINO

@@ -14,6 +14,13 @@ rows) and the table between the markers of ``--out``::
 
     python tools/bench_coverage.py --out docs/coverage.md
     python tools/bench_coverage.py --only resnet50 --only pnet
+
+``--transformers`` runs the transformer exports instead (models/tiny, and the bigger material
+and dynamic-batch zoo CNNs under ``--material`` when present) and writes the section "Heads, KV
+heads and FFN" of docs/transformers.md: per model and exporter, which structures shrank, how much of
+the attention and MLP weights is kept, and why anything froze::
+
+    python tools/bench_coverage.py --transformers
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # onnxprune.testing, when the package is not installed
 ZOO = Path("/work/zoo")
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 
@@ -234,6 +242,174 @@ def write_doc(path: Path, section: str, begin: str = BEGIN, end: str = END) -> N
     path.write_text(text[:i + len(begin)] + "\n" + section + "\n" + text[j:])
 
 
+# ---------------------------------------------------------------- transformers (docs/transformers.md)
+
+T_BEGIN, T_END = "<!-- heads:begin -->", "<!-- heads:end -->"
+SEQ, PAST = 8, 4
+
+
+def transformer_shapes(path: Path, image: int = 32) -> list[str]:
+    """--input-shape flags with consistent sizes: batch 1, sequence 8, past 4 (masks cover past + sequence)."""
+    import onnx
+    proto = onnx.load(str(path), load_external_data=False)
+    past = any(i.name.startswith("past_key_values") for i in proto.graph.input)
+    flags = []
+    for vi in proto.graph.input:
+        dims = [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+        if vi.name == "pixel_values":
+            shape = [1, 3, image, image]
+        elif vi.name.startswith("past_key_values"):
+            shape = [1, dims[1], PAST, dims[3]]
+        elif vi.name == "attention_mask":
+            shape = [1, SEQ + PAST if past else SEQ]
+        elif vi.name in ("input_ids", "position_ids", "token_type_ids"):
+            shape = [1, SEQ]
+        else:
+            continue
+        flags.append(f"{vi.name}={'x'.join(map(str, shape))}")
+    return flags
+
+
+def projections(path: Path, skip: set[str] | None = None) -> dict[str, int]:
+    """Size of every attention/MLP weight (``onnxprune.testing.projections``) by node name."""
+    import onnx
+
+    from onnxprune.testing import projections as proj
+    proto = onnx.load(str(path), load_external_data=False)
+    return {k: w[0] * w[1] for k, w in proj.projections(proto, skip).items()}
+
+
+def head_layers(path: Path) -> set[str]:
+    import onnx
+
+    from onnxprune.testing import projections as proj
+    return proj.heads(onnx.load(str(path), load_external_data=False))
+
+
+def transformer_cases(tiny: Path, material: Path) -> list[tuple[str, str, Path, list[str]]]:
+    """(name, family, path, extra flags)."""
+    cases = []
+    manifest = tiny / "manifest.json"
+    models = json.loads(manifest.read_text())["models"] if manifest.exists() else {}
+    for name, m in models.items():
+        path = tiny / f"{name}.onnx"
+        if path.exists():
+            image = (m.get("config") or {}).get("image_size", 32)
+            flags = transformer_shapes(path, image) + (["--kv-cache"] if m.get("kv_cache") else [])
+            cases.append((name, "tiny " + m.get("architecture", "?"), path, flags))
+    bench = material / "bench" / "manifest.json"   # the issue's sizes: Llama 512 x 6, 8 heads, 2 KV heads
+    for name, m in (json.loads(bench.read_text())["models"] if bench.exists() else {}).items():
+        path = bench.parent / f"{name}.onnx"
+        if path.exists():
+            image = (m.get("config") or {}).get("image_size", 224)
+            flags = transformer_shapes(path, image) + (["--kv-cache"] if m.get("kv_cache") else [])
+            cases.append((f"{name} (bench)", "bench " + m.get("architecture", "?"), path, flags))
+    for name in ("minilm_legacy", "minilm_dynamo"):
+        path = material / "minilm" / f"{name}.onnx"
+        if path.exists():
+            cases.append((name, "MiniLM-L6 (22.7M)", path,
+                          [f"{i}=1x128" for i in ("input_ids", "attention_mask", "token_type_ids")]))
+    for kind in ("static", "dynamic"):
+        for path in sorted((material / "zoo" / kind).glob("*.onnx")):
+            cases.append((f"{path.stem} ({kind})", "zoo CNN", path, []))
+    return cases
+
+
+def run_transformer(name: str, path: Path, flags: list[str], ratio: float, timeout: float, work: Path) -> dict:
+    safe = re.sub(r"[^\w.-]", "_", name)
+    out, rep_path = work / f"{safe}.onnx", work / f"{safe}.json"
+    cmd = [sys.executable, "-m", "onnxprune", "prune", str(path), "-o", str(out), "--ratio", str(ratio),
+           "--round-to", "1", "--report", str(rep_path)]
+    for f in flags:
+        cmd += ["--kv-cache"] if f == "--kv-cache" else ["--input-shape", f]
+    row: dict = {"model": name, "path": str(path), "flags": flags, "load_before": _loadavg()}
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        row["exit_code"], tail = proc.returncode, (proc.stderr or proc.stdout).strip().splitlines()[-2:]
+    except subprocess.TimeoutExpired:
+        row["exit_code"], tail = None, [f"timeout after {timeout:.0f} s"]
+    row["seconds"] = round(time.perf_counter() - t, 1)
+    if row["exit_code"] != 0 or not rep_path.exists():
+        row["error"] = " | ".join(tail)[-300:]
+        return row
+    rep = json.loads(rep_path.read_text())
+    skip = head_layers(path)
+    before, after = projections(path, skip), projections(out, skip)
+    row.update({"verified": bool(rep["verified"]), "params_kept": rep["params_after"] / rep["params_before"],
+                "attn_mlp_kept": sum(after.get(k, 0) for k in before) / max(1, sum(before.values())),
+                "projections": len(before), "shrank": sum(1 for k in before if after.get(k, before[k]) < before[k]),
+                "structures": sorted({g.get("structure", "?") for g in rep["groups"] if g["removed_channels"]}),
+                "top_frozen": top_reasons(rep), "error": ""})
+    for p in (out, rep_path, *work.glob(f"{safe}.onnx*")):
+        p.unlink(missing_ok=True)
+    return row
+
+
+def transformer_table(rows: list[dict]) -> str:
+    lines = ["| model | family | verified | params kept | attention + MLP kept | projections smaller | "
+             "structures pruned | frozen (top reasons) | s |", "| --- | --- | --- | ---: | ---: | ---: | --- | --- | ---: |"]
+    for r in rows:
+        if r.get("verified") is None:
+            lines.append(f"| {r['model']} | {r['family']} | **failed**: {_cell(r.get('error', ''))} | | | | | | "
+                         f"{r['seconds']} |")
+            continue
+        reasons = "; ".join(f"{_cell(t)} ×{c}" for t, c in r["top_frozen"]) or "—"
+        cnn = r["family"] == "zoo CNN"
+        lines.append(f"| {r['model']}{' (--kv-cache)' if '--kv-cache' in r['flags'] else ''} | {r['family']} | "
+                     f"{'yes' if r['verified'] else '**no**'} | {_pct(r['params_kept'])} | "
+                     f"{'—' if cnn else _pct(r['attn_mlp_kept'])} | "
+                     f"{'—' if cnn else str(r['shrank']) + '/' + str(r['projections'])} | "
+                     f"{', '.join(r['structures']) or '—'} | {reasons} | {r['seconds']} |")
+    pairs = []
+    by = {r["model"]: r for r in rows}
+    for name, r in by.items():
+        twin = by.get(name.replace("(dynamic)", "(static)"))
+        if name.endswith("(dynamic)") and twin and r.get("params_kept") and twin.get("params_kept"):
+            pairs.append(f"{name[:-10]} {_pct(twin['params_kept'])} static, {_pct(r['params_kept'])} dynamic "
+                         f"({100 * (r['params_kept'] - twin['params_kept']):+.1f} points)")
+    if pairs:
+        lines += ["", "Dynamic-batch exports against their static twin (weights kept): " + "; ".join(pairs) + "."]
+    return "\n".join(lines)
+
+
+def transformers_main(args) -> None:
+    cases = transformer_cases(args.tiny, args.material)
+    only = {n for o in args.only for n in o.split(",") if n}
+    json_path = args.json or ROOT / "docs" / "transformers.json"
+    old = {r["model"]: r for r in json.loads(json_path.read_text()).get("rows", [])} if json_path.exists() else {}
+    rows = dict(old) if only or args.render else {}
+    order = [c[0] for c in cases]
+    result = {"ratio": args.ratio, "machine": machine(), "load_after": _loadavg()}
+
+    def save() -> None:   # after every model, so an interrupted run keeps its rows
+        result["rows"] = sorted(rows.values(), key=lambda r: order.index(r["model"]) if r["model"] in order else 999)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+    with tempfile.TemporaryDirectory(prefix="onnxprune-heads-") as tmp:
+        for name, family, path, flags in ([] if args.render else cases):
+            if only and name not in only:
+                continue
+            print(f"{name} ...", end=" ", file=sys.stderr, flush=True)
+            r = run_transformer(name, path, flags, args.ratio, args.timeout, Path(tmp))
+            r["family"] = family
+            rows[name] = r
+            result["load_after"] = _loadavg()
+            save()
+            print(f"{r['seconds']}s verified {r.get('verified')} attn+mlp {_pct(r.get('attn_mlp_kept'))} "
+                  f"{r.get('error', '')[:120]}", file=sys.stderr)
+    save()
+    m = result["machine"]
+    loads = [r["load_before"] for r in result["rows"] if r.get("load_before", -1) >= 0] or [0.0]
+    head = (f"`python tools/bench_coverage.py --transformers`: `onnxprune prune --ratio {args.ratio} --round-to 1` "
+            f"(default criterion), every model verified against its masked original. Inputs: batch 1, sequence "
+            f"{SEQ}, KV cache of {PAST} past positions (`--kv-cache` for the `_kv` exports), MiniLM at 1x128. "
+            f"\"Attention + MLP kept\" counts every 2-D MatMul/Gemm weight except the heads (LM head, classifier, "
+            f"pooler) and embeddings; \"projections smaller\" how many of those weights lost rows or columns. "
+            f"Machine: {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}; {m['date']}; shared "
+            f"(1-minute load {min(loads):.1f}–{max(loads):.1f} when models started), so seconds are wall time under load.")
+    write_doc(args.transformers_out, head + "\n\n" + transformer_table(result["rows"]), T_BEGIN, T_END)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
@@ -253,7 +429,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "coverage.md")
     p.add_argument("--json", type=Path, default=None, help="default: next to --out, .json")
     p.add_argument("--list", action="store_true", help="list the models and exit")
+    p.add_argument("--transformers", action="store_true",
+                   help="run the transformer exports and write the 'Heads, KV heads and FFN' section instead")
+    p.add_argument("--tiny", type=Path, default=ROOT / "models" / "tiny")
+    p.add_argument("--material", type=Path, default=Path("/work/scratch/material"))
+    p.add_argument("--transformers-out", type=Path, default=ROOT / "docs" / "transformers.md")
     args = p.parse_args()
+    if args.transformers:
+        transformers_main(args)
+        return
     cases = all_cases = discover(args.zoo, args.real or [ROOT / "models" / "real", args.zoo / "real"])
     only = {n for o in args.only for n in o.split(",") if n}
     if only:

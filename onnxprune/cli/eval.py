@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         report = _perplexity_report(args, model, reference, shapes)
     else:
         data = open_data(args.data, model.proto, shapes, num_random=64)
-        report = quality.evaluate(model, data, reference, shapes, batch_size=args.batch_size)
+        report = quality.evaluate(model, data, reference, shapes, batch_size=args.batch_size,
+                                  progress=fmt.progress)
     if report.accuracy is None and report.fidelity is None and report.perplexity is None:
         fmt.err.print("no 'labels' in the data and no --reference: accuracy and fidelity cannot be "
                       "computed; showing size only", soft_wrap=True)

@@ -66,9 +66,13 @@ def print_summary(result: ft.FinetuneResult, out: Path | None = None, size: int 
     s = result.seconds
     per_step = 1000 * (s.get("gradient", 0) + s.get("teacher", 0) + s.get("update", 0)) / max(result.steps, 1)
     rows = [(f"held-out {result.metric}", shown(result.before), shown(result.best),
-             f"best at step {result.best_step} of {result.steps}"),
+             "input kept unchanged" if result.kept_input else f"best at step {result.best_step} of {result.steps}"),
             ("samples", "", f"{result.train_samples} train / {result.holdout_samples} held out", ""),
             ("time", "", f"{s.get('total', 0):.1f} s", f"{per_step:.1f} ms/step, loss {result.loss}")]
     fmt.table(None, ["", "before", "after", ""], rows, right=(1, 2))
+    if result.decision:
+        fmt.out.print(result.decision, soft_wrap=True, markup=False)
     if out is not None:
-        fmt.out.print(f"wrote {out} ({fmt.human_bytes(size or 0)}), {len(result.trainable)} weight tensors trained")
+        fmt.out.print(f"wrote {out} ({fmt.human_bytes(size or 0)}), " + (
+            "the input's weights unchanged" if result.kept_input else
+            f"{len(result.trainable)} weight tensors trained"), soft_wrap=True)

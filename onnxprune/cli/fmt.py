@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -30,9 +31,21 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[obj
 
 
 def progress(iterable, total: int | None = None, description: str = "working"):
-    """Wrap an iterable with a progress bar on stderr (quiet when stderr is not a terminal)."""
-    if not sys.stderr.isatty() or os.environ.get("ONNXPRUNE_NO_PROGRESS"):
+    """Wrap an iterable with a progress bar on stderr; when stderr is not a terminal (a log, CI), one line every
+    ``ONNXPRUNE_PROGRESS_EVERY`` seconds (default 30) instead. ``ONNXPRUNE_NO_PROGRESS=1`` silences both."""
+    if os.environ.get("ONNXPRUNE_NO_PROGRESS"):
         yield from iterable
+        return
+    if not sys.stderr.isatty():
+        every = float(os.environ.get("ONNXPRUNE_PROGRESS_EVERY", "30"))
+        start = last = time.monotonic()
+        for i, item in enumerate(iterable, 1):
+            yield item
+            now = time.monotonic()
+            if now - last >= every:
+                last = now
+                print(f"{description}: {i}{f' of {total}' if total else ''} done, {now - start:.0f} s",
+                      file=sys.stderr, flush=True)
         return
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*cols, console=err, transient=True) as p:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-import onnx
 from rich.markup import escape
 
 from .. import ir
@@ -35,9 +34,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = options.json_path(args)
     model = ir.load(args.model)
     shapes = ir.resolve_input_shapes(model.proto, overrides)
-    stats = counts.summarize(model.proto, shapes)
-    stats.file_bytes = model.file_bytes
-    report = describe(model, shapes, stats)
+    report = counts.describe(model, shapes)
     show(report)
     hint_defaulted_dims(report["inputs"], overrides)
     if json_path:
@@ -48,28 +45,12 @@ def run(args: argparse.Namespace) -> int:
 def hint_defaulted_dims(inputs: list[dict], overrides: dict[str, list[int]]) -> None:
     """Symbolic sizes other than the batch were taken as 1: MACs then mean little, so say so on stderr."""
     for i in inputs:
-        if i["name"] not in overrides and any(not isinstance(d, int) or d <= 0 for d in i["shape"][1:]):
+        if i["name"] not in overrides and any((not isinstance(d, int) or d <= 0) and d not in overrides
+                                              for d in i["shape"][1:]):   # a named dimension given is bound
             spec = "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in i["shape"])
             fmt.err.print(f"note: {i['name']} has symbolic sizes, analysed as 1; "
                           f"pass --input-shape {i['name']}={spec} with real sizes for meaningful MACs",
                           markup=False, soft_wrap=True)
-
-
-def _tensor(vi: onnx.ValueInfoProto) -> dict:
-    t = vi.type.tensor_type
-    dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower() if t.elem_type else "unknown"
-    return {"name": vi.name, "dtype": dtype, "shape": ir.input_dims(vi)}
-
-
-def describe(model: ir.Model, shapes: dict[str, list[int]], stats: counts.ModelStats) -> dict:
-    """Everything ``inspect`` shows, as JSON-ready data."""
-    proto = model.proto
-    inputs = [dict(_tensor(vi), analysed_shape=shapes[vi.name]) for vi in ir.graph_inputs(proto)]
-    producer = " ".join(x for x in (proto.producer_name, proto.producer_version) if x)
-    return {"file": str(model.path), "file_bytes": model.file_bytes, "opset": model.opset,
-            "ir_version": proto.ir_version, "producer": producer,
-            "inputs": inputs, "outputs": [_tensor(vi) for vi in proto.graph.output],
-            **{k: v for k, v in stats.to_dict().items() if k != "file_bytes"}}
 
 
 def _dims(dims: list) -> str:

@@ -32,8 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("what to remove")
     g.add_argument("--ratio", default=None, help="fraction of each group's channels to remove (default 0.3; "
                                                  "0 with --slice-hidden)")
-    g.add_argument("--criterion", default="l2", help="importance criterion: " + ", ".join(importance.CRITERIA)
-                   + " (default l2; the activation-based ones need --calib; see docs/criteria.md)")
+    g.add_argument("--criterion", help="importance criterion: " + ", ".join(importance.CRITERIA) + ", or auto: "
+                   "score l2, wanda, fluctuation and obs and keep the one whose refit model is closest to the "
+                   "original on held-out calibration data (the default with real --calib data; l2 otherwise; "
+                   "see docs/criteria.md)")
     g.add_argument("--group-reduction", default="mean", choices=["mean", "sum", "max"],
                    help="how the scores of coupled layers combine (default mean)")
     g.add_argument("--global", dest="global_ranking", action="store_true",
@@ -164,7 +166,7 @@ def _read_plan(path: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     options.image_data(args, "calib", "data", "finetune_data")
     policy = policy_from(args)
     if not args.output and not args.dry_run:
@@ -184,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_sliced(args, policy, target, plan, out)
     if args.hidden_keep is not None:
         raise OnnxPruneError("--hidden-keep goes with --slice-hidden")
-    pruner = pipeline.Pruner(args.model, criterion=args.criterion, group_reduction=args.group_reduction,
+    criterion = args.criterion or ("auto" if args.calib not in (None, "random") and plan is None else "l2")
+    pruner = pipeline.Pruner(args.model, criterion=criterion, group_reduction=args.group_reduction,
                              input_shapes=options.input_shapes(args), calib=args.calib,
                              split_carrier="outer" if args.heads else "largest", progress=fmt.progress,
                              score=plan is None, kv_cache=args.kv_cache)
@@ -222,16 +225,16 @@ def run(args: argparse.Namespace) -> int:
             result.extra["removal"]["round_to_is_cli_default"] = args.round_to is None
     if args.finetune_steps and not args.dry_run:
         _finetune(args, pruner, result)
-    return _finish(args, result, data, policy, out, pruner, start)
+    return _finish(args, result, data, policy, out, pruner, (start, cpu_start))
 
 
 def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy: Policy, out: Path,
-            pruner: pipeline.Pruner | None = None, start: float = 0.0) -> int:
+            pruner: pipeline.Pruner | None = None, start: tuple[float, float] = (0.0, 0.0)) -> int:
     """Validate, write the plan, model and reports, print the summary."""
     if args.quantize and not args.dry_run:
         _quantize(args, result, data, pruner)
     if data is not None:
-        pipeline.evaluate(result, data, bench_runs=args.bench_runs)
+        pipeline.evaluate(result, data, bench_runs=args.bench_runs, progress=fmt.progress)
     if args.save_plan:
         fmt.write_json(args.save_plan, result.plan.to_json(result.analysis))
     if args.dry_run:
@@ -239,7 +242,7 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
         return 0
     size = pipeline.save(result, out)   # the result now names its output and its size
     result.extra["formats"] = ortformat.formats(out, size, result.proto, args.ort, options.input_shapes(args))
-    passes = _in_passes(pruner, result, time.perf_counter() - start) if pruner is not None else None
+    passes = _in_passes(pruner, result, start) if pruner is not None else None
     result.extra.update(round_to=policy.round_to or 1, calibration_passes=passes,
                         runtime=runtime.current().to_json())
     if args.report:
@@ -252,8 +255,8 @@ def _finish(args: argparse.Namespace, result: pipeline.PruneResult, data, policy
     print_summary(result, size)
     if passes is not None:
         print(f"prune time {passes['prune_seconds']:.1f} s = {passes['passes']} calibration passes (one onnxruntime "
-              f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s)",
-              file=sys.stderr)
+              f"pass of the original over the {passes['samples']} calibration samples: {passes['pass_seconds']:.2f} s); "
+              f"in CPU time {passes['cpu_passes']} passes", file=sys.stderr)
     return 0
 
 
@@ -274,12 +277,15 @@ def _quantize(args: argparse.Namespace, result: pipeline.PruneResult, data, prun
     result.extra["quantization"] = how
 
 
-def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, seconds: float) -> dict | None:
-    """The prune's wall time (validation with --data left out) in passes of the original over --calib."""
+def _in_passes(pruner: pipeline.Pruner, result: pipeline.PruneResult, start: tuple[float, float]) -> dict | None:
+    """The prune's wall and CPU time since ``start`` (validation with --data left out) in passes of the
+    original over --calib."""
     if pruner.data is None or pruner.data.kind == "random":
         return None
+    wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
     ref = pass_cost.reference_pass(pruner.original.proto, pruner.data)
-    return pass_cost.in_passes(seconds - result.seconds.get("validate", 0.0), ref)
+    validate = result.seconds.get("validate", 0.0)
+    return pass_cost.in_passes(wall - validate, ref, cpu - validate * (cpu / max(wall, 1e-9)))
 
 
 def _validation_data(args: argparse.Namespace, pruner):
@@ -308,6 +314,9 @@ def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget,
                              "(--calib random only checks the rotation)")
     keep = None if args.hidden_keep is None else options.fraction("--hidden-keep", args.hidden_keep, low=1e-9,
                                                                   high=1.0, high_open=False)
+    if args.calib == "random" and (target.active or (keep is not None and keep < 1)):
+        raise OnnxPruneError("--slice-hidden keeps the directions real data uses: random inputs cannot choose "
+                             "them (--calib random only checks the rotation, at full width)")
     width = None
     round_to = policy.round_to or 1
     if target.active:
@@ -318,7 +327,7 @@ def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget,
         width, fr = hidden.slicing.width_for_budget(load(args.model), params=target.params, macs=target.macs,
                                                     input_shapes=options.input_shapes(args), round_to=round_to,
                                                     inplace=True)
-    result = pipeline.prune_sliced(args.model, policy=policy, criterion=args.criterion, calib=args.calib,
+    result = pipeline.prune_sliced(args.model, policy=policy, criterion=args.criterion or "l2", calib=args.calib,
                                    input_shapes=options.input_shapes(args), width=width, keep=keep,
                                    round_to=round_to, verify=not args.no_verify, reconstruct=args.reconstruct,
                                    progress=fmt.progress)

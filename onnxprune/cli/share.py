@@ -51,10 +51,8 @@ def run(args: argparse.Namespace) -> int:
     shapes = options.input_shapes(args)
     model = ir.load(args.model)
     result = sharing.share(model.proto, opts, progress=fmt.progress)
-    report = {"clusters": opts.clusters, "packed": opts.pack, "fold": opts.fold,
-              "layers": [lr.as_dict() for lr in result.layers], "skipped": result.skipped,
-              **save_and_measure(model, result.proto, out, open_data(args.data or "random", model.proto, shapes, 8),
-                                 shapes)}
+    data = open_data(args.data or "random", model.proto, shapes, 8)
+    report = result.report(save_and_measure(model, result.proto, out, data, shapes))
     fmt.table(f"weight sharing, K = {opts.clusters}" + (" (folded to dense)" if opts.fold else ""),
               ["layer", "shape", "K used", "index bits", "bytes before", "bytes after", "weight err"],
               [[lr.name, "x".join(map(str, lr.shape)), lr.clusters, lr.bits, fmt.human_bytes(lr.bytes_before),

@@ -25,6 +25,7 @@ accuracy, reference_accuracy.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .. import ir
 from ..compress import sparsity
@@ -77,14 +78,8 @@ def run(args: argparse.Namespace) -> int:
     model = ir.load(args.model)
     calib = open_data(args.calib, model.proto, shapes, opts.calib_samples) if args.calib else None
     result = sparsity.sparsify(model.proto, opts, calib, progress=fmt.progress)
-    report = save_and_measure(model, result.proto, out, _fidelity_data(args, model, shapes, calib), shapes)
-    report = {
-        "sparsity": opts.target, "pattern": None if opts.pattern is None else str(opts.pattern),
-        "criterion": opts.criterion, "global": opts.global_scope,
-        "achieved_sparsity": result.achieved_sparsity,
-        "layers": [lr.as_dict() for lr in result.layers], "skipped": result.skipped,
-        "calibration": None if calib is None else (calib.source or calib.kind), **report,
-    }
+    saved = save_and_measure(model, result.proto, out, _fidelity_data(args, model, shapes, calib), shapes)
+    report = result.report(saved, None if calib is None else (calib.source or calib.kind))
     fmt.table(f"{opts.criterion} sparsity {opts.target:.0%}" + (f", pattern {opts.pattern}" if opts.pattern else ""),
               ["layer", "shape", "sparsity", "weight err", "output err", "note"],
               [[lr.name, "x".join(map(str, lr.shape)), f"{lr.sparsity:.1%}", f"{lr.weight_error:.4f}",
@@ -93,9 +88,33 @@ def run(args: argparse.Namespace) -> int:
     fmt.skipped(result.skipped)
     fmt.out.print(f"sparsity over {len(result.layers)} layers: {result.achieved_sparsity:.1%}", soft_wrap=True)
     fmt.compression_totals(report)
+    lost = loss_note(report, opts)
+    if lost:
+        print(lost, file=sys.stderr)
     if json_out:
         fmt.write_json(json_out, report)
     return 0
+
+
+def loss_note(report: dict, opts: sparsity.Options) -> str | None:
+    """One line when the zeros cost more than a point of accuracy (or of agreement with the original, without
+    labels) on the measured data, with the repair that exists."""
+    acc, ref = report.get("accuracy"), report.get("reference_accuracy")
+    if acc and ref:
+        what, before, after = "top-1 accuracy", ref["top1"], acc["top1"]
+    else:
+        agree = [f["top1_agreement"] for f in (report.get("fidelity") or {}).values()
+                 if f.get("top1_agreement") is not None]
+        if not agree:
+            return None
+        what, before, after = "top-1 agreement with the original", 1.0, min(agree)
+    if before - after <= 0.01:
+        return None
+    repair = ("--criterion sparsegpt --calib DATA (it updates the kept weights to compensate)"
+              if opts.criterion != "sparsegpt" else "more --calib samples (--calib-samples)")
+    return (f"note: the zeros cost {100 * (before - after):.2f} points of {what} on {report['data']} "
+            f"({100 * before:.2f}% -> {100 * after:.2f}%); to lose less, try {repair}, or a lower "
+            + ("--sparsity" if opts.pattern is None else "sparsity than the pattern's"))
 
 
 def _fidelity_data(args: argparse.Namespace, model: ir.Model, shapes: dict[str, list[int]],

@@ -94,5 +94,6 @@ def measure(quantized: onnx.ModelProto, float_model: onnx.ModelProto, data: Arra
             if name != "int8" and bench[name].p50 > 0:
                 out["latency"][f"ratio_to_{name}"] = bench["int8"].p50 / bench[name].p50
     out["exact"] = False
-    out["note"] = "quantization is approximate: measured on the data above, not verified"
+    out["note"] = ("quantization is approximate: measured on --data, not verified" if data is not None else
+                   "quantization is approximate and nothing measured its accuracy: add --data (held-out samples)")
     return out

@@ -208,6 +208,13 @@ class ShareResult:
     skipped: list[dict] = field(default_factory=list)
     codebooks: dict[str, Codebook] = field(default_factory=dict)
 
+    def report(self, saved: dict) -> dict:
+        """The JSON report (stable keys, see the module docstring). ``saved``: the keys of
+        :func:`onnxprune.compress.report.save_and_measure`."""
+        o = self.options
+        return {"clusters": o.clusters, "packed": o.pack, "fold": o.fold,
+                "layers": [lr.as_dict() for lr in self.layers], "skipped": self.skipped, **saved}
+
 
 def _plan(cb: Codebook, w: np.ndarray, opts: ShareOptions, opset: int) -> tuple[bool, int] | None:
     """``(packed, stored bytes)`` if sharing ``site`` saves bytes, else None."""

@@ -34,6 +34,15 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
         arrays = read_npz(p)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise OnnxPruneError(f"{p}: not a readable .npz file ({e.__class__.__name__})") from None
+    return checked_arrays(arrays, proto, input_shapes, str(p))
+
+
+def checked_arrays(arrays: dict[str, np.ndarray], proto: onnx.ModelProto,
+                   input_shapes: dict[str, list[int]] | None = None, source: str = "arrays") -> ArrayData:
+    """Arrays (and optional int ``labels``) checked against the model's inputs, as for an .npz: names, shapes,
+    dtypes (numeric ones converted), finite values. ``source`` names them in messages."""
+    p = source
+    arrays = {str(k): np.asarray(v) for k, v in arrays.items()}
     labels = arrays.pop("labels", None)
     inputs = ir.graph_inputs(proto)
     names = [i.name for i in inputs]
@@ -82,7 +91,7 @@ def load_npz(path: str | Path, proto: onnx.ModelProto, input_shapes: dict[str, l
         if len(labels) and labels.min() < 0:
             raise OnnxPruneError(f"{p}: 'labels' range over [{labels.min()}, {labels.max()}]; class indices "
                                  "start at 0")
-    return ArrayData(arrays, labels, kind="npz", source=str(p))
+    return ArrayData(arrays, labels, kind="npz" if source.endswith(".npz") else "arrays", source=source)
 
 
 def _npy_header(fh) -> tuple[tuple, bool, np.dtype]:

@@ -23,7 +23,7 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in weights.CRITERIA + activati
                                   + gradient.CRITERIA}
 
 __all__ = ["CRITERIA", "CalibrationStats", "Criterion", "Needs", "ScoreContext", "get", "requires_data",
-           "score_groups", "fallback_summary"]
+           "score_candidates", "score_groups", "fallback_summary"]
 
 
 def get(name: str) -> Criterion:
@@ -67,3 +67,38 @@ def fallback_summary(ctx: ScoreContext, criterion: str) -> list[str]:
         by.setdefault(name, []).append(gid)
     return [f"{criterion} -> {name} on {len(ids)} group(s) (ids {', '.join(map(str, ids[:10]))}"
             f"{', ...' if len(ids) > 10 else ''})" for name, ids in by.items()]
+
+
+def score_candidates(groups: list[Group], ctx: ScoreContext, criteria: list[str], reduction: str = "mean"
+                     ) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, dict[int, str]], dict[str, float]]:
+    """Several criteria's scores from ONE calibration pass: every candidate's statistics are registered
+    before the data streams. Returns ``(scores, fallbacks, seconds)`` per criterion name, with
+    ``seconds["pass"]`` the shared pass."""
+    import time
+
+    chosen: dict[str, dict[int, Criterion]] = {}
+    fallbacks: dict[str, dict[int, str]] = {}
+    for name in criteria:
+        crit = get(name)
+        ctx.fallbacks.clear()
+        chosen[name] = {}
+        for g in groups:
+            chosen[name][g.id] = resolve(crit, g, ctx)
+            needs = chosen[name][g.id].plan(g, ctx)
+            if needs:
+                ctx.require(needs)
+        fallbacks[name] = dict(ctx.fallbacks)
+    ctx.fallbacks.clear()
+    seconds = {}
+    t = time.perf_counter()
+    if ctx.pending():
+        ctx.stats()
+    seconds["pass"] = time.perf_counter() - t
+    scores = {}
+    for name in criteria:
+        t = time.perf_counter()
+        it = ctx.progress(groups, len(groups), f"scoring ({name})") if ctx.progress else groups
+        scores[name] = {g.id: chosen[name][g.id](g, ctx, reduction) for g in it}
+        seconds[name] = time.perf_counter() - t
+    ctx.fallbacks.clear()
+    return scores, fallbacks, seconds

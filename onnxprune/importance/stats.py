@@ -199,6 +199,7 @@ def _sample_means(x: np.ndarray, axis: int) -> np.ndarray:
 class GramStats:
     gram: np.ndarray              # [conv groups, D, D], float64
     rows: int = 0
+    sums: np.ndarray | None = None    # [conv groups, D]: column sums (means for an intercept)
 
 
 @dataclass
@@ -246,7 +247,7 @@ def gram_rows(x: np.ndarray, spec: GramSpec, keep: int | None = None, rng: np.ra
         rows = rows if pick is None else rows[pick]
         step = max(1, _GRAM_CHUNK_BYTES // (8 * rows.shape[1]))
         for s in range(0, rows.shape[0], step):
-            yield rows[s:s + step].astype(np.float64)[None]
+            yield rows[s:s + step].astype(_gram_dtype(rows.shape[1]))[None]
         return
     attrs = spec.conv_attrs
     nd = x.ndim - 2
@@ -260,18 +261,27 @@ def gram_rows(x: np.ndarray, spec: GramSpec, keep: int | None = None, rng: np.ra
     per_sample = int(np.prod(out))
     rows_per = min(per_sample, keep) if keep else per_sample
     step = max(1, _GRAM_CHUNK_BYTES // (8 * rows_per * max(1, x.shape[1] * int(np.prod(k)))))
+    dtype = _gram_dtype(x.shape[1] // max(1, attrs.get("group", 1)) * int(np.prod(k)))
     for s in range(0, x.shape[0], step):
-        xs = x[s:s + step].astype(np.float64)
+        xs = x[s:s + step].astype(dtype)
         yield taps.conv_patches(xs, **attrs, rows=_sampled(len(xs), per_sample, keep, rng))
+
+
+def _gram_dtype(width: int):
+    """float32 rows (and products) from 256 columns up: twice the BLAS speed and half the memory; a
+    chunk's relative rounding (~1e-6) is far below OBS's damping (1% of the mean diagonal) and the
+    refit's ridge, and chunks are summed in float64."""
+    return np.float32 if width >= 256 else np.float64
 
 
 def _add_gram(store: dict[str, GramStats], key: str, x: np.ndarray, spec: GramSpec, keep: int | None,
               rng: np.random.Generator) -> None:
     for p in gram_rows(x, spec, keep, rng):
-        g = np.einsum("grd,gre->gde", p, p) if p.shape[0] > 1 else (p[0].T @ p[0])[None]
+        g = p.transpose(0, 2, 1) @ p     # batched BLAS (einsum loops in C: 9x slower on depthwise groups)
         if key not in store:
-            store[key] = GramStats(np.zeros_like(g))
+            store[key] = GramStats(np.zeros(g.shape), sums=np.zeros(g.shape[:2]))
         store[key].gram += g
+        store[key].sums += p.sum(axis=1, dtype=np.float64)
         store[key].rows += p.shape[1]
 
 

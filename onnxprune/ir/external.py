@@ -73,7 +73,9 @@ def tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(t)
     info = {e.key: e.value for e in t.external_data}
     dtype = np_dtype(t.data_type)
-    if t.data_type in _PACKED or dtype.itemsize * int(np.prod(t.dims, dtype=np.int64)) != int(info["length"]):
+    nbytes = dtype.itemsize * int(np.prod(t.dims, dtype=np.int64))
+    # ``length`` is optional (the torch exporter writes one file per tensor with only ``location``)
+    if t.data_type in _PACKED or ("length" in info and nbytes != int(info["length"])):
         return numpy_helper.to_array(t, base).copy()
     try:
         path = safety.contained(base, info.get("location", ""))

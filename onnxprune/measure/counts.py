@@ -260,3 +260,24 @@ def _bias(node: onnx.NodeProto, rule: LayerCost, source: dict[str, str],
         if len(other) == 1 and other[0] in source:
             return source[other[0]]
     return ""
+
+
+# ---------------------------------------------------------------- the inspect report
+
+def _tensor(vi: onnx.ValueInfoProto) -> dict:
+    t = vi.type.tensor_type
+    dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower() if t.elem_type else "unknown"
+    return {"name": vi.name, "dtype": dtype, "shape": ir.input_dims(vi)}
+
+
+def describe(model: ir.Model, shapes: dict[str, list[int]]) -> dict:
+    """The ``inspect`` report, JSON-ready: the file, its inputs and outputs (declared and analysed
+    shapes), and :func:`summarize`'s params, MACs and layers at ``shapes`` (concrete input shapes)."""
+    proto = model.proto
+    stats = summarize(proto, shapes)
+    inputs = [dict(_tensor(vi), analysed_shape=shapes[vi.name]) for vi in ir.graph_inputs(proto)]
+    producer = " ".join(x for x in (proto.producer_name, proto.producer_version) if x)
+    return {"file": str(model.path), "file_bytes": model.file_bytes, "opset": model.opset,
+            "ir_version": proto.ir_version, "producer": producer,
+            "inputs": inputs, "outputs": [_tensor(vi) for vi in proto.graph.output],
+            **{k: v for k, v in stats.to_dict().items() if k != "file_bytes"}}

@@ -31,25 +31,30 @@ def reference_pass(proto: onnx.ModelProto, data: ArrayData, *, batch_size: int =
     if warm is None:
         return {"pass_seconds": 0.0, "samples": 0, "timed_samples": 0, "batch_size": batch_size}
     runtime.run(sess, warm, outputs)    # warm-up: allocations and kernel choice, not part of a pass
-    timed, seconds = 0, 0.0
+    timed, seconds, cpu = 0, 0.0, 0.0
     # timed: the batches after the warm-up one (or the warm-up batch again when it is the only one)
     for feed in ([warm] if n <= batch_size else batches):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         runtime.run(sess, feed, outputs)
         seconds += time.perf_counter() - t
+        cpu += time.process_time() - c
         timed += len(next(iter(feed.values())))
         if timed >= max_samples:
             break
     per_sample = seconds / max(timed, 1)
-    return {"pass_seconds": round(per_sample * n, 4), "samples": n, "timed_samples": timed,
-            "batch_size": batch_size}
+    return {"pass_seconds": round(per_sample * n, 4), "pass_cpu_seconds": round(cpu / max(timed, 1) * n, 4),
+            "samples": n, "timed_samples": timed, "batch_size": batch_size}
 
 
-def in_passes(prune_seconds: float, ref: dict) -> dict:
-    """The stable report block: prune wall time, the reference pass, and their ratio."""
-    p = ref.get("pass_seconds") or 0.0
-    return {"prune_seconds": round(prune_seconds, 2), **ref,
-            "passes": round(prune_seconds / p, 2) if p > 0 else None}
+def in_passes(prune_seconds: float, ref: dict, prune_cpu_seconds: float | None = None) -> dict:
+    """The stable report block: prune wall time, the reference pass, and their ratio; the same in CPU
+    seconds of this process (all its threads), which a shared machine's load disturbs far less."""
+    p, c = ref.get("pass_seconds") or 0.0, ref.get("pass_cpu_seconds") or 0.0
+    out = {"prune_seconds": round(prune_seconds, 2), **ref, "passes": round(prune_seconds / p, 2) if p > 0 else None}
+    if prune_cpu_seconds is not None:
+        out["prune_cpu_seconds"] = round(prune_cpu_seconds, 2)
+        out["cpu_passes"] = round(prune_cpu_seconds / c, 2) if c > 0 else None
+    return out
 
 
 __all__ = ["in_passes", "reference_pass"]

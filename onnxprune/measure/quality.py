@@ -210,7 +210,7 @@ class Measured:
 
 
 def compare(candidate: ModelLike, data: ArrayData, reference: ModelLike | None, *, batch_size: int,
-            output: str | None, want_accuracy: bool, limit: int | None = None) -> Measured:
+            output: str | None, want_accuracy: bool, limit: int | None = None, progress=None) -> Measured:
     """One pass over ``data``: accuracy of both models (when wanted) and fidelity (with a reference)."""
     runners = [_Runner(candidate)]
     if reference is not None:
@@ -225,7 +225,11 @@ def compare(candidate: ModelLike, data: ArrayData, reference: ModelLike | None, 
         raise OnnxPruneError("the data has no 'labels' array; accuracy needs one int label per sample")
     acc = [TopK(out), TopK(ref_out or out)] if want_accuracy else []
     agree = {c: Agreement(c) for c, _ in pairs}
-    for labels, outs in _stream(runners, data, batch_size, limit):
+    stream = _stream(runners, data, batch_size, limit)
+    if progress is not None:
+        n = data.num_samples if limit is None else min(limit, data.num_samples)
+        stream = progress(stream, total=-(-n // batch_size), description="evaluating (batches)")
+    for labels, outs in stream:
         if acc:
             acc[0].update(outs[0][out], labels)
             if reference is not None:
@@ -332,14 +336,14 @@ def size_stats(model: ModelLike, input_shapes: dict[str, list[int]] | None = Non
 
 def evaluate(candidate: ModelLike, data: ArrayData, reference: ModelLike | None = None,
              input_shapes: dict[str, list[int]] | None = None, *, batch_size: int = 64,
-             output: str | None = None, limit: int | None = None) -> EvalReport:
+             output: str | None = None, limit: int | None = None, progress=None) -> EvalReport:
     """Accuracy (when ``data`` has labels), fidelity (when a reference is given) and size, in one pass.
 
     ``input_shapes`` fixes symbolic dimensions for counting MACs (they default to 1); ``limit``
     evaluates the first samples only.
     """
     m = compare(candidate, data, reference, batch_size=batch_size, output=output,
-                 want_accuracy=data.labels is not None, limit=limit)
+                want_accuracy=data.labels is not None, limit=limit, progress=progress)
     params, macs, size = size_stats(candidate, input_shapes)
     samples = data.num_samples if limit is None else min(limit, data.num_samples)
     report = EvalReport(model=model_name(candidate, "model"), samples=samples, params=params,

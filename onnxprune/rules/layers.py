@@ -193,3 +193,58 @@ def _matmul_activations(ctx: NodeCtx, ra: int, rb: int, ro: int) -> None:
         if ax_other >= 0 and s_other[ax_other] != 1:
             ctx.union(ids, ctx.ids_on(other, ax_other))
     ctx.set(0, axis, ids)
+
+
+def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str]:
+    """Operand and output subscripts with ``...`` spelled out as capital letters (implicit output: the
+    letters that appear once, sorted)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        raise Unsupported(f"einsum '{equation}' does not match its {len(ranks)} inputs")
+    ell = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    fill = "".join(chr(ord("A") + k) for k in range(ell))
+
+    def spell(t: str, r: int) -> str:
+        return t.replace("...", fill[ell - (r - len(t.replace("...", ""))):]) if "..." in t else t
+    terms = [spell(t, r) for t, r in zip(terms, ranks)]
+    if not arrow:
+        letters = "".join(terms)
+        rhs = fill + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in fill))
+    out = rhs.replace("...", fill)
+    if any(len(set(t)) != len(t) for t in terms + [out]) or any(len(t) != r for t, r in zip(terms, ranks)):
+        raise Unsupported(f"einsum '{equation}': repeated subscripts (diagonals) or a rank mismatch")
+    return terms, out
+
+
+@rule("Einsum")
+def einsum(ctx: NodeCtx) -> None:
+    """Channels follow their subscript: the same letter in several operands is one channel position by
+    position (contracted like MatMul's inner axis, or kept), and it lands on that letter's output axis."""
+    idx = [i for i in range(len(ctx.inputs)) if ctx.present(i)]
+    labs = {i: ctx.label(i) for i in idx if ctx.label(i) is not None}
+    if not labs:
+        return
+    terms, out = _einsum_terms(str(ctx.attr("equation").decode() if isinstance(ctx.attr("equation"), bytes)
+                                   else ctx.attr("equation")), [ctx.rank(i) for i in idx])
+    letters = {terms[idx.index(i)][lab.axis] for i, lab in labs.items()}
+    if len(letters) > 1:
+        for i in labs:
+            ctx.fix_input(i, "operands carry channels on different subscripts")
+        return
+    (letter,) = letters
+    ids = next(iter(labs.values())).ids
+    for pos, i in enumerate(idx):
+        t = terms[pos]
+        if letter not in t or ctx.shape(i)[t.index(letter)] == 1:
+            continue
+        ax = t.index(letter)
+        if i in labs:
+            ctx.union(ids, labs[i].ids)
+        elif ctx.is_const(i):
+            ctx.member(i, ax, ids, WEIGHT_IN if letter not in out else PARAM)
+        else:
+            ctx.union(ids, ctx.ids_on(i, ax))
+    if letter in out:
+        ctx.set(0, out.index(letter), ids)

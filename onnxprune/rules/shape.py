@@ -390,16 +390,18 @@ def tile(ctx: NodeCtx) -> None:
 
 @rule("Pad")
 def pad(ctx: NodeCtx) -> None:
+    """Padding other axes passes channels. Constant padding of the channel axis adds positions of
+    their own (new channels that hold the pad value): removing one of them pads less."""
     lab = ctx.label(0)
     if lab is None:
         return
     rank = ctx.rank(0)
-    pads = ctx.attr("pads")
-    if pads is None:
-        pads = ctx.static(1)
-        if pads is None:
+    pads, as_input = ctx.attr("pads"), ctx.attr("pads") is None
+    if as_input:
+        el = ctx.elements(1)
+        if el is None:
             raise Unsupported("pads computed at run time")
-        pads = pads.tolist()
+        pads = el[0].reshape(-1).tolist()
     axes = list(range(rank))
     if ctx.present(3):
         a = ctx.static(3)
@@ -407,12 +409,34 @@ def pad(ctx: NodeCtx) -> None:
             raise Unsupported("pad axes computed at run time")
         axes = [int(x) % rank for x in a.tolist()]
     n = len(axes)
-    if lab.axis in axes:
-        k = axes.index(lab.axis)
-        if pads[k] != 0 or pads[k + n] != 0:
-            ctx.fix(lab.ids, "pads the channel axis")
-            return
-    ctx.passthrough(0, 0)
+    if lab.axis not in axes or (pads[axes.index(lab.axis)] == 0 and pads[axes.index(lab.axis) + n] == 0):
+        ctx.passthrough(0, 0)
+        return
+    k = axes.index(lab.axis)
+    if as_input and el[1].reshape(-1)[[k, k + n]].any():
+        raise Unsupported(f"pads of the channel axis: {ctx.varies_note}")
+    mode = ctx.attr("mode", "constant")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    before, after = int(pads[k]), int(pads[k + n])
+    if mode != "constant" or before < 0 or after < 0:
+        ctx.fix(lab.ids, f"pads the channel axis ({mode})")
+        return
+    ctx.set(0, lab.axis, np.concatenate([ctx.new_ids(before), lab.ids, ctx.new_ids(after)]))
+    out_name, node, width = ctx.outputs[0].name, ctx.node, len(lab.ids)
+    value = np.asarray(pads, dtype=np.int64)
+    mask = np.zeros(len(pads), dtype=bool)
+    mask[[k, k + n]] = True
+
+    def fix(view):
+        kept = view.kept(out_name)
+        p = value.copy()
+        p[k], p[k + n] = int((kept < before).sum()), int((kept >= before + width).sum())
+        if as_input:
+            view.set_elements(node, 1, p, mask)
+        else:
+            view.set_attr(node, "pads", p.tolist())
+    ctx.fixup(fix)
 
 
 @rule("Resize", "Upsample")

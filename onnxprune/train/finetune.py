@@ -16,7 +16,10 @@ its own session. The loss on the first output is
 
 A held-out split of the data (``holdout``) is evaluated every ``eval_every`` steps
 (top-1 accuracy with labels, else top-1 agreement with the teacher, else relative
-error) with :mod:`onnxprune.measure.quality`; the best checkpoint, step 0 included, is kept.
+error) with :mod:`onnxprune.measure.quality`. The best checkpoint is returned only when it beats step 0
+by more than chance on that split (an exact sign test on the samples the two classify differently,
+McNemar's test, at the 0.05 level); otherwise the input's weights are returned unchanged and
+``decision`` says why (also when the split has under 300 samples: such decisions are noisy).
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)     # {"step", "loss", metric} per evaluation
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    kept_input: bool = False        # no resolvable gain on the held-out set: the input's weights are returned
+    decision: str = ""              # why the result is the best checkpoint or the input, in one sentence
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -294,17 +299,36 @@ class _Selector:
     best_step: int = 0
     best_values: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    truth: np.ndarray | None = None          # the teacher's top-1 per held-out sample (agreement)
+    best_right: np.ndarray | None = None     # per held-out sample: right at the best checkpoint
+    base_values: dict = field(default_factory=dict)
+    base_right: np.ndarray | None = None     # ... and at step 0 (the input)
 
     def __post_init__(self):
         if self.held is not None:
             self.metric = "top1" if self.held.labels is not None else "agreement"
+
+    def outcomes(self, model: onnx.ModelProto) -> np.ndarray | None:
+        """Per held-out sample: is the top-1 class right (labels) or the teacher's (no labels)? None when the
+        first output is not class scores."""
+        preds = _top1(model, self.held, self.batch_size)
+        if preds is None:
+            return None
+        if self.metric == "top1":
+            return preds == self.held.labels
+        if self.truth is None:
+            self.truth = _top1(self.teacher, self.held, self.batch_size)
+        return None if self.truth is None else preds == self.truth
 
     def evaluate(self, step: int, params: dict[str, np.ndarray], loss: float | None) -> float | None:
         if self.held is None:
             self.best_values, self.best_step = {k: v.copy() for k, v in params.items()}, step
             return None
         model = with_weights(self.proto, params)
-        if self.metric == "top1":
+        right = self.outcomes(model) if self.metric in ("top1", "agreement") else None
+        if right is not None:
+            value = float(right.mean())
+        elif self.metric == "top1":
             value = quality.accuracy(model, self.held, self.batch_size)["top1"]
         else:
             fid = next(iter(quality.fidelity(model, self.teacher, self.held, self.batch_size).values()))
@@ -316,7 +340,54 @@ class _Selector:
         if better:
             self.best, self.best_step = value, step
             self.best_values = {k: v.copy() for k, v in params.items()}
+            self.best_right = right
+        if step == 0:
+            self.base_values, self.base_right = {k: v.copy() for k, v in params.items()}, right
         return value
+
+    def decide(self, alpha: float = 0.05) -> tuple[bool, str]:
+        """Keep the best checkpoint only if it beats step 0 by more than the held-out set can attribute to
+        chance: an exact one-sided sign test on the samples the two disagree about (McNemar's test).
+        Returns (keep the best checkpoint, the reason in one sentence)."""
+        if self.held is None:
+            return True, "no held-out data: the last checkpoint is returned untested"
+        n = self.held.num_samples
+        noisy = f" (only {n} held-out samples: a decision this small is noisy; hold out a few hundred)" \
+            if n < 300 else ""
+        if self.best_step == 0:
+            return False, f"no checkpoint beat the input on {n} held-out samples{noisy}"
+        if self.best_right is None or self.base_right is None:
+            return True, f"best held-out {self.metric} at step {self.best_step} (not tested for chance){noisy}"
+        gained = int((self.best_right & ~self.base_right).sum())
+        lost = int((~self.best_right & self.base_right).sum())
+        p = sign_test(gained, gained + lost)
+        gain = 100 * (gained - lost) / n
+        said = (f"step {self.best_step}: {gain:+.2f} points on {n} held-out samples ({gained} fixed, {lost} "
+                f"broken; one-sided sign test p = {p:.2g})")
+        if p < alpha:
+            return True, f"kept the checkpoint of {said}{noisy}"
+        return False, f"no resolvable gain, so the input's weights are kept: best was {said}, which chance " \
+            f"explains at the {alpha:g} level{noisy}"
+
+
+def sign_test(successes: int, trials: int) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, 1/2), exactly (1.0 when there are no trials)."""
+    if trials == 0:
+        return 1.0
+    return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2 ** trials
+
+
+def _top1(model: onnx.ModelProto, data: ArrayData, batch: int) -> np.ndarray | None:
+    """The top-1 class of ``model``'s first output for every sample, or None if it is not ``[N, C]`` scores."""
+    sess = runtime.session(model)
+    name = sess.outputs[0].name
+    preds = []
+    for feed in data.batches(batch):
+        y = np.asarray(sess.run([name], feed)[0])
+        if y.ndim != 2 or y.shape[1] < 2:
+            return None
+        preds.append(np.argmax(y, axis=1))
+    return np.concatenate(preds)
 
 
 def finetune(student: onnx.ModelProto, data: ArrayData, *, teacher: onnx.ModelProto | None = None,
@@ -356,11 +427,15 @@ def finetune(student: onnx.ModelProto, data: ArrayData, *, teacher: onnx.ModelPr
             with stage_time(seconds, "evaluate"):
                 sel.evaluate(step, trainer.params, running)
             _say(log, sel, step, running)
+    keep, decision = sel.decide()
+    if log is not None:
+        log(decision)
     seconds["total"] = round(time.perf_counter() - t0, 4)
-    return FinetuneResult(with_weights(student, sel.best_values), loss_name, sel.metric or "none", before,
-                          sel.best, sel.best_step, cfg.steps, train.num_samples,
+    final = with_weights(student, sel.best_values) if keep else student
+    return FinetuneResult(final, loss_name, sel.metric or "none", before,
+                          sel.best if keep else before, sel.best_step if keep else 0, cfg.steps, train.num_samples,
                           0 if held is None else held.num_samples, list(trainer.params), sel.history,
-                          seconds, asdict(cfg))
+                          seconds, asdict(cfg), kept_input=not keep, decision=decision)
 
 
 def _say(log, sel: _Selector, step: int, loss: float | None) -> None:

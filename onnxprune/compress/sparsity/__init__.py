@@ -98,6 +98,15 @@ class Result:
         n = sum(lr.numel for lr in self.layers)
         return sum(lr.sparsity * lr.numel for lr in self.layers) / n if n else 0.0
 
+    def report(self, saved: dict, calibration: str | None = None) -> dict:
+        """The JSON report (stable keys, see the module docstring). ``saved``: the keys of
+        :func:`onnxprune.compress.report.save_and_measure`; ``calibration``: what the data was."""
+        o = self.options
+        return {"sparsity": o.target, "pattern": None if o.pattern is None else str(o.pattern),
+                "criterion": o.criterion, "global": o.global_scope, "achieved_sparsity": self.achieved_sparsity,
+                "layers": [lr.as_dict() for lr in self.layers], "skipped": self.skipped,
+                "calibration": calibration, **saved}
+
 
 def waves(proto: onnx.ModelProto, sites: list[Site]) -> list[list[Site]]:
     """Sites grouped so that every site's upstream weight layers are in earlier waves."""
