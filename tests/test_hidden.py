@@ -185,3 +185,21 @@ def _with_outputs(m, names):
     for n in names:
         c.graph.output.add().name = n
     return c
+
+
+def test_cli_slice_hidden_needs_real_data(cli, tmp_path):
+    onnx.save(transformer.decoder(), tmp_path / "m.onnx")
+    for extra in ([], ["--calib", "random", "--hidden-keep", "0.5"]):
+        r = cli("prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--slice-hidden", *extra, check=2)
+        assert "--calib" in r.err and len(r.err.strip().splitlines()) == 1
+    r = cli("prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--hidden-keep", "0.5", check=2)
+    assert "--slice-hidden" in r.err
+    assert not (tmp_path / "o.onnx").exists()
+    # at full width random data checks the rotation: the saved model equals the original
+    cli("prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--slice-hidden", "--calib", "random",
+        "--report", tmp_path / "r.json", check=0)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["verified"] and rep["hidden"]["rotation_verified"] and rep["hidden"]["width_after"] == 31
+    ids = np.random.default_rng(2).integers(0, 96, (2, 9))
+    np.testing.assert_allclose(logits(onnx.load(tmp_path / "o.onnx"), ids), logits(transformer.decoder(), ids),
+                               atol=1e-4)

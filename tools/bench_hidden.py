@@ -77,7 +77,7 @@ def curve(args) -> None:
     stream = hidden.find_stream(prep)
     calib = calib_data(args.calib, model, {})
     t = time.perf_counter()
-    cov = slicing.covariance(prep, stream, calib, batch_size=8)
+    cov = slicing.covariance(prep, stream, calib, batch_size=8, limit=args.calib_limit)
     cov_s = time.perf_counter() - t
     print(f"calibration statistics: {cov_s:.0f} s (load {load():.1f})", flush=True)
     rows = []
@@ -93,7 +93,7 @@ def curve(args) -> None:
                                 refit_ls=args.refit)
         secs = time.perf_counter() - t
         n = counts.summarize(h.proto).params
-        row = {"keep": k, "width": h.width_after, "params": n, "params_kept_onnx": n / base,
+        row = {"keep": k, "width": h.width_after, "eval_limit": args.limit, "calib_limit": args.calib_limit, "params": n, "params_kept_onnx": n / base,
                "slice_seconds": round(secs, 1), "calib_seconds": round(cov_s, 1), "load": round(load(), 1),
                "variance_kept": h.variance_kept, "refit": h.refit, "rotation_verified": None if h.rotation is None else
                bool(h.rotation.passed)}
@@ -112,7 +112,7 @@ def curve(args) -> None:
         print(json.dumps(row), flush=True)
     path = ROOT / args.out
     old = json.loads(path.read_text()) if path.exists() else {}
-    old[f"{args.kind}_curve" + ("_refit" if args.refit else "")] = rows
+    old.setdefault(f"{args.kind}_curve" + ("_refit" if args.refit else ""), []).extend(rows)
     old[f"{args.kind}_curve_seconds"] = round(time.perf_counter() - t0, 1)
     path.write_text(json.dumps(old, indent=1) + "\n")
 
@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--refit", action="store_true", help="curve: least-squares refit of the sliced norms' maps")
     ap.add_argument("--limit", type=int, help="evaluate the first N sequences only")
+    ap.add_argument("--calib-limit", type=int, help="curve: calibrate on the first N sequences only")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexity")
     ap.add_argument("--tied-params", type=int, help="the model's parameter count with tied tables counted once")
     args = ap.parse_args()

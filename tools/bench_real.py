@@ -131,6 +131,17 @@ def render_page(lines: list[str], font_path: str, size: int, rng: random.Random)
     return img, drawn
 
 
+def _folder(root: Path, name: str) -> Path:
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _save(img, path: Path) -> str:
+    img.save(path)
+    return str(path)
+
+
 def build_data(work: Path, font_dir: str | None, n_crops_test: int, n_crops_calib: int, n_pages_test: int,
                n_pages_calib: int, n_orient_test: int, n_orient_calib: int) -> dict:
     """Render every data set under ``work/data`` (skipped when ``manifest.json`` is there)."""
@@ -147,40 +158,32 @@ def build_data(work: Path, font_dir: str | None, n_crops_test: int, n_crops_cali
         rng = random.Random(seed)
         pool = lines[split]
         # crops: 1 to 40 characters of one source line
-        d = root / f"crops_{split}"
-        d.mkdir(parents=True, exist_ok=True)
+        d = _folder(root, f"crops_{split}")
         crops = []
         for i in range(n_crops_calib if split == "calib" else n_crops_test):
             s = rng.choice(pool)
             a = rng.randint(0, max(0, len(s) - 8))
             text = s[a:a + rng.randint(8, 40)].strip() or s[:8]
             img = render_crop(text, rng.choice(ff), rng.randint(24, 44), rng)
-            p = d / f"{i:04d}.png"
-            img.save(p)
-            crops.append({"file": str(p), "text": text})
+            crops.append({"file": _save(img, d / f"{i:04d}.png"), "text": text})
         out[f"crops_{split}"] = crops
         # pages for the detector + recognizer
-        d = root / f"pages_{split}"
-        d.mkdir(parents=True, exist_ok=True)
+        d = _folder(root, f"pages_{split}")
         pages = []
         for i in range(n_pages_calib if split == "calib" else n_pages_test):
             start = rng.randrange(len(pool) - 40)
             img, drawn = render_page(pool[start:start + 40], rng.choice(ff), rng.randint(18, 30), rng)
-            p = d / f"{i:04d}.png"
-            img.save(p)
-            pages.append({"file": str(p), "lines": drawn})
+            pages.append({"file": _save(img, d / f"{i:04d}.png"), "lines": drawn})
         out[f"pages_{split}"] = pages
         # rotated pages for the orientation classifier (labels are the client's: '0', '90', '180', '270')
-        d = root / f"orient_{split}"
-        d.mkdir(parents=True, exist_ok=True)
+        d = _folder(root, f"orient_{split}")
         rot = []
         for i in range(n_orient_calib if split == "calib" else n_orient_test):
             start = rng.randrange(len(pool) - 40)
             img, _ = render_page(pool[start:start + 40], rng.choice(ff), rng.randint(16, 34), rng)
             for angle in (0, 90, 180, 270):
-                p = d / f"{i:04d}_{angle}.png"
-                img.rotate(-angle, expand=True).save(p)    # the labels count clockwise
-                rot.append({"file": str(p), "label": str(angle)})
+                p = _save(img.rotate(-angle, expand=True), d / f"{i:04d}_{angle}.png")   # labels count clockwise
+                rot.append({"file": p, "label": str(angle)})
         out[f"orient_{split}"] = rot
     manifest.write_text(json.dumps(out))
     return out
@@ -453,7 +456,7 @@ def write_doc(path: Path, results: dict, man: dict, n_magika: int) -> None:
             continue
         lines += [f"### {title}", "", metric.format(n=counts[name]) + f"; baseline **{base['accuracy']:.2f}**.", "",
                   "| setting | target | accuracy | vs baseline | MACs | params | latency | criterion | prune s "
-                  "| calibration passes | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| calibration passes (wall / CPU) | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in results.items():
             parts = key.split("|")
             if parts[0] != name or len(parts) != 3:
@@ -466,15 +469,15 @@ def write_doc(path: Path, results: dict, man: dict, n_magika: int) -> None:
             p = r.get("passes") or {}
             lines.append(f"| {parts[1]} | {parts[2]} | {r['accuracy']:.2f} | {r['accuracy'] - base['accuracy']:+.2f} | "
                          f"{r['macs']:.3f}x | {r['params']:.3f}x | {r['latency_ratio']:.2f}x | `{r['criterion']}` | "
-                         f"{r['wall_seconds']:.0f} | {p.get('passes', '-')} | {r['load_start']} |")
+                         f"{r['wall_seconds']:.0f} | {p.get('passes', '-')} / {p.get('cpu_passes', '-')} | {r['load_start']} |")
         trials = [(k, r["trial"]) for k, r in results.items() if k.startswith(name + "|") and r.get("trial")]
         for k, t in trials:
             cands = "; ".join(f"`{c['criterion']}` {c['rel_error']:.4f}" + (f" ({c['trial_seconds']:.0f} s)"
                                                                            if c.get("trial_seconds") else "")
                               for c in t["candidates"] if c.get("rel_error") is not None)
             lines.append("")
-            lines.append(f"- {k.split('|')[2]}x, criterion trial: held-out relative output error after the proxy "
-                         f"reconstruction: {cands}; chose `{t['chosen']}`; trial {t['seconds']:.0f} s, shared "
+            lines.append(f"- {k.split('|')[2]}x, criterion trial: held-out relative output error of each candidate refit "
+                         f"from the scoring pass's Gram matrices: {cands}; chose `{t['chosen']}`; trial {t['seconds']:.0f} s, shared "
                          f"scoring pass {t.get('score_pass_seconds') or 0:.0f} s.")
         lines.append("")
     lines.append(END)

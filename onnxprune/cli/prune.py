@@ -314,6 +314,9 @@ def _run_sliced(args: argparse.Namespace, policy: Policy, target: budget.Budget,
                              "(--calib random only checks the rotation)")
     keep = None if args.hidden_keep is None else options.fraction("--hidden-keep", args.hidden_keep, low=1e-9,
                                                                   high=1.0, high_open=False)
+    if args.calib == "random" and (target.active or (keep is not None and keep < 1)):
+        raise OnnxPruneError("--slice-hidden keeps the directions real data uses: random inputs cannot choose "
+                             "them (--calib random only checks the rotation, at full width)")
     width = None
     round_to = policy.round_to or 1
     if target.active:
