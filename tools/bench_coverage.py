@@ -297,6 +297,13 @@ def transformer_cases(tiny: Path, material: Path) -> list[tuple[str, str, Path, 
             image = (m.get("config") or {}).get("image_size", 32)
             flags = transformer_shapes(path, image) + (["--kv-cache"] if m.get("kv_cache") else [])
             cases.append((name, "tiny " + m.get("architecture", "?"), path, flags))
+    bench = material / "bench" / "manifest.json"   # the sizes: Llama 512 x 6, 8 heads, 2 KV heads
+    for name, m in (json.loads(bench.read_text())["models"] if bench.exists() else {}).items():
+        path = bench.parent / f"{name}.onnx"
+        if path.exists():
+            image = (m.get("config") or {}).get("image_size", 224)
+            flags = transformer_shapes(path, image) + (["--kv-cache"] if m.get("kv_cache") else [])
+            cases.append((f"{name} (bench)", "bench " + m.get("architecture", "?"), path, flags))
     for name in ("minilm_legacy", "minilm_dynamo"):
         path = material / "minilm" / f"{name}.onnx"
         if path.exists():
@@ -369,7 +376,7 @@ def transformer_table(rows: list[dict]) -> str:
 def transformers_main(args) -> None:
     cases = transformer_cases(args.tiny, args.material)
     only = {n for o in args.only for n in o.split(",") if n}
-    json_path = ROOT / "docs" / "transformers.json"
+    json_path = args.json or ROOT / "docs" / "transformers.json"
     old = {r["model"]: r for r in json.loads(json_path.read_text()).get("rows", [])} if json_path.exists() else {}
     rows = dict(old) if only or args.render else {}
     order = [c[0] for c in cases]

@@ -476,8 +476,8 @@ def write_doc(path: Path, results: dict, man: dict, n_magika: int) -> None:
                                                                            if c.get("trial_seconds") else "")
                               for c in t["candidates"] if c.get("rel_error") is not None)
             lines.append("")
-            lines.append(f"- {k.split('|')[2]}x, criterion trial: held-out relative output error after the proxy "
-                         f"reconstruction: {cands}; chose `{t['chosen']}`; trial {t['seconds']:.0f} s, shared "
+            lines.append(f"- {k.split('|')[2]}x, criterion trial: held-out relative output error of each candidate refit "
+                         f"from the scoring pass's Gram matrices: {cands}; chose `{t['chosen']}`; trial {t['seconds']:.0f} s, shared "
                          f"scoring pass {t.get('score_pass_seconds') or 0:.0f} s.")
         lines.append("")
     lines.append(END)
