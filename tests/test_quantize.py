@@ -6,19 +6,14 @@ import numpy as np
 import onnx
 import pytest
 from builders import GraphBuilder
+from deploy_util import small_cnn
 
 from onnxprune import runtime
 
 
 @pytest.fixture
 def cnn(tmp_path):
-    g = GraphBuilder("x", [1, 3, 12, 12], dynamic_batch=True)
-    y = g.relu(g.bn(g.conv("x", 16)))
-    y = g.relu(g.add(y, g.conv(y, 16)))
-    y = g.relu(g.conv(y, 32, stride=2))
-    g.output(g.gemm(g.flatten(g.gap(y)), 10))
-    p = tmp_path / "m.onnx"
-    onnx.save(g.build(), p)
+    p = small_cnn(tmp_path / "m.onnx")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((96, 3, 12, 12)).astype(np.float32)
     labels = runtime.session(str(p)).run(None, {"x": x})[0].argmax(1)  # the float model's own answers

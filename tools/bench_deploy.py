@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["fmnist", *ZOO])
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--out", default=str(ROOT / "docs" / "deploy.json"))
+    ap.add_argument("--md", default=str(ROOT / "docs" / "deploy.md"), help="tables written here ('' = none)")
+    ap.add_argument("--notes", help="a Markdown file appended to --md (the prose about the measured numbers)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -127,6 +129,49 @@ def main() -> None:
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({k: v for k, v in res.items() if k != "variants"}), flush=True)
+    if a.md and results["models"]:   # --models with no name: the tables again from the JSON
+        Path(a.md).write_text(render(results) + (Path(a.notes).read_text() if a.notes else ""))
+
+
+HEADER = """# Deployment: prune -> reconstruct -> quantize -> convert, measured where the models run
+
+Written by `tools/bench_deploy.py` (the tables; the numbers are in [deploy.json](deploy.json)). Every step runs
+from the CLI: `onnxprune prune MODEL -o P --target-macs 0.5 [--calib D]` (least-squares reconstruction with real
+calibration data), `onnxprune quantize {MODEL,P} -o Q --calib D --ort` (static QDQ INT8, per-channel weights,
+MinMax ranges; the `.ort` file beside each INT8 model is loaded and checked against it), then the four variants
+are measured. Latency: p50 of one `run` at batch 1 with the runtime's default threads, the four variants
+interleaved run by run in one benchmark per runtime (onnxruntime CPUExecutionProvider; OpenVINO CPU plugin at
+float32 inference precision); the 1-minute load average before and after each benchmark is given, and this
+2-core machine was shared with other jobs, so ratios are the numbers to read, not milliseconds.
+The zoo models carry random weights (tools/export_zoo.py): their quality column is the mean cosine similarity of
+the logits to the original's on 64 random inputs (top-1 agreement means little for random weights, whose argmax is
+nearly constant; it is in deploy.json), not accuracy; their calibration data are 32 random inputs.
+"""
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [HEADER, f"Machine: {m['cores']} cores ({m['cpu']}, AVX-512: {m['avx512']}), onnxruntime {m['onnxruntime']}, "
+             f"OpenVINO {m['openvino']}, {m['date']}.", ""]
+    for name, r in results["models"].items():
+        v = r["variants"]
+        q = "top-1 accuracy" if v["original"]["accuracy"] is not None else "cosine to original"
+        lines += [f"## {name}", "", f"| variant | file | MACs | {q} | onnxruntime p50 | OpenVINO p50 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        o = v["original"]
+        for k, row in v.items():
+            qual = f"{100 * row['accuracy']:.2f}%" if row["accuracy"] is not None else f"{row['cosine']:.4f}"
+            lines.append(f"| {k} | {row['file_bytes'] / 1e6:.2f} MB | {row['macs'] / 1e6:.1f}M ({row['macs'] / o['macs']:.2f}x) "
+                         f"| {qual} | {row['onnxruntime_p50_ms']:.2f} ms ({row['onnxruntime_p50_ms'] / o['onnxruntime_p50_ms']:.2f}x) "
+                         f"| {row['openvino_p50_ms']:.2f} ms ({row['openvino_p50_ms'] / o['openvino_p50_ms']:.2f}x) |")
+        ld = r["load_1min"]
+        lines += ["", f"Pruned: MACs ratio {r['macs_ratio']:.3f}; latency ratio {r['onnxruntime_latency_ratio']:.3f} in "
+                  f"onnxruntime (within 1.15x of MACs: {r['onnxruntime_within_1.15x_macs']}, not slower: "
+                  f"{r['onnxruntime_not_slower']}), {r['openvino_latency_ratio']:.3f} in OpenVINO (within 1.15x: "
+                  f"{r['openvino_within_1.15x_macs']}, not slower: {r['openvino_not_slower']}). Load (1 min) "
+                  f"onnxruntime {ld['onnxruntime'][0]}-{ld['onnxruntime'][1]}, OpenVINO {ld['openvino'][0]}-{ld['openvino'][1]}; "
+                  f"{r['seconds']:.0f} s for the row.", ""]
+    return "\n".join(lines) + "\n"
 
 
 def _ov_version() -> str | None:
