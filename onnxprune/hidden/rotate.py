@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from .. import ir
 from .norms import constants
-from .stream import Stream, _attr
+from .stream import Stream, attr
 
 F32 = np.float32
 
@@ -235,7 +235,7 @@ def _rms(x, y, eps, width, opset, new_const, fresh) -> list[onnx.NodeProto]:
 def _add_bias(n, b, consts, value, new_const, fresh, extra, g) -> None:
     """Add ``b`` to the reader's output: into the bias it already has, or a new Add after it."""
     if n.op_type == "Gemm":
-        beta = float(_attr(n, "beta", 1.0))
+        beta = float(attr(n, "beta", 1.0))
         if len(n.input) > 2 and n.input[2] in consts and beta != 0:
             n.input[2] = new_const(f"{n.input[2]}.fold", value(n.input[2]) + b / beta)
             return

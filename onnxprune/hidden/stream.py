@@ -170,12 +170,12 @@ def find_stream(proto: onnx.ModelProto) -> Stream | NoStream:
                     union(t, i)
         elif p.op_type == "MatMul" and p.input[1] in consts and len(consts[p.input[1]].dims) == 2:
             writers.append(Writer(p.name, p.op_type, p.input[1], target=t))
-        elif p.op_type == "Gemm" and p.input[1] in consts and _attr(p, "transA", 0) == 0:
-            writers.append(Writer(p.name, p.op_type, p.input[1], rows=bool(_attr(p, "transB", 0)), target=t))
+        elif p.op_type == "Gemm" and p.input[1] in consts and attr(p, "transA", 0) == 0:
+            writers.append(Writer(p.name, p.op_type, p.input[1], rows=bool(attr(p, "transB", 0)), target=t))
             if len(p.input) > 2 and p.input[2]:
                 if p.input[2] not in consts or (why := writer_const(p, p.input[2])) is not None:
                     return NoStream(f"'{p.name}' has a bias that is not a constant over the stream")
-        elif p.op_type == "Gather" and p.input[0] in consts and _attr(p, "axis", 0) == 0 \
+        elif p.op_type == "Gather" and p.input[0] in consts and attr(p, "axis", 0) == 0 \
                 and len(consts[p.input[0]].dims) == 2:
             writers.append(Writer(p.name, p.op_type, p.input[0], target=t))
         else:
@@ -223,11 +223,11 @@ def _reader(c, norm, consts, producer, consumers) -> Reader | None:
     if c.op_type == "MatMul":
         t = producer.get(c.input[1])
         if t is not None and t.op_type == "Transpose" and t.input[0] in consts and \
-                list(_attr(t, "perm", [1, 0])) == [1, 0] and len(consts[t.input[0]].dims) == 2:
+                list(attr(t, "perm", [1, 0])) == [1, 0] and len(consts[t.input[0]].dims) == 2:
             return Reader(norm, c.name, t.input[0], rows=True, via=t.name)
-    if c.op_type == "Gemm" and c.input[1] in consts and _attr(c, "transA", 0) == 0 and \
-            abs(_attr(c, "alpha", 1.0) - 1.0) < 1e-12:
-        return Reader(norm, c.name, c.input[1], rows=bool(_attr(c, "transB", 0)))
+    if c.op_type == "Gemm" and c.input[1] in consts and attr(c, "transA", 0) == 0 and \
+            abs(attr(c, "alpha", 1.0) - 1.0) < 1e-12:
+        return Reader(norm, c.name, c.input[1], rows=bool(attr(c, "transB", 0)))
     return None
 
 
@@ -250,7 +250,7 @@ def _tie_copies(readers: list[Reader], writers: list[Writer], consts) -> None:
 
 def _shape_ok(c, consumers, consts, rank) -> bool:
     """A Shape of a stream tensor whose every use picks dimensions other than the last (batch, sequence)."""
-    start, end = _attr(c, "start", 0), _attr(c, "end", None)
+    start, end = attr(c, "start", 0), attr(c, "end", None)
     last = rank - 1
     if end is not None and (end if end >= 0 else end + rank) <= last:
         return True
@@ -265,7 +265,7 @@ def _shape_ok(c, consumers, consts, rank) -> bool:
     return True
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def attr(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)

@@ -38,7 +38,7 @@ def _gram_layers(group: Group, ctx: ScoreContext) -> list[Layer]:
     return [la for la in consumer_layers(group, ctx) if la.gram_spec is not None]
 
 
-def _plan_gram(group: Group, ctx: ScoreContext) -> Needs | None:
+def plan_gram(group: Group, ctx: ScoreContext) -> Needs | None:
     layers = _gram_layers(group, ctx)
     return Needs(grams={la.key: la.gram_spec for la in layers}) if layers else None
 
@@ -385,8 +385,8 @@ def _lasso(group: Group, ctx: ScoreContext) -> list[np.ndarray]:
 
 
 CRITERIA = [
-    Criterion("obs", _plan_gram, _obs, requires_data=True, fallback="wanda",
+    Criterion("obs", plan_gram, _obs, requires_data=True, fallback="wanda",
               summary="cumulative OBS error of greedy removal with re-fit (use with --reconstruct ls)"),
-    Criterion("lasso", _plan_gram, _lasso, requires_data=True, fallback="wanda",
+    Criterion("lasso", plan_gram, _lasso, requires_data=True, fallback="wanda",
               summary="LASSO channel selection path (He et al. 2017)"),
 ]

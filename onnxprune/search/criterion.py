@@ -45,7 +45,7 @@ class Trial:
 
     def __init__(self, pruner, candidates=CANDIDATES, reduction: str = "mean"):
         from ..importance import ScoreContext, score_candidates
-        from ..importance.second_order import _plan_gram
+        from ..importance.second_order import plan_gram
 
         self.candidates = list(candidates)
         self.data: ArrayData = pruner.data
@@ -53,7 +53,7 @@ class Trial:
         self.ctx = ScoreContext(pruner.original.proto, pruner.analysis, data=self.data, progress=pruner.progress,
                                 limit=self.fit)
         for g in pruner.analysis.prunable:          # the refit proxy reads every consumer layer's Gram
-            needs = _plan_gram(g, self.ctx)
+            needs = plan_gram(g, self.ctx)
             if needs:
                 self.ctx.require(needs)
         self.scores, self.fallbacks, secs = score_candidates(pruner.analysis.prunable, self.ctx, self.candidates,
