@@ -118,8 +118,8 @@ def _rebuild(proto: onnx.ModelProto, proven: list, shapes: dict[str, list]) -> o
     gone, new_at, targets = set(), {}, set()
     taken = {n.name for n in g.node} | {o for n in g.node for o in n.output} | {t.name for t in g.initializer}
     for r1, t, r2, groups in proven:
-        name = _fresh(f"{r2.name or r2.output[0]}/shuffle_as_gather", taken)
-        perm = _fresh(f"{name}/perm", taken)
+        name = ir.fresh_name(f"{r2.name or r2.output[0]}/shuffle_as_gather", taken)
+        perm = ir.fresh_name(f"{name}/perm", taken)
         g.initializer.append(numpy_helper.from_array(shuffle_permutation(shapes[r1.input[0]][1], groups), perm))
         gone.update((id(r1), id(t)))
         new_at[id(r2)] = helper.make_node("Gather", [r1.input[0], perm], [r2.output[0]], name=name, axis=1)
@@ -129,14 +129,6 @@ def _rebuild(proto: onnx.ModelProto, proven: list, shapes: dict[str, list]) -> o
     g.node.extend(nodes)
     _drop_dead(g, targets)
     return out
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
 
 
 def _drop_dead(g: onnx.GraphProto, names: set[str]) -> None:

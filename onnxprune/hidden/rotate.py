@@ -56,12 +56,7 @@ def apply(proto: onnx.ModelProto, stream: Stream, Q: np.ndarray | list[np.ndarra
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
 
     def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}.{k}"
-        taken.add(name)
-        return name
+        return ir.fresh_name(base, taken)
 
     def value(name: str) -> np.ndarray:
         return ir.tensor_to_array(consts[name]).astype(np.float64)

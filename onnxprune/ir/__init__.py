@@ -22,13 +22,13 @@ from .external import (has_external, is_lazy, lazy_dir, materialize, model_size_
                        write_external)
 from .files import Model, check, check_structure, file_bytes, load, save, serialized, structure_digest
 from .graph import WEIGHT_OPS, from_graph, name_nodes, to_graph
-from .proto import all_tensors, copy_header, np_dtype, proto_bytes, read_counts, tensor_bytes
+from .proto import all_tensors, copy_header, fresh_name, np_dtype, proto_bytes, read_counts, tensor_bytes
 from .shapes import (graph_inputs, infer, infer_shapes, input_dims, input_dtype, is_mask_input, parse_input_shapes,
                      resolve_input_shapes, skeleton, with_input_shapes)
 
 __all__ = [
     "Model", "WEIGHT_OPS", "all_tensors", "check", "check_structure", "constant_tensor", "constant_value",
-    "copy_header", "file_bytes", "from_graph", "graph_inputs", "has_external", "infer", "infer_shapes",
+    "copy_header", "file_bytes", "fresh_name", "from_graph", "graph_inputs", "has_external", "infer", "infer_shapes",
     "input_dims", "input_dtype", "is_lazy", "is_mask_input", "lazy_dir", "limits", "load", "materialize", "model_size_bytes",
     "name_nodes", "np_dtype", "parse_input_shapes", "proto_bytes", "read_counts", "resolve_input_shapes",
     "save", "serialized", "skeleton", "structure_digest", "tensor_bytes", "tensor_to_array", "to_graph",

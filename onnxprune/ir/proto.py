@@ -56,6 +56,15 @@ def read_counts(graph: onnx.GraphProto) -> dict[str, int]:
     return count
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first name not in ``taken``, which then holds it."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
 def copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     """Everything of ``src`` but its graph: IR version, producer, opsets, metadata, functions."""
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):

@@ -232,12 +232,7 @@ def _assemble(model: onnx.ModelProto, wrt: list[str], loss: str, output: str, pl
     e = Emitter(elem, _opset(model), taken)
 
     def fresh_input(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
+        return ir.fresh_name(base, taken)
 
     parts = LOSSES[loss](e, LossInput(output, shapes.get(output, []), fresh_input, temperature))
     grads = _backward(e, model, plan, output, parts.seed, shapes)
