@@ -102,12 +102,8 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
     inputs = [i.name for i in sess.inputs]
     d = stream.width
     cov = [np.zeros((d, d)) for _ in range(stream.segments)]
-    mask_all = data.meta.get("mask") if data.kind == "tokens" else None
     n = data.num_samples if limit is None else min(limit, data.num_samples)
-    for start, feed in zip(range(0, n, batch_size), data.batches(batch_size, limit)):
-        mask = feed.get("attention_mask")
-        if mask is None and mask_all is not None:
-            mask = mask_all[start:start + batch_size]
+    for start, feed, mask in _masked_batches(data, batch_size, limit):
         outs = runtime.run(sess, {k: feed[k] for k in inputs}, taps)
         for t in taps:
             z = np.asarray(outs.pop(t), np.float64)
@@ -123,6 +119,18 @@ def covariance(proto: onnx.ModelProto, stream: Stream, data: ArrayData, *, batch
         if progress is not None:
             progress("calibration statistics", min(start + batch_size, n), n)
     return cov
+
+
+def _masked_batches(data: ArrayData, batch_size: int, limit: int | None):
+    """``(start, feed, mask)`` per batch: ``mask`` marks the real tokens (the feed's ``attention_mask``, else
+    the token data's own), or is None when every position counts."""
+    mask_all = data.meta.get("mask") if data.kind == "tokens" else None
+    n = data.num_samples if limit is None else min(limit, data.num_samples)
+    for start, feed in zip(range(0, n, batch_size), data.batches(batch_size, limit)):
+        mask = feed.get("attention_mask")
+        if mask is None and mask_all is not None:
+            mask = mask_all[start:start + batch_size]
+        yield start, feed, mask
 
 
 def _tapped_session(proto: onnx.ModelProto, taps: list[str]):
@@ -150,12 +158,8 @@ def refit(proto: onnx.ModelProto, stream: Stream, sliced: onnx.ModelProto, rms_n
     d = stream.width
     gram: dict[int, np.ndarray] = {}
     cross: dict[int, np.ndarray] = {}
-    mask_all = data.meta.get("mask") if data.kind == "tokens" else None
     n = data.num_samples if limit is None else min(limit, data.num_samples)
-    for start, feed in zip(range(0, n, batch_size), data.batches(batch_size, limit)):
-        mask = feed.get("attention_mask")
-        if mask is None and mask_all is not None:
-            mask = mask_all[start:start + batch_size]
+    for start, feed, mask in _masked_batches(data, batch_size, limit):
         yo = runtime.run(so, {k: feed[k] for k in ins_o}, [nm.y for nm in stream.norms])
         ys = runtime.run(ss, {k: feed[k] for k in ins_s}, [rms_names[i] for i in range(len(stream.norms))])
         for i, nm in enumerate(stream.norms):
